@@ -1,0 +1,20 @@
+//! The inference engine: an ONNX Runtime GenAI model folder in, text out.
+//!
+//! `runtime` finds and loads libonnxruntime.so; `config` reads `genai_config.json`;
+//! `tokenizer` handles text, chat templates and streaming decode; `decoder` owns the ONNX
+//! session and its KV cache; `sampling` picks tokens; `model` ties them into the
+//! prefill/decode loop.
+
+mod config;
+mod decoder;
+mod error;
+mod model;
+pub mod runtime;
+mod sampling;
+mod tokenizer;
+
+pub use config::{GenaiConfig, FILE_NAME as GENAI_CONFIG};
+pub use error::EngineError;
+pub use model::{FinishReason, GenerateParams, Generation, LoadOptions, Model, StepStats};
+pub use sampling::{argmax, SamplingParams};
+pub use tokenizer::{ChatMessage, StreamDecoder, Tokenizer, PHI3_CHAT_TEMPLATE};

@@ -1,0 +1,350 @@
+//! A loaded model folder and the generation loop over it.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::config::GenaiConfig;
+use super::decoder::Decoder;
+use super::runtime;
+use super::sampling::{Sampler, SamplingParams};
+use super::tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
+use super::EngineError;
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Intra-op threads; `None` means the cores available to this process.
+    pub threads: Option<usize>,
+    /// Explicit path of libonnxruntime.so (otherwise searched; see [`runtime`]).
+    pub ort_lib: Option<PathBuf>,
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    /// New tokens at most; clipped to what the context length leaves.
+    pub max_new_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation ends when the text contains any of these; the text is cut before it.
+    pub stop: Vec<String>,
+    /// Record the top-N logits of every step (for oracles and debugging); 0 records none.
+    pub record_top_logits: usize,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams { max_new_tokens: 256, sampling: SamplingParams::greedy(), stop: Vec::new(), record_top_logits: 0 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_new_tokens` or the context length was reached.
+    Length,
+    /// The caller asked to stop (client gone, shutdown, timeout).
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Per-step statistics kept for drift reporting; never the text.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StepStats {
+    pub logprob_sum: f64,
+    pub entropy_sum: f64,
+    pub byte_fallback_tokens: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Generation {
+    pub prompt_token_ids: Vec<u32>,
+    /// Generated ids, including a final end-of-sequence id when one ended generation.
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    pub finish_reason: FinishReason,
+    #[serde(skip)]
+    pub time_to_first_token: Duration,
+    #[serde(skip)]
+    pub total_time: Duration,
+    /// Top logits per step when requested: `[(id, logit), ...]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub top_logits: Vec<Vec<(u32, f32)>>,
+    #[serde(skip)]
+    pub stats: StepStats,
+}
+
+impl Generation {
+    /// Decode throughput: tokens after the first over the time after the first.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        let n = self.token_ids.len().saturating_sub(1);
+        let t = self.total_time.saturating_sub(self.time_to_first_token).as_secs_f64();
+        if n == 0 || t <= 0.0 {
+            0.0
+        } else {
+            n as f64 / t
+        }
+    }
+}
+
+pub struct Model {
+    dir: PathBuf,
+    config: GenaiConfig,
+    tokenizer: Tokenizer,
+    decoder: Decoder,
+    eos: Vec<u32>,
+    byte_fallback: Vec<bool>,
+    threads: usize,
+}
+
+impl Model {
+    /// Loads a model folder in the ONNX Runtime GenAI layout.
+    ///
+    /// # Errors
+    /// Any [`EngineError`] naming the file and field at fault: runtime not found, missing
+    /// files, malformed `genai_config.json`, a tokenizer larger than the model's vocabulary,
+    /// or a graph whose inputs/outputs do not match the config.
+    pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self, EngineError> {
+        let rt = runtime::load(options.ort_lib.as_deref())?;
+        let config = GenaiConfig::load(dir)?;
+        let tokenizer = Tokenizer::load(dir)?;
+        if tokenizer.vocab_size() > config.model.vocab_size {
+            return Err(EngineError::Tokenizer {
+                path: tokenizer.path().to_path_buf(),
+                message: format!(
+                    "has {} tokens but the model's vocabulary (genai_config.json model.vocab_size) is {}",
+                    tokenizer.vocab_size(),
+                    config.model.vocab_size
+                ),
+            });
+        }
+        let threads = options.threads.unwrap_or_else(runtime::default_threads).max(1);
+        let decoder = Decoder::load(dir, &config, rt.environment(), threads)?;
+        let eos = config.eos_token_ids();
+        let vocab = decoder.vocab();
+        let byte_fallback = (0..vocab as u32)
+            .map(|id| tokenizer.id_to_token(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>')))
+            .collect();
+        tracing::info!(dir = %dir.display(), model_type = %config.model.model_type, layers = config.model.decoder.num_hidden_layers, threads, "model loaded");
+        Ok(Model { dir: dir.to_path_buf(), config, tokenizer, decoder, eos, byte_fallback, threads })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &GenaiConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.config.model.context_length
+    }
+
+    /// Tokenizes raw text (special tokens recognised).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        self.tokenizer.encode(text)
+    }
+
+    /// Renders and tokenizes a chat with the generation prompt.
+    pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
+        let text = self.tokenizer.apply_chat_template(messages)?;
+        self.tokenizer.encode(&text)
+    }
+
+    /// Generates from `prompt_ids`, calling `on_text` with each new piece of text.
+    ///
+    /// `cancel` is checked between steps; returning `ControlFlow::Break` from `on_text` also
+    /// stops generation. Both end with [`FinishReason::Cancelled`].
+    ///
+    /// # Errors
+    /// [`EngineError::ContextOverflow`] when the prompt leaves no room, invalid parameters,
+    /// ONNX Runtime failures, and non-finite logits.
+    pub fn generate(
+        &mut self,
+        prompt_ids: &[u32],
+        params: &GenerateParams,
+        cancel: &AtomicBool,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation, EngineError> {
+        let started = Instant::now();
+        params.sampling.validate()?;
+        if prompt_ids.is_empty() {
+            return Err(EngineError::InvalidParameter { name: "prompt", message: "is empty".into() });
+        }
+        if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= self.decoder.vocab()) {
+            return Err(EngineError::InvalidParameter { name: "prompt", message: format!("token id {bad} is outside the vocabulary") });
+        }
+        if params.max_new_tokens == 0 {
+            return Err(EngineError::InvalidParameter { name: "max_new_tokens", message: "must be at least 1".into() });
+        }
+        let context = self.context_length();
+        if prompt_ids.len() >= context {
+            return Err(EngineError::ContextOverflow { prompt_tokens: prompt_ids.len(), context_length: context });
+        }
+        let max_new = params.max_new_tokens.min(context - prompt_ids.len());
+        // The last sampled token is never fed back, so the cache holds prompt + max_new - 1.
+        let mut cache = self.decoder.start(prompt_ids.len() + max_new)?;
+        let mut sampler = Sampler::new(params.sampling.clone());
+        let mut stream = StreamDecoder::new();
+        let mut text = String::new();
+        let mut emitted = 0usize; // bytes of `text` already handed to on_text
+        let max_stop = params.stop.iter().map(String::len).max().unwrap_or(0);
+        let mut history: Vec<u32> = prompt_ids.to_vec();
+        let mut token_ids = Vec::new();
+        let mut logits = Vec::with_capacity(self.decoder.vocab());
+        let mut top_logits = Vec::new();
+        let mut stats = StepStats::default();
+        let mut time_to_first_token = Duration::ZERO;
+        let mut finish = FinishReason::Length;
+        let mut next_input: Vec<u32> = prompt_ids.to_vec();
+
+        for step in 0..max_new {
+            if cancel.load(Ordering::Relaxed) {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            self.decoder.forward(&mut cache, &next_input, &mut logits)?;
+            if logits.iter().any(|l| !l.is_finite()) {
+                return Err(EngineError::NonFiniteLogits { step });
+            }
+            if params.record_top_logits > 0 {
+                top_logits.push(top_n(&logits, params.record_top_logits));
+            }
+            let id = sampler.sample(&mut logits, &history);
+            let (lp, entropy) = super::sampling::logprob_and_entropy(&logits, id);
+            stats.logprob_sum += f64::from(lp);
+            stats.entropy_sum += f64::from(entropy);
+            if self.byte_fallback.get(id as usize).copied().unwrap_or(false) {
+                stats.byte_fallback_tokens += 1;
+            }
+            if step == 0 {
+                time_to_first_token = started.elapsed();
+            }
+            token_ids.push(id);
+            history.push(id);
+            if self.eos.contains(&id) {
+                finish = FinishReason::Stop;
+                break;
+            }
+            if let Some(piece) = stream.push(&self.tokenizer, id)? {
+                text.push_str(&piece);
+            }
+            // Stop strings: search only the region the new text can complete.
+            if max_stop > 0 {
+                let from = floor_char_boundary(&text, emitted.saturating_sub(max_stop));
+                if let Some(cut) = params.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min() {
+                    text.truncate(cut);
+                    finish = FinishReason::Stop;
+                    break;
+                }
+            }
+            // Hold back a tail that could still become a stop string.
+            let safe = floor_char_boundary(&text, text.len().saturating_sub(held_back(&text, &params.stop)));
+            if safe > emitted {
+                let flow = on_text(&text[emitted..safe]);
+                emitted = safe;
+                if flow.is_break() {
+                    finish = FinishReason::Cancelled;
+                    break;
+                }
+            }
+            next_input.clear();
+            next_input.push(id);
+        }
+        if finish != FinishReason::Cancelled && finish != FinishReason::Stop || (finish == FinishReason::Stop && self.eos.contains(token_ids.last().unwrap_or(&u32::MAX))) {
+            if let Some(rest) = stream.finish(&self.tokenizer)? {
+                text.push_str(&rest);
+            }
+        }
+        if text.len() > emitted && finish != FinishReason::Cancelled {
+            let _ = on_text(&text[emitted..]);
+        }
+        Ok(Generation {
+            prompt_token_ids: prompt_ids.to_vec(),
+            token_ids,
+            text,
+            finish_reason: finish,
+            time_to_first_token,
+            total_time: started.elapsed(),
+            top_logits,
+            stats,
+        })
+    }
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of a stop string.
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut best = 0;
+    for s in stops {
+        for len in (1..s.len()).rev() {
+            if len <= best {
+                break;
+            }
+            if text.len() >= len && s.is_char_boundary(len) && text.ends_with(&s[..len]) {
+                best = len;
+                break;
+            }
+        }
+    }
+    best
+}
+
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    if i >= s.len() {
+        return s.len();
+    }
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    let n = n.min(idx.len());
+    let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    idx.select_nth_unstable_by(n - 1, cmp);
+    idx.truncate(n);
+    idx.sort_unstable_by(cmp);
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_back_finds_partial_stop() {
+        let stops = vec!["\n\nUser:".to_string(), "END".to_string()];
+        assert_eq!(held_back("hello\n\nUs", &stops), 4);
+        assert_eq!(held_back("hello E", &stops), 1);
+        assert_eq!(held_back("hello", &stops), 0);
+    }
+
+    #[test]
+    fn top_n_orders_and_breaks_ties_low() {
+        assert_eq!(top_n(&[1.0, 3.0, 3.0, 2.0], 3), vec![(1, 3.0), (2, 3.0), (3, 2.0)]);
+    }
+}

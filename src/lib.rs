@@ -1,0 +1,6 @@
+//! edgeflow: a self-updating, fleet-managed LLM endpoint for Linux edge devices.
+//!
+//! The data flows registry → fetch → cache → engine → serve, with fleet reporting beside it.
+//! This crate is the library; `main.rs` is a thin CLI over it.
+
+pub mod engine;
