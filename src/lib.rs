@@ -3,4 +3,5 @@
 //! The data flows registry → fetch → cache → engine → serve, with fleet reporting beside it.
 //! This crate is the library; `main.rs` is a thin CLI over it.
 
+pub mod config;
 pub mod engine;

@@ -78,6 +78,9 @@ struct GenerateArgs {
     /// Stop when this string is generated (repeatable).
     #[arg(long, value_name = "TEXT")]
     stop: Vec<String>,
+    /// Keep generating through end-of-sequence tokens (for benchmarks).
+    #[arg(long, hide = true)]
+    ignore_eos: bool,
     /// Print one JSON object instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -149,7 +152,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             seed: args.seed,
         }
     };
-    let params = GenerateParams { max_new_tokens: args.max_tokens, sampling, stop: args.stop.clone(), record_top_logits: 0 };
+    let params = GenerateParams { max_new_tokens: args.max_tokens, sampling, stop: args.stop.clone(), record_top_logits: 0, ignore_eos: args.ignore_eos, collect_stats: false };
     let cancel = AtomicBool::new(false);
     let stdout = std::io::stdout();
     let streaming = !args.json;

@@ -32,11 +32,16 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Record the top-N logits of every step (for oracles and debugging); 0 records none.
     pub record_top_logits: usize,
+    /// Keep generating through end-of-sequence tokens (benchmarks want a fixed length).
+    pub ignore_eos: bool,
+    /// Collect per-step log-probability and entropy (a softmax over the vocabulary per
+    /// step) for drift reporting.
+    pub collect_stats: bool,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        GenerateParams { max_new_tokens: 256, sampling: SamplingParams::greedy(), stop: Vec::new(), record_top_logits: 0 }
+        GenerateParams { max_new_tokens: 256, sampling: SamplingParams::greedy(), stop: Vec::new(), record_top_logits: 0, ignore_eos: false, collect_stats: false }
     }
 }
 
@@ -218,6 +223,7 @@ impl Model {
         let mut stats = StepStats::default();
         let mut time_to_first_token = Duration::ZERO;
         let mut finish = FinishReason::Length;
+        let mut stopped_by_string = false;
         let mut next_input: Vec<u32> = prompt_ids.to_vec();
 
         for step in 0..max_new {
@@ -233,9 +239,11 @@ impl Model {
                 top_logits.push(top_n(&logits, params.record_top_logits));
             }
             let id = sampler.sample(&mut logits, &history);
-            let (lp, entropy) = super::sampling::logprob_and_entropy(&logits, id);
-            stats.logprob_sum += f64::from(lp);
-            stats.entropy_sum += f64::from(entropy);
+            if params.collect_stats {
+                let (lp, entropy) = super::sampling::logprob_and_entropy(&logits, id);
+                stats.logprob_sum += f64::from(lp);
+                stats.entropy_sum += f64::from(entropy);
+            }
             if self.byte_fallback.get(id as usize).copied().unwrap_or(false) {
                 stats.byte_fallback_tokens += 1;
             }
@@ -244,7 +252,7 @@ impl Model {
             }
             token_ids.push(id);
             history.push(id);
-            if self.eos.contains(&id) {
+            if !params.ignore_eos && self.eos.contains(&id) {
                 finish = FinishReason::Stop;
                 break;
             }
@@ -256,6 +264,7 @@ impl Model {
                 let from = floor_char_boundary(&text, emitted.saturating_sub(max_stop));
                 if let Some(cut) = params.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min() {
                     text.truncate(cut);
+                    stopped_by_string = true;
                     finish = FinishReason::Stop;
                     break;
                 }
@@ -273,7 +282,9 @@ impl Model {
             next_input.clear();
             next_input.push(id);
         }
-        if finish != FinishReason::Cancelled && finish != FinishReason::Stop || (finish == FinishReason::Stop && self.eos.contains(token_ids.last().unwrap_or(&u32::MAX))) {
+        // An incomplete character still held by the stream decoder is flushed (as U+FFFD, as
+        // a full decode would show it) unless a stop string already cut the text.
+        if !stopped_by_string && finish != FinishReason::Cancelled {
             if let Some(rest) = stream.finish(&self.tokenizer)? {
                 text.push_str(&rest);
             }

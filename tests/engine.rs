@@ -1,0 +1,339 @@
+//! The engine against onnxruntime-genai's recorded greedy outputs (tests/fixtures/oracle/),
+//! plus sampling, stop strings, limits, cancellation and bad model folders.
+
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+
+use edgeflow::engine::{ChatMessage, EngineError, FinishReason, GenerateParams, Model, SamplingParams};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Oracle {
+    model: String,
+    max_new_tokens: usize,
+    min_margin: f64,
+    cases: Vec<Case>,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    name: String,
+    kind: String,
+    text: String,
+    #[serde(default)]
+    messages: Option<Vec<ChatMessage>>,
+    prompt_token_ids: Vec<u32>,
+    token_ids: Vec<u32>,
+    text_out: String,
+    finish_reason: String,
+    steps: Vec<Step>,
+}
+
+#[derive(Deserialize)]
+struct Step {
+    token_id: u32,
+    top: Vec<(u32, f32)>,
+}
+
+const MODELS: [&str; 3] = ["phi3-tiny-gqa", "phi3-tiny-gqa-acc1", "phi3-tiny-mha"];
+
+fn load(name: &str) -> Model {
+    Model::load(&common::fixture_model(name), &common::load_options()).unwrap_or_else(|e| panic!("loading {name}: {e}"))
+}
+
+fn oracle(name: &str) -> Oracle {
+    let path = common::repo().join("tests/fixtures/oracle").join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn greedy(max_new_tokens: usize) -> GenerateParams {
+    GenerateParams { max_new_tokens, ..GenerateParams::default() }
+}
+
+fn run(model: &mut Model, ids: &[u32], params: &GenerateParams) -> (edgeflow::engine::Generation, String) {
+    let mut streamed = String::new();
+    let g = model
+        .generate(ids, params, &AtomicBool::new(false), |piece| {
+            streamed.push_str(piece);
+            ControlFlow::Continue(())
+        })
+        .expect("generate");
+    (g, streamed)
+}
+
+/// Token-for-token equality with onnxruntime-genai, logits within tolerance, same text.
+fn check_against_oracle(name: &str) {
+    let oracle = oracle(name);
+    assert_eq!(oracle.model, name);
+    assert!(oracle.cases.len() >= 8, "{name}: the oracle should cover at least 8 prompts");
+    let mut model = load(name);
+    let eos = model.config().eos_token_ids();
+    for case in &oracle.cases {
+        let what = format!("{name}/{}", case.name);
+        // Our tokenizer must give exactly the ids genai was fed.
+        let ids = match (&case.kind[..], &case.messages) {
+            ("chat", Some(messages)) => {
+                let rendered = model.tokenizer().apply_chat_template(messages).unwrap();
+                assert_eq!(rendered, case.text, "{what}: chat template rendering");
+                model.encode_chat(messages).unwrap()
+            }
+            _ => model.encode(&case.text).unwrap(),
+        };
+        assert_eq!(ids, case.prompt_token_ids, "{what}: prompt token ids");
+
+        let params = GenerateParams { record_top_logits: 5, ..greedy(oracle.max_new_tokens) };
+        let (g, streamed) = run(&mut model, &ids, &params);
+        let strip = |v: &[u32]| -> Vec<u32> {
+            let mut v = v.to_vec();
+            if v.last().is_some_and(|t| eos.contains(t)) {
+                v.pop();
+            }
+            v
+        };
+        assert_eq!(strip(&g.token_ids), strip(&case.token_ids), "{what}: generated token ids");
+        assert_eq!(g.finish_reason.as_str(), case.finish_reason, "{what}: finish reason");
+        assert_eq!(g.text, case.text_out, "{what}: decoded text");
+        assert_eq!(streamed, g.text, "{what}: streamed text equals the final text");
+        for (i, (ours, theirs)) in g.top_logits.iter().zip(&case.steps).enumerate() {
+            assert_eq!(ours[0].0, theirs.token_id, "{what}: step {i} argmax");
+            for ((id_a, la), (id_b, lb)) in ours.iter().zip(&theirs.top) {
+                // Ids may swap only where logits tie within tolerance.
+                assert!((la - lb).abs() <= 2e-3, "{what}: step {i}: logit {la} (id {id_a}) vs genai {lb} (id {id_b})");
+            }
+        }
+    }
+    eprintln!("{name}: {} cases token-exact; oracle's smallest top-1/top-2 margin {:.4}", oracle.cases.len(), oracle.min_margin);
+}
+
+#[test]
+fn tiny_gqa_matches_genai() {
+    check_against_oracle("phi3-tiny-gqa");
+}
+
+#[test]
+fn tiny_gqa_acc1_matches_genai() {
+    check_against_oracle("phi3-tiny-gqa-acc1");
+}
+
+#[test]
+fn tiny_mha_matches_genai() {
+    check_against_oracle("phi3-tiny-mha");
+}
+
+#[test]
+fn phi3_tokenizer_encodes_the_chat_markers() {
+    let model = load(MODELS[0]);
+    assert_eq!(model.encode("<|user|>\nHello<|end|>\n<|assistant|>\n").unwrap(), vec![32010, 15043, 32007, 32001]);
+    let chat = [ChatMessage { role: "user".into(), content: "Hello".into() }];
+    assert_eq!(model.encode_chat(&chat).unwrap(), vec![32010, 15043, 32007, 32001]);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let mut model = load(MODELS[0]);
+    let ids = model.encode("Once upon a time").unwrap();
+    let sampled = |seed| GenerateParams {
+        sampling: SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.95, repetition_penalty: 1.0, seed: Some(seed) },
+        ignore_eos: true,
+        ..greedy(24)
+    };
+    let a = run(&mut model, &ids, &sampled(7)).0.token_ids;
+    let b = run(&mut model, &ids, &sampled(7)).0.token_ids;
+    let c = run(&mut model, &ids, &sampled(8)).0.token_ids;
+    assert_eq!(a, b, "same seed, same tokens");
+    assert_ne!(a, c, "another seed, other tokens");
+    let g = run(&mut model, &ids, &greedy(24)).0.token_ids;
+    assert_ne!(a, g, "sampling at temperature 1 differs from greedy");
+}
+
+#[test]
+fn max_tokens_and_context_limits() {
+    let mut model = load(MODELS[0]);
+    let ids = model.encode("Count with me:").unwrap();
+    let g = run(&mut model, &ids, &GenerateParams { ignore_eos: true, ..greedy(5) }).0;
+    assert_eq!(g.token_ids.len(), 5);
+    assert_eq!(g.finish_reason, FinishReason::Length);
+
+    let context = model.context_length();
+    let long = vec![29871u32; context];
+    match model.generate(&long, &greedy(4), &AtomicBool::new(false), |_| ControlFlow::Continue(())) {
+        Err(e @ EngineError::ContextOverflow { .. }) => assert!(e.is_bad_request()),
+        other => panic!("expected a context overflow, got {:?}", other.map(|g| g.token_ids)),
+    }
+    // A prompt one short of the context gets exactly one token, finished by length.
+    let g = run(&mut model, &long[..context - 1], &GenerateParams { ignore_eos: true, ..greedy(100) }).0;
+    assert_eq!(g.token_ids.len(), 1);
+    assert_eq!(g.finish_reason, FinishReason::Length);
+}
+
+#[test]
+fn bad_parameters_are_rejected_by_name() {
+    let mut model = load(MODELS[0]);
+    let ids = model.encode("hi").unwrap();
+    let cases: Vec<(GenerateParams, &str)> = vec![
+        (greedy(0), "max_new_tokens"),
+        (GenerateParams { sampling: SamplingParams { temperature: -0.5, ..SamplingParams::greedy() }, ..greedy(4) }, "temperature"),
+        (GenerateParams { sampling: SamplingParams { top_p: 1.5, ..SamplingParams::greedy() }, ..greedy(4) }, "top_p"),
+    ];
+    for (params, name) in cases {
+        match model.generate(&ids, &params, &AtomicBool::new(false), |_| ControlFlow::Continue(())) {
+            Err(EngineError::InvalidParameter { name: n, .. }) => assert_eq!(n, name),
+            other => panic!("expected {name} to be rejected, got {:?}", other.map(|g| g.token_ids)),
+        }
+    }
+    match model.generate(&[99_999], &greedy(4), &AtomicBool::new(false), |_| ControlFlow::Continue(())) {
+        Err(EngineError::InvalidParameter { name: "prompt", .. }) => {}
+        other => panic!("expected an out-of-vocabulary prompt to be rejected, got {:?}", other.map(|g| g.token_ids)),
+    }
+}
+
+#[test]
+fn stop_strings_cut_the_text() {
+    let mut model = load(MODELS[0]);
+    let ids = model.encode("<|user|>\nTell me a story<|end|>\n<|assistant|>\n").unwrap();
+    let full = run(&mut model, &ids, &GenerateParams { ignore_eos: true, ..greedy(24) }).0;
+    assert!(full.text.chars().count() > 6, "need some text to cut: {:?}", full.text);
+    // Stop on a piece from the middle of the greedy output.
+    let chars: Vec<char> = full.text.chars().collect();
+    let mid = chars.len() / 2;
+    let stop: String = chars[mid..mid + 3].iter().collect();
+    let expected_cut = full.text.find(&stop).unwrap();
+    let params = GenerateParams { stop: vec![stop.clone()], ignore_eos: true, ..greedy(24) };
+    let (g, streamed) = run(&mut model, &ids, &params);
+    assert_eq!(g.finish_reason, FinishReason::Stop);
+    assert_eq!(g.text, full.text[..expected_cut], "text ends right before the stop string {stop:?}");
+    assert_eq!(streamed, g.text, "no part of the stop string was streamed");
+    assert!(g.token_ids.len() < full.token_ids.len());
+}
+
+#[test]
+fn cancellation_stops_between_steps() {
+    let mut model = load(MODELS[0]);
+    let ids = model.encode("hello").unwrap();
+    let cancel = AtomicBool::new(true);
+    let g = model.generate(&ids, &greedy(50), &cancel, |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Cancelled);
+    assert!(g.token_ids.is_empty());
+
+    // A consumer that goes away after the first piece stops generation.
+    let mut pieces = 0;
+    let g = model
+        .generate(&ids, &GenerateParams { ignore_eos: true, ..greedy(50) }, &AtomicBool::new(false), |_| {
+            pieces += 1;
+            ControlFlow::Break(())
+        })
+        .unwrap();
+    assert_eq!(g.finish_reason, FinishReason::Cancelled);
+    assert_eq!(pieces, 1);
+    assert!(g.token_ids.len() < 50);
+}
+
+#[test]
+fn streaming_never_splits_a_character() {
+    // Byte-fallback tokens for "é" (C3 A9) and "🦙" (F0 9F A6 99) generated one at a time.
+    let model = load(MODELS[0]);
+    let tok = model.tokenizer();
+    let byte = |b: u8| tok.token_to_id(&format!("<0x{b:02X}>")).unwrap();
+    let ids = [tok.token_to_id("▁a").unwrap(), byte(0xC3), byte(0xA9), byte(0xF0), byte(0x9F), byte(0xA6), byte(0x99), tok.token_to_id("▁b").unwrap()];
+    let mut stream = edgeflow::engine::StreamDecoder::new();
+    let mut pieces = Vec::new();
+    for id in ids {
+        if let Some(p) = stream.push(tok, id).unwrap() {
+            assert!(!p.contains('\u{FFFD}'), "broken character streamed: {p:?}");
+            pieces.push(p);
+        }
+    }
+    assert_eq!(pieces.concat(), "aé🦙 b");
+    assert_eq!(pieces.concat(), tok.decode(&ids).unwrap());
+}
+
+fn load_err(dir: &Path) -> EngineError {
+    match Model::load(dir, &common::load_options()) {
+        Ok(_) => panic!("{} loaded, expected an error", dir.display()),
+        Err(e) => e,
+    }
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("genai_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+fn decoder_file(dir: &Path) -> String {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("genai_config.json")).unwrap()).unwrap();
+    v["model"]["decoder"]["filename"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn bad_model_folders_name_the_file_and_field() {
+    let src = common::fixture_model(MODELS[0]);
+
+    let d = common::copy_model(&src);
+    std::fs::remove_file(d.path().join("genai_config.json")).unwrap();
+    let e = load_err(d.path());
+    assert!(matches!(&e, EngineError::MissingFile { path } if path.ends_with("genai_config.json")), "{e}");
+
+    let d = common::copy_model(&src);
+    std::fs::remove_file(d.path().join("tokenizer.json")).unwrap();
+    let e = load_err(d.path());
+    assert!(matches!(&e, EngineError::MissingFile { path } if path.ends_with("tokenizer.json")), "{e}");
+
+    let d = common::copy_model(&src);
+    std::fs::write(d.path().join("tokenizer.json"), b"{\"version\": \"1.0\", \"model\": 12}").unwrap();
+    let e = load_err(d.path());
+    assert!(matches!(&e, EngineError::Tokenizer { path, .. } if path.ends_with("tokenizer.json")), "{e}");
+
+    let d = common::copy_model(&src);
+    let onnx = decoder_file(d.path());
+    std::fs::remove_file(d.path().join(format!("{onnx}.data"))).unwrap();
+    let e = load_err(d.path());
+    assert!(matches!(&e, EngineError::Graph { path, .. } if path.ends_with(&onnx)), "{e}");
+
+    let d = common::copy_model(&src);
+    let f = d.path().join(&onnx);
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() / 3]).unwrap();
+    let e = load_err(d.path());
+    assert!(matches!(&e, EngineError::Graph { path, .. } if path.ends_with(&onnx)), "{e}");
+
+    let d = common::copy_model(&src);
+    edit_config(d.path(), |v| v["model"]["decoder"]["filename"] = "absent.onnx".into());
+    let e = load_err(d.path());
+    assert!(matches!(&e, EngineError::MissingFile { path } if path.ends_with("absent.onnx")), "{e}");
+
+    let d = common::copy_model(&src);
+    edit_config(d.path(), |v| v["model"]["decoder"]["inputs"]["attention_mask"] = "attn_mask".into());
+    let e = load_err(d.path());
+    assert!(matches!(&e, EngineError::GraphMismatch { field, .. } if field == "model.decoder.inputs.attention_mask"), "{e}");
+    assert!(e.to_string().contains("attn_mask"), "{e}");
+
+    let d = common::copy_model(&src);
+    edit_config(d.path(), |v| v["model"]["decoder"]["inputs"]["position_ids"] = "position_ids".into());
+    let e = load_err(d.path());
+    assert!(matches!(&e, EngineError::GraphMismatch { field, .. } if field == "model.decoder.inputs.position_ids"), "{e}");
+
+    let d = common::copy_model(&src);
+    edit_config(d.path(), |v| v["model"]["vocab_size"] = 32000.into());
+    let e = load_err(d.path());
+    assert!(matches!(&e, EngineError::Tokenizer { .. }), "tokenizer larger than the model: {e}");
+
+    let d = common::copy_model(&src);
+    edit_config(d.path(), |v| {
+        let heads = v["model"]["decoder"]["num_attention_heads"].as_u64().unwrap();
+        v["model"]["decoder"]["num_key_value_heads"] = heads.into();
+        v["model"]["decoder"]["head_size"] = 48.into();
+    });
+    let e = load_err(d.path());
+    assert!(matches!(&e, EngineError::GraphMismatch { .. }), "{e}");
+
+    let d = common::copy_model(&src);
+    std::fs::write(d.path().join("genai_config.json"), b"{\"model\": [").unwrap();
+    let e = load_err(d.path());
+    assert!(matches!(&e, EngineError::Config { path, .. } if path.ends_with("genai_config.json")), "{e}");
+}
