@@ -61,10 +61,10 @@ struct GenerateArgs {
     #[arg(long)]
     greedy: bool,
     /// Sampling temperature (> 0 samples).
-    #[arg(long, value_name = "T")]
+    #[arg(long, value_name = "T", allow_negative_numbers = true)]
     temperature: Option<f32>,
     /// Nucleus sampling mass in (0, 1].
-    #[arg(long, value_name = "P")]
+    #[arg(long, value_name = "P", allow_negative_numbers = true)]
     top_p: Option<f32>,
     /// Sample among the K most likely tokens (0 = all).
     #[arg(long, value_name = "K")]
@@ -73,7 +73,7 @@ struct GenerateArgs {
     #[arg(long, value_name = "S")]
     seed: Option<u64>,
     /// Repetition penalty (1.0 = off).
-    #[arg(long, value_name = "R")]
+    #[arg(long, value_name = "R", allow_negative_numbers = true)]
     repetition_penalty: Option<f32>,
     /// Stop when this string is generated (repeatable).
     #[arg(long, value_name = "TEXT")]

@@ -91,8 +91,9 @@ fn locate_and_load(explicit: Option<&Path>) -> Result<Runtime, EngineError> {
                 tracing::info!(path = %shown, %version, "loaded ONNX Runtime");
                 return Ok(Runtime { path: shown, version, env });
             }
-            Err(message) if path.is_none() && message.contains("cannot open shared object") => {
-                tried.push((shown, "not found".to_string()));
+            // dlopen's search of the system path cannot tell "absent" from "unloadable".
+            Err(message) if path.is_none() => {
+                tried.push((shown, format!("not found or not loadable: {message}")));
             }
             Err(message) => return Err(EngineError::RuntimeLoad { path: shown, message }),
         }
