@@ -12,6 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
+use ort::memory::Allocator;
 use ort::session::{builder::GraphOptimizationLevel, Session};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
@@ -205,12 +206,15 @@ impl Decoder {
         let during = "allocating the KV cache";
         let mut binding = self.session.create_binding().map_err(EngineError::inference(during))?;
         let mut buffers = Vec::with_capacity(self.names.past.len() * 2);
+        // ORT's plain CPU allocator, not the session arena: the cache is one long-lived block
+        // per layer, and the arena's power-of-two growth would round it up (as genai does).
+        let cpu = Allocator::default();
         let shape = [1usize, self.kv_heads, capacity, self.head_size];
         for ((pk, pv), (ok, ov)) in self.names.past.iter().zip(&self.names.present) {
             for (input, output) in [(pk, ok), (pv, ov)] {
                 // DEVNOTE: ORT's allocator takes large blocks straight from mmap, so the pages are
                 // zero and only become resident as the sequence grows; no explicit clearing.
-                let mut t = Tensor::<f32>::new(self.session.allocator(), shape).map_err(EngineError::inference(during))?;
+                let mut t = Tensor::<f32>::new(&cpu, shape).map_err(EngineError::inference(during))?;
                 binding.bind_input(input.as_str(), &t).map_err(EngineError::inference(during))?;
                 binding.bind_output(output.as_str(), &mut t).map_err(EngineError::inference(during))?;
                 buffers.push(t);
@@ -251,14 +255,15 @@ impl Decoder {
                     b.bind_input(name.as_str(), p).map_err(EngineError::inference(during))?;
                 }
                 // One reusable [1, 1, vocab] logits buffer for decode steps; prefill gets its own.
+                let cpu = Allocator::default();
                 if n == 1 {
                     if shared.decode_logits.is_none() {
-                        let mut t = Tensor::<f32>::new(self.session.allocator(), [1usize, 1, self.vocab]).map_err(EngineError::inference(during))?;
+                        let mut t = Tensor::<f32>::new(&cpu, [1usize, 1, self.vocab]).map_err(EngineError::inference(during))?;
                         b.bind_output(self.names.logits.as_str(), &mut t).map_err(EngineError::inference(during))?;
                         shared.decode_logits = Some(t);
                     }
                 } else {
-                    let mut t = Tensor::<f32>::new(self.session.allocator(), [1usize, n, self.vocab]).map_err(EngineError::inference(during))?;
+                    let mut t = Tensor::<f32>::new(&cpu, [1usize, n, self.vocab]).map_err(EngineError::inference(during))?;
                     b.bind_output(self.names.logits.as_str(), &mut t).map_err(EngineError::inference(during))?;
                     // The next decode step must rebind its own buffer.
                     shared.decode_logits = None;
