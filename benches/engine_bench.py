@@ -329,6 +329,17 @@ def busy_processes(min_cpu_s=2.0, sample_s=1.0):
     return sorted(busy, key=lambda x: -x["cpu"])
 
 
+def wait_idle(max_wait_s, threshold=0.15):
+    """Waits (up to max_wait_s) until no other process uses more than `threshold` of a CPU;
+    returns the busy processes seen in the last 1 s sample (empty when the machine is quiet)."""
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        busy = [b for b in busy_processes() if b["cpu"] > threshold]
+        if not busy or time.monotonic() >= deadline:
+            return busy
+        time.sleep(2)
+
+
 def prewarm(paths):
     """Reads files once so the first run does not pay for a cold page cache."""
     for p in paths:
@@ -378,6 +389,8 @@ def bench_model(name, model_dir, runs, warmup, args, env_ef):
     prewarm([p for p in model_dir.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data")])
     print(f"\n## {name}  ({model_dir})", flush=True)
     print(f"prompt: {len(ids)} tokens, {len(text)} chars; new tokens: {args.new_tokens}; threads: {args.threads}; runs: {runs} each (+{warmup} warm-up)", flush=True)
+    print("  edgeflow: " + " ".join(shlex.quote(c) for c in ef_cmd), flush=True)
+    print("  genai:    " + " ".join(shlex.quote(c) for c in ge_cmd) + f"   ({ids_file.name}: the {len(ids)} prompt ids)", flush=True)
 
     load_before, busy_before = loadavg(), busy_processes()
     if busy_before:
@@ -390,6 +403,7 @@ def bench_model(name, model_dir, runs, warmup, args, env_ef):
         order += [("edgeflow", i), ("genai", i)] if i % 2 == 0 else [("genai", i), ("edgeflow", i)]
     for rt, i in order:
         cmd, env = cmds[rt]
+        busy = wait_idle(args.wait_idle) if args.wait_idle > 0 else []
         code, out, err, wall, rss, cpu = run_child(cmd, env)
         if code != 0:
             errors.append({"runtime": rt, "run": i, "exit": code, "stderr": err[-2000:]})
@@ -409,6 +423,7 @@ def bench_model(name, model_dir, runs, warmup, args, env_ef):
             "peak_rss_mib": rss,
             "wall_s": wall,
             "cpu_s": cpu,
+            "busy_at_start": busy,
             "n_tokens": len(r["token_ids"]),
             "token_ids": r["token_ids"],
             "threads_reported": r.get("threads"),
@@ -428,7 +443,7 @@ def bench_model(name, model_dir, runs, warmup, args, env_ef):
         if rec["n_tokens"] != args.new_tokens:
             errors.append({"runtime": rt, "run": i, "error": f"generated {rec['n_tokens']} tokens, expected {args.new_tokens}"})
         results[rt].append(rec)
-        tag = " (warm-up)" if rec["warmup"] else ""
+        tag = (" (warm-up)" if rec["warmup"] else "") + (f" [busy: {', '.join(str(b['cpu']) + ' ' + b['cmd'].split()[0].rsplit('/', 1)[-1] for b in busy[:3])}]" if busy else "")
         print(f"  {rt:8s} run {i}{tag}: ttft {rec['ttft_ms']:8.2f} ms  decode {rec['decode_tok_s']:9.2f} tok/s  rss {rss:7.1f} MiB  wall {wall:6.2f} s  cpu {cpu:6.2f} s", flush=True)
     ids_file.unlink(missing_ok=True)
 
@@ -476,8 +491,8 @@ def bench_model(name, model_dir, runs, warmup, args, env_ef):
         "prompt_text": text,
         "prompt_token_ids": ids,
         "commands": {
-            "edgeflow": " ".join(shlex.quote(c) for c in ef_cmd[:5]) + " --prompt <TEXT> " + " ".join(ef_cmd[7:]),
-            "genai": " ".join(shlex.quote(c) for c in ge_cmd[:5]) + " <IDS.json> " + " ".join(ge_cmd[6:]),
+            "edgeflow": " ".join(shlex.quote(c) for c in ef_cmd[:4]) + " --prompt <prompt_text> " + " ".join(ef_cmd[6:]),
+            "genai": " ".join(shlex.quote(c) for c in ge_cmd[:5]) + " <prompt_token_ids.json> " + " ".join(ge_cmd[6:]),
         },
         "config": config,
         "eos_token_ids": sorted(eos),
@@ -551,6 +566,10 @@ def table(name, res):
             + f"; .onnx.data is {c['onnx_data_bytes'] / 1e6:.1f} MB) = {c['ceiling_tok_s_weights']:.2f} tok/s; "
             f"counting the fp32 KV cache too (mean {c['mean_kv_bytes_per_step'] / 1e6:.1f} MB/step) = {c['ceiling_tok_s_weights_plus_kv']:.2f} tok/s."
         )
+    n_busy = sum(1 for rs in res["runs"].values() for x in rs if x.get("busy_at_start"))
+    n_all = sum(len(rs) for rs in res["runs"].values())
+    if n_busy:
+        lines.append(f"WARNING: {n_busy} of {n_all} runs started while other processes were using CPU (see runs[].busy_at_start).")
     ml = res.get("machine_load", {})
     if ml.get("busy_processes_before") or ml.get("busy_processes_after"):
         lines.append(f"WARNING: other processes were using CPU during this model's runs (loadavg before {ml.get('loadavg_before')}, after {ml.get('loadavg_after')}); timings are not clean.")
@@ -572,6 +591,8 @@ def main():
     ap.add_argument("--genai-python", default=sys.executable, help="python with onnxruntime-genai (default: this one)")
     ap.add_argument("--ort-lib", default=os.environ.get("ORT_DYLIB_PATH") or str(ROOT / ".ort" / platform.machine() / "libonnxruntime.so"))
     ap.add_argument("--no-bandwidth", action="store_true", help="skip the memory-bandwidth measurement")
+    ap.add_argument("--wait-idle", type=float, default=60, metavar="S",
+                    help="before each run, wait up to S seconds for other processes to stop using CPU (0: don't; default 60)")
     ap.add_argument("--out", type=Path, default=ROOT / ".bench/engine.json")
     args = ap.parse_args()
 
@@ -606,11 +627,13 @@ def main():
     print(f"command: {command}", flush=True)
     print(f"edgeflow: {args.edgeflow} (ORT_DYLIB_PATH={args.ort_lib}); genai: onnxruntime-genai {og.__version__} via {args.genai_python}", flush=True)
 
-    bw = {}
+    bw, bw_busy = {}, []
     if not args.no_bandwidth:
         procs = sorted({1, args.threads})
+        bw_busy = wait_idle(args.wait_idle) if args.wait_idle > 0 else busy_processes()
         bw = memory_bandwidth(procs=procs)
-        print("memory read bandwidth (numpy sum over 1 GiB, best of 6): " + ", ".join(f"{k} proc {v:.1f} GB/s" for k, v in bw.items()), flush=True)
+        print("memory read bandwidth (numpy sum over 1 GiB, best of 6): " + ", ".join(f"{k} proc {v:.1f} GB/s" for k, v in bw.items())
+              + (f"  [WARNING: machine busy: {', '.join(b['cmd'][:60] for b in bw_busy[:3])}]" if bw_busy else ""), flush=True)
 
     # Interpreter + import baseline of the genai child (Python and numpy are not the runtime).
     floor_rss = run_child(["true"])[4]
@@ -630,6 +653,7 @@ def main():
         "onnxruntime_genai_version": og.__version__,
         "ort_lib_edgeflow": args.ort_lib,
         "memory_bandwidth_gb_s": {str(k): v for k, v in bw.items()},
+        "memory_bandwidth_busy_processes": bw_busy if bw else None,
         "genai_child_baseline_rss_mib": base_rss,
         "rss_floor_mib": floor_rss,
         "rss_method": "ru_maxrss of the benchmarked process from os.wait4, via a minimal launcher (python -I -S) so the bench's own peak RSS is not inherited",

@@ -42,8 +42,13 @@ export ORT_DYLIB_PATH="${ORT_DYLIB_PATH:-$root/.ort/$arch/libonnxruntime.so}"
 if [[ ! -f "$ORT_DYLIB_PATH" ]]; then
   cross/fetch-ort.sh "$arch"
 fi
+# (--edgeflow PATH benches that binary instead and skips the build.)
 bin="$root/target/release/edgeflow"
-if [[ ! -x "$bin" ]] || [[ -n "$(find src Cargo.toml Cargo.lock -newer "$bin" -print -quit 2>/dev/null)" ]]; then
+custom_bin=0
+for a in "${args[@]+"${args[@]}"}"; do [[ $a == --edgeflow || $a == --edgeflow=* ]] && custom_bin=1; done
+if [[ $custom_bin == 1 ]]; then
+  :
+elif [[ ! -x "$bin" ]] || [[ -n "$(find src Cargo.toml Cargo.lock -newer "$bin" -print -quit 2>/dev/null)" ]]; then
   echo "== building $bin"
   cargo build --release --locked
 fi
