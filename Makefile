@@ -9,8 +9,11 @@ CARGO ?= cargo
 PYTHON ?= python3
 TINY := tests/fixtures/models/phi3-tiny-gqa
 VENV_BENCH := .venv/bench
+# The registry tests' real peer: an MLflow server and client from PyPI (tests/mlflow/); the
+# local API tests' real clients: the openai SDK and prometheus_client (tests/serve/).
+VENV_TEST := .venv/test
 
-.PHONY: all build ort test demo bench models clean
+.PHONY: all build ort venv test demo bench models clean
 
 all: build
 
@@ -21,7 +24,15 @@ $(ORT_LIB): cross/fetch-ort.sh
 build: ort
 	$(CARGO) build --release --locked
 
-test: ort
+# Rebuilt when the pinned requirements change; the stamp marks a complete install.
+venv: $(VENV_TEST)/.stamp
+$(VENV_TEST)/.stamp: tests/mlflow/requirements.txt tests/serve/requirements.txt
+	rm -rf $(VENV_TEST)
+	$(PYTHON) -m venv $(VENV_TEST)
+	$(VENV_TEST)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/mlflow/requirements.txt -r tests/serve/requirements.txt
+	touch $@
+
+test: ort venv
 	$(CARGO) test --release --locked
 
 demo: build

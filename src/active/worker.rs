@@ -1,0 +1,329 @@
+//! The engine worker: one dedicated OS thread per loaded model, fed by a bounded queue.
+//!
+//! `Model::generate` is blocking, CPU-bound and needs `&mut self`, so it never runs on the
+//! async runtime. The thread loads the model itself (the session never crosses threads),
+//! smoke-tests it, then serves jobs one at a time until every [`Worker`] handle is gone and
+//! the queue is empty; then it drops the model. That ordering is what lets a hot swap drain:
+//! the manager drops its handle, queued and running jobs still finish, and the memory is
+//! released when the last one does.
+
+use std::ops::ControlFlow;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::engine::{ChatMessage, EngineError, GenaiConfig, GenerateParams, Generation, LoadOptions, Model};
+use crate::telemetry::Metrics;
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// Raw text, tokenized as is.
+    Text(String),
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Token ids given by the client.
+    Ids(Vec<u32>),
+}
+
+/// One generation request as the worker sees it.
+pub struct Job {
+    pub prompt: Prompt,
+    pub params: GenerateParams,
+    /// Set by the request side (client gone, timeout, shutdown); checked before the job
+    /// starts and between decode steps.
+    pub cancel: Arc<AtomicBool>,
+    /// Progress back to the request. Unbounded on purpose: the worker must never block on a
+    /// slow client (that would stall every queued request), and `max_new_tokens` bounds it.
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+#[derive(Debug)]
+pub enum Event {
+    /// The prompt is tokenized and within limits; generation begins.
+    Started {
+        prompt_tokens: usize,
+    },
+    /// Newly generated text (stop-string tails are held back by the engine).
+    Text(String),
+    Finished(Generation),
+    Failed(JobError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("the prompt has {tokens} tokens; at most {limit} are accepted")]
+    PromptTooLong { tokens: usize, limit: usize },
+    #[error("generation failed")]
+    Engine(#[from] EngineError),
+    #[error("the engine worker panicked; the model is no longer served")]
+    WorkerPanicked,
+}
+
+#[derive(Debug)]
+pub enum SubmitError {
+    /// The queue is full; the estimate is how long the queue takes to drain.
+    Full { retry_after: Duration },
+    /// The worker thread has ended.
+    Stopped,
+}
+
+/// What the worker learned while loading, sent once the smoke test passed.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: GenaiConfig,
+    pub threads: usize,
+    pub load_time: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("could not start the engine thread")]
+    Spawn(#[source] std::io::Error),
+    #[error("loading the model failed")]
+    Load(#[source] EngineError),
+    #[error("the model loaded but failed its smoke test (one greedy token from a short chat)")]
+    SmokeTest(#[source] EngineError),
+    #[error("the engine thread ended before the model was ready")]
+    Vanished,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    queued: AtomicUsize,
+    /// Exponentially weighted mean job time, for `Retry-After`.
+    mean_job_micros: AtomicU64,
+    alive: AtomicBool,
+}
+
+/// A handle to a running worker. Cloning shares the queue; the thread ends once every
+/// handle is dropped and the queue has drained.
+#[derive(Clone)]
+pub struct Worker {
+    jobs: mpsc::Sender<Job>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+}
+
+impl Worker {
+    /// Queues a job without waiting.
+    ///
+    /// # Errors
+    /// [`SubmitError::Full`] when `queue_depth` jobs are already waiting, and
+    /// [`SubmitError::Stopped`] when the thread has ended.
+    pub fn try_submit(&self, job: Job) -> Result<(), SubmitError> {
+        if !self.is_alive() {
+            return Err(SubmitError::Stopped);
+        }
+        // Count before sending: the worker may take the job before `try_send` returns.
+        self.shared.queued.fetch_add(1, Ordering::SeqCst);
+        self.metrics.queue_depth.inc();
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+                self.metrics.queue_depth.dec();
+                match e {
+                    mpsc::error::TrySendError::Full(_) => Err(SubmitError::Full { retry_after: self.retry_after() }),
+                    mpsc::error::TrySendError::Closed(_) => Err(SubmitError::Stopped),
+                }
+            }
+        }
+    }
+
+    /// False once the thread has ended or panicked.
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::SeqCst) && !self.jobs.is_closed()
+    }
+
+    /// Jobs waiting (not counting the one running).
+    pub fn queued(&self) -> usize {
+        self.shared.queued.load(Ordering::SeqCst)
+    }
+
+    /// How long the current queue is expected to take, between 1 s and 60 s.
+    fn retry_after(&self) -> Duration {
+        let mean = Duration::from_micros(self.shared.mean_job_micros.load(Ordering::Relaxed));
+        let wait = mean.saturating_mul(self.queued() as u32 + 1);
+        Duration::from_secs(wait.as_secs_f64().ceil().clamp(1.0, 60.0) as u64)
+    }
+}
+
+pub(crate) struct Started {
+    pub worker: Worker,
+    pub ready: oneshot::Receiver<Result<Loaded, StartError>>,
+    /// Closed (its sender dropped) when the thread has ended and the model is unloaded.
+    pub drained: watch::Receiver<()>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub queue_depth: usize,
+    /// Caps the tokenized prompt; further capped to leave room for one new token in the
+    /// model's context.
+    pub max_prompt_tokens: Option<usize>,
+    pub smoke_test_tokens: usize,
+}
+
+/// Starts a thread that loads `dir`, smoke-tests it and then serves jobs.
+///
+/// # Errors
+/// [`StartError::Spawn`] when the OS refuses a thread; load failures arrive on `ready`.
+pub(crate) fn start(dir: PathBuf, options: LoadOptions, limits: Limits, metrics: Arc<Metrics>, label: &str) -> Result<Started, StartError> {
+    let (jobs_tx, jobs_rx) = mpsc::channel(limits.queue_depth.max(1));
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (drained_tx, drained_rx) = watch::channel(());
+    let shared = Arc::new(Shared { alive: AtomicBool::new(true), ..Shared::default() });
+    let worker = Worker { jobs: jobs_tx, shared: shared.clone(), metrics: metrics.clone() };
+    let span = tracing::info_span!("engine", model = %label);
+    std::thread::Builder::new()
+        .name(format!("engine {label}"))
+        .spawn(move || {
+            let _entered = span.enter();
+            // Dropped last of all locals (declared first): its closing tells the manager
+            // that the model's memory is released.
+            let _drained = drained_tx;
+            let mut thread = Thread { jobs: jobs_rx, shared, metrics, limits };
+            thread.run(&dir, &options, ready_tx);
+        })
+        .map_err(StartError::Spawn)?;
+    Ok(Started { worker, ready: ready_rx, drained: drained_rx })
+}
+
+struct Thread {
+    jobs: mpsc::Receiver<Job>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+}
+
+impl Thread {
+    fn run(&mut self, dir: &std::path::Path, options: &LoadOptions, ready: oneshot::Sender<Result<Loaded, StartError>>) {
+        let started = Instant::now();
+        let mut model = match Model::load(dir, options) {
+            Ok(m) => m,
+            Err(e) => {
+                self.shared.alive.store(false, Ordering::SeqCst);
+                let _ = ready.send(Err(StartError::Load(e)));
+                return;
+            }
+        };
+        if let Err(e) = smoke_test(&mut model, self.limits.smoke_test_tokens) {
+            self.shared.alive.store(false, Ordering::SeqCst);
+            let _ = ready.send(Err(StartError::SmokeTest(e)));
+            return;
+        }
+        let loaded = Loaded { config: model.config().clone(), threads: model.threads(), load_time: started.elapsed() };
+        tracing::info!(load_ms = loaded.load_time.as_millis() as u64, threads = loaded.threads, "model loaded and smoke-tested");
+        self.metrics.models_loaded.inc();
+        let _ = ready.send(Ok(loaded));
+
+        while let Some(job) = self.jobs.blocking_recv() {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.queue_depth.dec();
+            let events = job.events.clone();
+            let began = Instant::now();
+            let outcome = catch_unwind(AssertUnwindSafe(|| self.serve(&mut model, job)));
+            let micros = began.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+            let mean = self.shared.mean_job_micros.load(Ordering::Relaxed);
+            self.shared.mean_job_micros.store(if mean == 0 { micros } else { (mean * 7 + micros) / 8 }, Ordering::Relaxed);
+            if outcome.is_err() {
+                // The model may be mid-step with a half-updated KV cache: never reuse it.
+                tracing::error!("engine worker panicked; unloading the model");
+                self.shared.alive.store(false, Ordering::SeqCst);
+                let _ = events.send(Event::Failed(JobError::WorkerPanicked));
+                break;
+            }
+        }
+        // Jobs still queued after a panic are dropped here; their requests see the channel
+        // close and answer 503.
+        self.jobs.close();
+        while let Ok(job) = self.jobs.try_recv() {
+            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.queue_depth.dec();
+            let _ = job.events.send(Event::Failed(JobError::WorkerPanicked));
+        }
+        drop(model);
+        self.metrics.models_loaded.dec();
+        tracing::info!("model unloaded");
+    }
+
+    fn serve(&self, model: &mut Model, job: Job) {
+        let Job { prompt, params, cancel, events } = job;
+        if cancel.load(Ordering::Relaxed) || events.is_closed() {
+            // The client left (or timed out) while queued.
+            self.metrics.generations_cancelled.inc();
+            return;
+        }
+        let ids = match prompt {
+            Prompt::Text(text) => model.encode(&text),
+            Prompt::Chat(messages) => model.encode_chat(&messages),
+            Prompt::Ids(ids) => Ok(ids),
+        };
+        let ids = match ids {
+            Ok(ids) => ids,
+            Err(e) => {
+                let _ = events.send(Event::Failed(e.into()));
+                return;
+            }
+        };
+        let limit = model.context_length().saturating_sub(1).min(self.limits.max_prompt_tokens.unwrap_or(usize::MAX));
+        if ids.len() > limit {
+            let _ = events.send(Event::Failed(JobError::PromptTooLong { tokens: ids.len(), limit }));
+            return;
+        }
+        if events.send(Event::Started { prompt_tokens: ids.len() }).is_err() {
+            self.metrics.generations_cancelled.inc();
+            return;
+        }
+        self.metrics.prompt_tokens.inc_by(ids.len() as u64);
+        self.metrics.generations_in_progress.inc();
+        // `on_text` runs at most once per decode step plus once for a final flush, so the
+        // token counter is advanced for the previous piece when the next arrives; the exact
+        // remainder is added from the result.
+        let mut counted = 0u64;
+        let mut pending = false;
+        let result = model.generate(&ids, &params, &cancel, |piece| {
+            if pending {
+                self.metrics.generated_tokens.inc();
+                counted += 1;
+            }
+            pending = true;
+            if events.send(Event::Text(piece.to_string())).is_err() {
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        });
+        self.metrics.generations_in_progress.dec();
+        match result {
+            Ok(generation) => {
+                self.metrics.generated_tokens.inc_by((generation.token_ids.len() as u64).saturating_sub(counted));
+                if generation.finish_reason == crate::engine::FinishReason::Cancelled {
+                    self.metrics.generations_cancelled.inc();
+                }
+                let _ = events.send(Event::Finished(generation));
+            }
+            Err(e) => {
+                let _ = events.send(Event::Failed(e.into()));
+            }
+        }
+    }
+}
+
+/// Greedy tokens from a one-message chat: proves the template, tokenizer, graph and sampler
+/// work together before the model is published. Generation runs through end-of-sequence so
+/// every requested step executes.
+fn smoke_test(model: &mut Model, tokens: usize) -> Result<(), EngineError> {
+    let tokens = tokens.max(1);
+    let ids = model.encode_chat(&[ChatMessage { role: "user".into(), content: "Hello".into() }])?;
+    let params = GenerateParams { max_new_tokens: tokens, ignore_eos: true, ..GenerateParams::default() };
+    let generation = model.generate(&ids, &params, &AtomicBool::new(false), |_| ControlFlow::Continue(()))?;
+    if generation.token_ids.len() != tokens.min(model.context_length().saturating_sub(ids.len())) {
+        return Err(EngineError::Inference { during: "the smoke test", message: format!("expected {tokens} tokens, got {}", generation.token_ids.len()) });
+    }
+    Ok(())
+}

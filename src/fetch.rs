@@ -1,0 +1,528 @@
+//! Resumable, verified downloads into the cache's temp area.
+//!
+//! Each file streams into `<tmp>/<key>.part` while it is hashed (sha256) on a blocking
+//! thread; `<key>.part.json` beside it remembers the URL, the expected size and the
+//! server's validator (ETag or Last-Modified). A dropped connection resumes with
+//! `Range: bytes=N-` and `If-Range`, and so does a restarted daemon: the key is derived from
+//! the model version and path, so the next run finds the same partial file. Resuming
+//! re-hashes the bytes already on disk (local reads are far cheaper than the network, and
+//! there is then no hash state to persist or trust).
+//!
+//! The size must match the registry's listing exactly. Files download a few at a time
+//! (`parallel_downloads`), optionally under a shared bandwidth cap.
+
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::{StatusCode, Url};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::backoff::Backoff;
+use crate::registry::{Client, RegistryError};
+
+/// Batches queued between the network and the writer thread.
+const WRITE_QUEUE: usize = 16;
+/// Network chunks are handed to the writer in batches of about this many bytes: one wakeup
+/// per batch instead of one per (often 16 KiB) chunk.
+const BATCH_BYTES: usize = 256 << 10;
+const WRITE_BUFFER: usize = 1 << 20;
+/// Writeback of this many new bytes is started while downloading, so the fsync before the
+/// file is published has little left to do.
+const WRITEBACK_STEP: u64 = 64 << 20;
+
+/// One file to download.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub url: Url,
+    /// Name used in messages (the local path in the model folder).
+    pub name: String,
+    pub size: u64,
+    /// Stable identity of this download across restarts (see [`job_key`]).
+    pub key: String,
+}
+
+/// A downloaded, hashed file waiting in the temp area.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub sha256: String,
+    /// Bytes that were already on disk from an earlier attempt or run.
+    pub resumed_from: u64,
+}
+
+/// What happened, for progress output and logs.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Started { name: String, size: u64, resume_from: u64 },
+    Retrying { name: String, error: String, delay: Duration, at: u64 },
+    Finished { name: String, size: u64, sha256: String },
+}
+
+pub type Observer = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// Byte counters shared with whoever draws a progress bar.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub total: AtomicU64,
+    /// Bytes on disk so far (resumed bytes included).
+    pub done: AtomicU64,
+    /// Bytes found on disk from before, not downloaded now.
+    pub resumed: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("downloading {name}")]
+    Registry {
+        name: String,
+        #[source]
+        source: RegistryError,
+    },
+    #[error("downloading {name}: the connection broke after {at} of {size} bytes")]
+    Body {
+        name: String,
+        at: u64,
+        size: u64,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("downloading {name}: the server closed the stream after {at} of {size} bytes")]
+    Truncated { name: String, at: u64, size: u64 },
+    #[error("downloading {name}: the registry lists {expected} bytes but sent {actual}")]
+    SizeMismatch { name: String, expected: u64, actual: u64 },
+    #[error("downloading {name}: range request at {from} was refused (416); the file changed on the server")]
+    RangeRefused { name: String, from: u64 },
+    #[error("writing {path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the download writer for {name} stopped unexpectedly")]
+    WriterGone { name: String },
+}
+
+impl FetchError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            FetchError::Registry { source, .. } => source.is_retryable(),
+            FetchError::Body { .. } | FetchError::Truncated { .. } | FetchError::RangeRefused { .. } => true,
+            FetchError::SizeMismatch { .. } | FetchError::Io { .. } | FetchError::WriterGone { .. } => false,
+        }
+    }
+
+    fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
+        move |source| FetchError::Io { path: path.to_path_buf(), source }
+    }
+}
+
+/// A stable key for a file of a model version: the same version, source and path give
+/// the same partial file after a restart.
+pub fn job_key(model: &str, version: &str, source: &str, path: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [model, version, source, path] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// What `<key>.part.json` remembers about a partial file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PartState {
+    url: String,
+    size: u64,
+    validator: Option<String>,
+}
+
+/// A shared download rate cap (GCRA: each chunk books its transmission time).
+#[derive(Debug)]
+pub struct RateLimiter {
+    bytes_per_second: f64,
+    burst: Duration,
+    next_free: Mutex<Option<Instant>>,
+}
+
+impl RateLimiter {
+    pub fn new(bytes_per_second: u64) -> RateLimiter {
+        RateLimiter { bytes_per_second: bytes_per_second.max(1) as f64, burst: Duration::from_millis(200), next_free: Mutex::new(None) }
+    }
+
+    /// Waits until `n` more bytes fit under the cap.
+    pub async fn acquire(&self, n: usize) {
+        let wait = {
+            let now = Instant::now();
+            let mut next = match self.next_free.lock() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            let start = next.map_or(now, |t| t.max(now));
+            let end = start + Duration::from_secs_f64(n as f64 / self.bytes_per_second);
+            *next = Some(end);
+            end.saturating_duration_since(now).saturating_sub(self.burst)
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
+/// Downloads files into one temp folder.
+#[derive(Clone)]
+pub struct Downloader {
+    client: Client,
+    tmp: PathBuf,
+    parallel: usize,
+    backoff: Backoff,
+    limiter: Option<Arc<RateLimiter>>,
+}
+
+impl Downloader {
+    pub fn new(client: Client, tmp: PathBuf, parallel: usize, bandwidth_limit: Option<u64>) -> Downloader {
+        let backoff = client.backoff();
+        Downloader { client, tmp, parallel: parallel.max(1), backoff, limiter: bandwidth_limit.map(|b| Arc::new(RateLimiter::new(b))) }
+    }
+
+    /// Downloads every job, `parallel` at a time; stops at the first error that retries
+    /// could not cure (the other partial files stay for the next attempt).
+    ///
+    /// # Errors
+    /// The first [`FetchError`] that was not retryable or ran out of attempts.
+    pub async fn fetch_all(&self, jobs: Vec<Job>, progress: Arc<Progress>, observer: Observer) -> Result<Vec<Fetched>, FetchError> {
+        progress.total.fetch_add(jobs.iter().map(|j| j.size).sum(), Ordering::Relaxed);
+        let semaphore = Arc::new(tokio::sync::Semaphore::new(self.parallel));
+        let mut set = tokio::task::JoinSet::new();
+        for (i, job) in jobs.into_iter().enumerate() {
+            let this = self.clone();
+            let progress = progress.clone();
+            let observer = observer.clone();
+            let semaphore = semaphore.clone();
+            set.spawn(async move {
+                let _permit = semaphore.acquire_owned().await;
+                (i, this.fetch_one(&job, &progress, &observer).await)
+            });
+        }
+        let mut done = Vec::new();
+        while let Some(joined) = set.join_next().await {
+            match joined {
+                Ok((i, Ok(f))) => done.push((i, f)),
+                Ok((_, Err(e))) => return Err(e),
+                Err(e) => return Err(FetchError::WriterGone { name: format!("download task: {e}") }),
+            }
+        }
+        done.sort_by_key(|(i, _)| *i);
+        Ok(done.into_iter().map(|(_, f)| f).collect())
+    }
+
+    /// Downloads one file, resuming whatever an earlier attempt or run left.
+    ///
+    /// # Errors
+    /// As [`Downloader::fetch_all`].
+    pub async fn fetch_one(&self, job: &Job, progress: &Progress, observer: &Observer) -> Result<Fetched, FetchError> {
+        let part = self.tmp.join(format!("{}.part", job.key));
+        let state_path = self.tmp.join(format!("{}.part.json", job.key));
+        let url = job.url.to_string();
+        let (p, s, size) = (part.clone(), state_path.clone(), job.size);
+        let (mut hasher, mut have, mut validator) =
+            tokio::task::spawn_blocking(move || prepare(&p, &s, &url, size)).await.map_err(|_| FetchError::WriterGone { name: job.name.clone() })??;
+        let resumed_from = have;
+        progress.done.fetch_add(have, Ordering::Relaxed);
+        progress.resumed.fetch_add(have, Ordering::Relaxed);
+        observer(&Event::Started { name: job.name.clone(), size: job.size, resume_from: have });
+        let mut retry = 0;
+        while have < job.size || (job.size == 0 && !part.exists()) {
+            let before = have;
+            let result = self.attempt(job, &part, &state_path, &mut hasher, &mut have, &mut validator, progress).await;
+            match result {
+                Ok(()) => {}
+                Err(e) if e.is_retryable() && retry + 1 < self.backoff.max_attempts => {
+                    // Progress made on this attempt earns the retries back: a flaky link that
+                    // keeps moving forward is not a failing one.
+                    if have > before {
+                        retry = 0;
+                    }
+                    let delay = self.backoff.delay(retry);
+                    tracing::warn!(file = %job.name, at = have, error = %crate::registry::chain(&e), ?delay, "download interrupted; resuming");
+                    observer(&Event::Retrying { name: job.name.clone(), error: crate::registry::chain(&e), delay, at: have });
+                    tokio::time::sleep(delay).await;
+                    retry += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let p = part.clone();
+        let digest = tokio::task::spawn_blocking(move || -> Result<String, FetchError> {
+            let f = std::fs::File::open(&p).map_err(FetchError::io(&p))?;
+            f.sync_all().map_err(FetchError::io(&p))?;
+            Ok(hex::encode(hasher.finalize()))
+        })
+        .await
+        .map_err(|_| FetchError::WriterGone { name: job.name.clone() })??;
+        observer(&Event::Finished { name: job.name.clone(), size: job.size, sha256: digest.clone() });
+        Ok(Fetched { name: job.name.clone(), path: part, size: job.size, sha256: digest, resumed_from })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        job: &Job,
+        part: &Path,
+        state_path: &Path,
+        hasher: &mut Sha256,
+        have: &mut u64,
+        validator: &mut Option<String>,
+        progress: &Progress,
+    ) -> Result<(), FetchError> {
+        let reg = |source| FetchError::Registry { name: job.name.clone(), source };
+        let mut resp = self.client.download(&job.url, *have, validator.as_deref()).await.map_err(reg)?;
+        let status = resp.status();
+        let mut truncate = false;
+        match status {
+            StatusCode::PARTIAL_CONTENT => {
+                let start = resp.headers().get(reqwest::header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(content_range_start);
+                if start != Some(*have) {
+                    // Not the range asked for: drop this answer and start over cleanly.
+                    truncate = true;
+                }
+            }
+            StatusCode::OK => truncate = *have > 0, // the file changed (If-Range) or ranges are not supported
+            StatusCode::RANGE_NOT_SATISFIABLE => {
+                reset(part, hasher, have, progress)?;
+                return Err(FetchError::RangeRefused { name: job.name.clone(), from: *have });
+            }
+            _ => return Err(reg(Client::error_for(resp).await)),
+        }
+        if truncate {
+            reset(part, hasher, have, progress)?;
+            if status == StatusCode::PARTIAL_CONTENT {
+                return Err(FetchError::RangeRefused { name: job.name.clone(), from: 0 });
+            }
+        }
+        if let Some(len) = resp.content_length() {
+            if *have + len != job.size {
+                return Err(FetchError::SizeMismatch { name: job.name.clone(), expected: job.size, actual: *have + len });
+            }
+        }
+        let new_validator = resp
+            .headers()
+            .get(reqwest::header::ETAG)
+            .or_else(|| resp.headers().get(reqwest::header::LAST_MODIFIED))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if new_validator != *validator || *have == 0 {
+            *validator = new_validator;
+            let state = PartState { url: job.url.to_string(), size: job.size, validator: validator.clone() };
+            write_state(state_path, &state)?;
+        }
+
+        // The writer thread owns the file and the hasher for this attempt.
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(part).map_err(FetchError::io(part))?;
+        let (tx, rx) = mpsc::channel::<Vec<Bytes>>(WRITE_QUEUE);
+        let taken = std::mem::take(hasher);
+        let path = part.to_path_buf();
+        let base = *have;
+        let writer = tokio::task::spawn_blocking(move || write_loop(file, base, taken, rx, &path));
+        let mut received = *have;
+        let mut stream_result = Ok(());
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batch_bytes = 0usize;
+        loop {
+            let chunk = match resp.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => break,
+                Err(source) => {
+                    stream_result = Err(FetchError::Body { name: job.name.clone(), at: received, size: job.size, source });
+                    break;
+                }
+            };
+            received += chunk.len() as u64;
+            if received > job.size {
+                stream_result = Err(FetchError::SizeMismatch { name: job.name.clone(), expected: job.size, actual: received });
+                break;
+            }
+            if let Some(l) = &self.limiter {
+                l.acquire(chunk.len()).await;
+            }
+            batch_bytes += chunk.len();
+            batch.push(chunk);
+            // Under a bandwidth cap, hand over every chunk: bytes must reach the disk as they arrive.
+            if batch_bytes >= BATCH_BYTES || self.limiter.is_some() {
+                if tx.send(std::mem::take(&mut batch)).await.is_err() {
+                    break; // the writer failed; its error is collected below
+                }
+                progress.done.fetch_add(batch_bytes as u64, Ordering::Relaxed);
+                batch_bytes = 0;
+            }
+        }
+        // What arrived before a failure is kept: the next attempt resumes after it.
+        if !batch.is_empty() && tx.send(batch).await.is_ok() {
+            progress.done.fetch_add(batch_bytes as u64, Ordering::Relaxed);
+        }
+        drop(tx);
+        let (back, written) = writer.await.map_err(|_| FetchError::WriterGone { name: job.name.clone() })??;
+        *hasher = back;
+        *have += written;
+        stream_result?;
+        if *have < job.size {
+            return Err(FetchError::Truncated { name: job.name.clone(), at: *have, size: job.size });
+        }
+        Ok(())
+    }
+}
+
+/// Reads the partial file's state; keeps and re-hashes its bytes when they belong to the
+/// same URL and size, otherwise starts it over.
+fn prepare(part: &Path, state_path: &Path, url: &str, size: u64) -> Result<(Sha256, u64, Option<String>), FetchError> {
+    let state: Option<PartState> = std::fs::read(state_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    let len = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
+    let usable = matches!(&state, Some(s) if s.url == url && s.size == size) && len <= size;
+    if !usable {
+        if len > 0 || part.exists() {
+            std::fs::remove_file(part).map_err(FetchError::io(part))?;
+        }
+        let _ = std::fs::remove_file(state_path);
+        return Ok((Sha256::new(), 0, None));
+    }
+    let mut hasher = Sha256::new();
+    let mut f = std::fs::File::open(part).map_err(FetchError::io(part))?;
+    let mut buf = vec![0u8; WRITE_BUFFER];
+    let mut total = 0u64;
+    loop {
+        let n = f.read(&mut buf).map_err(FetchError::io(part))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    Ok((hasher, total, state.and_then(|s| s.validator)))
+}
+
+fn reset(part: &Path, hasher: &mut Sha256, have: &mut u64, progress: &Progress) -> Result<(), FetchError> {
+    if part.exists() {
+        let f = std::fs::OpenOptions::new().write(true).open(part).map_err(FetchError::io(part))?;
+        f.set_len(0).map_err(FetchError::io(part))?;
+    }
+    progress.done.fetch_sub((*have).min(progress.done.load(Ordering::Relaxed)), Ordering::Relaxed);
+    *hasher = Sha256::new();
+    *have = 0;
+    Ok(())
+}
+
+fn write_state(path: &Path, state: &PartState) -> Result<(), FetchError> {
+    let tmp = path.with_extension("json.tmp");
+    let body = serde_json::to_vec(state).map_err(|e| FetchError::Io { path: path.to_path_buf(), source: std::io::Error::other(e) })?;
+    std::fs::write(&tmp, body).map_err(FetchError::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(FetchError::io(path))
+}
+
+fn write_loop(file: std::fs::File, base: u64, mut hasher: Sha256, mut rx: mpsc::Receiver<Vec<Bytes>>, path: &Path) -> Result<(Sha256, u64), FetchError> {
+    let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
+    let mut written = 0u64;
+    let mut writeback_from = 0u64;
+    while let Some(batch) = rx.blocking_recv() {
+        for chunk in batch {
+            out.write_all(&chunk).map_err(FetchError::io(path))?;
+            hasher.update(&chunk);
+            written += chunk.len() as u64;
+        }
+        if written - writeback_from >= WRITEBACK_STEP {
+            out.flush().map_err(FetchError::io(path))?;
+            start_writeback(out.get_ref(), base + writeback_from, written - writeback_from);
+            writeback_from = written;
+        }
+    }
+    let mut file = out.into_inner().map_err(|e| FetchError::Io { path: path.to_path_buf(), source: e.into_error() })?;
+    file.flush().map_err(FetchError::io(path))?;
+    // Position is irrelevant in append mode; this only surfaces a deferred write error.
+    file.stream_position().map_err(FetchError::io(path))?;
+    Ok((hasher, written))
+}
+
+/// Asks the kernel to start writing a range to disk without waiting for it (Linux); the
+/// fsync at the end then finds most pages clean. Failure only loses the head start.
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else { return };
+        // SAFETY: the descriptor is open for the duration of the call; the call only reads
+        // its arguments.
+        let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
+        if rc != 0 {
+            tracing::debug!(error = %std::io::Error::last_os_error(), "sync_file_range failed");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+}
+
+/// `bytes 10-19/867` → 10.
+fn content_range_start(v: &str) -> Option<u64> {
+    v.strip_prefix("bytes ")?.split('-').next()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_stable_and_distinct() {
+        let a = job_key("m", "1", "models:/m-1", "model.onnx.data");
+        assert_eq!(a, job_key("m", "1", "models:/m-1", "model.onnx.data"));
+        assert_eq!(a.len(), 32);
+        for other in [job_key("m", "2", "models:/m-1", "model.onnx.data"), job_key("m", "1", "models:/m-2", "model.onnx.data"), job_key("m1", "", "models:/m-1", "model.onnx.data")] {
+            assert_ne!(a, other);
+        }
+    }
+
+    #[test]
+    fn content_range_parses() {
+        assert_eq!(content_range_start("bytes 10-19/867"), Some(10));
+        assert_eq!(content_range_start("bytes 0-0/1"), Some(0));
+        assert_eq!(content_range_start("bytes */867"), None);
+        assert_eq!(content_range_start("items 1-2/3"), None);
+    }
+
+    #[test]
+    fn prepare_keeps_matching_partials_and_drops_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("k.part");
+        let state = dir.path().join("k.part.json");
+        std::fs::write(&part, b"hello").unwrap();
+        write_state(&state, &PartState { url: "http://x/a".into(), size: 10, validator: Some("\"e\"".into()) }).unwrap();
+        let (h, have, v) = prepare(&part, &state, "http://x/a", 10).unwrap();
+        assert_eq!(have, 5);
+        assert_eq!(v.as_deref(), Some("\"e\""));
+        assert_eq!(hex::encode(h.finalize()), hex::encode(Sha256::digest(b"hello")));
+        // Another URL or size: start over.
+        let (_, have, v) = prepare(&part, &state, "http://x/b", 10).unwrap();
+        assert_eq!((have, v), (0, None));
+        assert!(!part.exists());
+        // Longer than expected: start over.
+        std::fs::write(&part, b"0123456789AB").unwrap();
+        write_state(&state, &PartState { url: "http://x/a".into(), size: 10, validator: None }).unwrap();
+        assert_eq!(prepare(&part, &state, "http://x/a", 10).unwrap().1, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limiter_spaces_chunks() {
+        let l = RateLimiter::new(1000);
+        let start = Instant::now();
+        for _ in 0..10 {
+            l.acquire(500).await;
+        }
+        // 5000 bytes at 1000 B/s: about 5 s, less the 200 ms burst allowance.
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(4700) && took <= Duration::from_millis(5000), "{took:?}");
+    }
+}

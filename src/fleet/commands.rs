@@ -1,0 +1,423 @@
+//! Commands from the fleet: opening the envelope, checking signatures and expiry, and the
+//! table of recent request ids that makes commands idempotent and replays harmless.
+//!
+//! A command is published on `cmd/<name>` as a JSON object (the *body*):
+//!
+//! ```json
+//! {"request_id": "r-42", "args": {"version": "7"}, "issued_at": 1700000000, "expires_at": 1700000300}
+//! ```
+//!
+//! Signed, the body travels as a string next to its signature, so the exact bytes signed
+//! are the bytes verified (no JSON canonicalisation to agree on):
+//!
+//! ```json
+//! {"signed": "{\"request_id\":\"r-42\",...}", "signature": "<128 hex characters>"}
+//! ```
+//!
+//! The signature is ed25519 over `edgeflow-command/1\n<device_id>\n<name>\n<signed>`, so a
+//! command signed for one device or one command name is worthless on another.
+//!
+//! Request ids are remembered (on disk, in the spool's database) for `command_window`, and
+//! a signed command's id at least until it expires: a repeat with the same content is
+//! answered from the first result and never run twice (a duplicate delivery or a replay);
+//! a repeat with different content is refused as a replay.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Largest command payload read; larger ones are refused unread.
+pub const MAX_PAYLOAD: usize = 16 * 1024;
+/// Clock skew tolerated between the console and the device.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(30);
+/// Request ids remembered at once.
+const MAX_REMEMBERED: usize = 4096;
+const CONTEXT: &str = "edgeflow-command/1";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Body {
+    request_id: String,
+    #[serde(default)]
+    args: Value,
+    issued_at: Option<u64>,
+    expires_at: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignedEnvelope {
+    signed: String,
+    signature: String,
+}
+
+/// How signatures are treated.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub key: Option<VerifyingKey>,
+    pub require: bool,
+    pub max_age: Duration,
+}
+
+/// A command whose envelope checked out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Opened {
+    pub request_id: String,
+    pub args: Value,
+    pub signed: bool,
+    /// Unix seconds; the id is remembered at least this long.
+    pub expires_at: Option<u64>,
+    /// sha256 of the payload, to tell a duplicate from a replay with other content.
+    pub digest: String,
+}
+
+/// Why a command was refused before it ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Refusal {
+    Malformed,
+    Unsigned,
+    BadSignature,
+    Expired,
+    Replayed,
+    Busy,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Malformed => "malformed",
+            Refusal::Unsigned => "unsigned",
+            Refusal::BadSignature => "bad_signature",
+            Refusal::Expired => "expired",
+            Refusal::Replayed => "replayed",
+            Refusal::Busy => "busy",
+        }
+    }
+
+    /// Refusals worth an event: someone may be sending forged or stale commands.
+    pub fn is_security(self) -> bool {
+        matches!(self, Refusal::Unsigned | Refusal::BadSignature | Refusal::Expired | Refusal::Replayed)
+    }
+}
+
+/// A refusal, with the request id when it could be read (for the reply).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    pub request_id: Option<String>,
+    pub refusal: Refusal,
+    pub reason: String,
+}
+
+fn refuse(request_id: Option<&str>, refusal: Refusal, reason: impl Into<String>) -> Refused {
+    Refused { request_id: request_id.map(|s| crate::command::truncate(s, 128).to_string()), refusal, reason: reason.into() }
+}
+
+/// Opens a command payload published on `cmd/<name>` for `device_id`, at Unix time `now`.
+///
+/// # Errors
+/// [`Refused`] for a malformed, unsigned (when required), badly signed or expired command.
+pub fn open(payload: &[u8], device_id: &str, name: &str, policy: &Policy, now: u64) -> Result<Opened, Refused> {
+    if payload.len() > MAX_PAYLOAD {
+        return Err(refuse(None, Refusal::Malformed, format!("payload of {} bytes is larger than {MAX_PAYLOAD}", payload.len())));
+    }
+    let digest = hex::encode(Sha256::digest(payload));
+    let value: Value = serde_json::from_slice(payload).map_err(|e| refuse(None, Refusal::Malformed, format!("payload is not JSON: {e}")))?;
+    let rid_hint = |v: &Value| v.get("request_id").and_then(Value::as_str).map(str::to_string);
+    let (body_value, signed) = if value.get("signed").is_some() || value.get("signature").is_some() {
+        let env: SignedEnvelope = serde_json::from_value(value).map_err(|e| refuse(None, Refusal::Malformed, format!("signed envelope: {e}")))?;
+        let inner: Value = serde_json::from_str(&env.signed).map_err(|e| refuse(None, Refusal::Malformed, format!("`signed` is not a JSON object: {e}")))?;
+        let rid = rid_hint(&inner);
+        let Some(key) = &policy.key else {
+            return Err(refuse(rid.as_deref(), Refusal::BadSignature, "the command is signed but this device has no fleet.signature_public_key"));
+        };
+        let sig = hex::decode(env.signature.trim())
+            .ok()
+            .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
+            .map(|b| Signature::from_bytes(&b))
+            .ok_or_else(|| refuse(rid.as_deref(), Refusal::BadSignature, "`signature` must be 64 bytes in hex"))?;
+        key.verify_strict(signing_input(device_id, name, &env.signed).as_bytes(), &sig).map_err(|_| refuse(rid.as_deref(), Refusal::BadSignature, "the signature does not match the fleet key, this device and this command"))?;
+        (inner, true)
+    } else {
+        (value, false)
+    };
+    let rid = rid_hint(&body_value);
+    let body: Body = serde_json::from_value(body_value).map_err(|e| refuse(rid.as_deref(), Refusal::Malformed, format!("command body: {e}")))?;
+    let id = body.request_id.trim();
+    if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
+        return Err(refuse(None, Refusal::Malformed, "`request_id` must be 1 to 128 printable characters"));
+    }
+    if policy.require && !signed {
+        return Err(refuse(Some(id), Refusal::Unsigned, "this device requires signed commands"));
+    }
+    let skew = CLOCK_SKEW.as_secs();
+    if let Some(exp) = body.expires_at {
+        if now > exp + skew {
+            return Err(refuse(Some(id), Refusal::Expired, format!("expired {}s ago", now - exp)));
+        }
+    }
+    if signed {
+        let (Some(issued), Some(exp)) = (body.issued_at, body.expires_at) else {
+            return Err(refuse(Some(id), Refusal::Malformed, "a signed command needs `issued_at` and `expires_at`"));
+        };
+        if issued > now + skew {
+            return Err(refuse(Some(id), Refusal::Expired, "`issued_at` is in the future"));
+        }
+        if exp < issued || exp - issued > policy.max_age.as_secs() {
+            return Err(refuse(Some(id), Refusal::Expired, format!("validity of {}s exceeds fleet.signature_max_age ({}s)", exp.saturating_sub(issued), policy.max_age.as_secs())));
+        }
+        if now > issued + policy.max_age.as_secs() + skew {
+            return Err(refuse(Some(id), Refusal::Expired, "issued longer ago than fleet.signature_max_age"));
+        }
+    }
+    Ok(Opened { request_id: id.to_string(), args: body.args, signed, expires_at: body.expires_at, digest })
+}
+
+fn signing_input(device_id: &str, name: &str, signed: &str) -> String {
+    format!("{CONTEXT}\n{device_id}\n{name}\n{signed}")
+}
+
+/// Builds a signed command payload (for consoles, tests and `edgeflow fleet sign`).
+pub fn sign(key: &SigningKey, device_id: &str, name: &str, body: &Value) -> String {
+    let signed = body.to_string();
+    let signature = key.sign(signing_input(device_id, name, &signed).as_bytes());
+    serde_json::json!({ "signed": signed, "signature": hex::encode(signature.to_bytes()) }).to_string()
+}
+
+/// A reply's final state, kept so a duplicate gets the same answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Final {
+    pub succeeded: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Entry {
+    digest: String,
+    /// Unix seconds after which the id may be forgotten.
+    keep_until: u64,
+    /// `None` while the command runs.
+    done: Option<Final>,
+}
+
+/// What the table says about a request id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seen {
+    New,
+    /// Same content as before: answer from this (`None`: still running).
+    Duplicate(Option<Final>),
+    /// Same id, other content.
+    Conflict,
+}
+
+/// Recent request ids, mirrored in a sled tree so a restart does not reopen replays.
+pub struct Recent {
+    tree: Option<sled::Tree>,
+    entries: HashMap<String, Entry>,
+    window: Duration,
+}
+
+impl Recent {
+    /// Loads the table from `tree` (entries already expired are dropped); `None` keeps it
+    /// in memory only.
+    pub fn load(tree: Option<sled::Tree>, window: Duration, now: u64) -> Recent {
+        let mut entries = HashMap::new();
+        if let Some(t) = &tree {
+            for item in t.iter().flatten() {
+                let (k, v) = item;
+                match (std::str::from_utf8(&k), serde_json::from_slice::<Entry>(&v)) {
+                    (Ok(id), Ok(e)) if e.keep_until >= now => {
+                        entries.insert(id.to_string(), e);
+                    }
+                    _ => {
+                        let _ = t.remove(k);
+                    }
+                }
+            }
+        }
+        Recent { tree, entries, window }
+    }
+
+    pub fn check(&self, o: &Opened) -> Seen {
+        match self.entries.get(&o.request_id) {
+            None => Seen::New,
+            Some(e) if e.digest == o.digest => Seen::Duplicate(e.done.clone()),
+            Some(_) => Seen::Conflict,
+        }
+    }
+
+    /// Remembers a command that is about to run.
+    ///
+    /// # Errors
+    /// [`Refusal::Busy`] when the table is full of ids that must not be forgotten yet.
+    pub fn start(&mut self, o: &Opened, now: u64) -> Result<(), Refusal> {
+        self.prune(now);
+        if self.entries.len() >= MAX_REMEMBERED {
+            return Err(Refusal::Busy);
+        }
+        let keep_until = (now + self.window.as_secs()).max(o.expires_at.map_or(0, |e| e + CLOCK_SKEW.as_secs()));
+        self.put(o.request_id.clone(), Entry { digest: o.digest.clone(), keep_until, done: None });
+        Ok(())
+    }
+
+    /// Records how a command ended.
+    pub fn finish(&mut self, request_id: &str, done: Final) {
+        if let Some(mut e) = self.entries.get(request_id).cloned() {
+            e.done = Some(done);
+            self.put(request_id.to_string(), e);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn put(&mut self, id: String, e: Entry) {
+        if let Some(t) = &self.tree {
+            if let Ok(bytes) = serde_json::to_vec(&e) {
+                if let Err(err) = t.insert(id.as_bytes(), bytes) {
+                    tracing::warn!(error = %err, "remembering a command id on disk failed");
+                }
+            }
+        }
+        self.entries.insert(id, e);
+    }
+
+    fn prune(&mut self, now: u64) {
+        let expired: Vec<String> = self.entries.iter().filter(|(_, e)| e.keep_until < now).map(|(k, _)| k.clone()).collect();
+        for id in expired {
+            self.entries.remove(&id);
+            if let Some(t) = &self.tree {
+                let _ = t.remove(id.as_bytes());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: u64 = 1_700_000_000;
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[42; 32])
+    }
+
+    fn policy(require: bool) -> Policy {
+        Policy { key: Some(key().verifying_key()), require, max_age: Duration::from_secs(300) }
+    }
+
+    fn body(id: &str) -> Value {
+        json!({"request_id": id, "args": {"version": "3"}, "issued_at": NOW - 10, "expires_at": NOW + 60})
+    }
+
+    #[test]
+    fn unsigned_commands_open_unless_signatures_are_required() {
+        let payload = json!({"request_id": "r1", "args": {"version": "3"}}).to_string();
+        let o = open(payload.as_bytes(), "dev", "pin", &policy(false), NOW).unwrap();
+        assert_eq!((o.request_id.as_str(), o.signed, &o.args), ("r1", false, &json!({"version": "3"})));
+        let e = open(payload.as_bytes(), "dev", "pin", &policy(true), NOW).unwrap_err();
+        assert_eq!((e.refusal, e.request_id.as_deref()), (Refusal::Unsigned, Some("r1")));
+    }
+
+    #[test]
+    fn signatures_bind_the_device_the_command_and_the_bytes() {
+        let signed = sign(&key(), "dev", "pin", &body("r2"));
+        let o = open(signed.as_bytes(), "dev", "pin", &policy(true), NOW).unwrap();
+        assert!(o.signed);
+        assert_eq!(o.expires_at, Some(NOW + 60));
+        for (device, name) in [("other", "pin"), ("dev", "rollback")] {
+            let e = open(signed.as_bytes(), device, name, &policy(true), NOW).unwrap_err();
+            assert_eq!(e.refusal, Refusal::BadSignature, "{device} {name}");
+            assert_eq!(e.request_id.as_deref(), Some("r2"));
+        }
+        // Changed content under the old signature.
+        let mut env: Value = serde_json::from_str(&signed).unwrap();
+        env["signed"] = Value::String(env["signed"].as_str().unwrap().replace("\"3\"", "\"4\""));
+        assert_eq!(open(env.to_string().as_bytes(), "dev", "pin", &policy(true), NOW).unwrap_err().refusal, Refusal::BadSignature);
+        // Another key.
+        let forged = sign(&SigningKey::from_bytes(&[1; 32]), "dev", "pin", &body("r3"));
+        assert_eq!(open(forged.as_bytes(), "dev", "pin", &policy(false), NOW).unwrap_err().refusal, Refusal::BadSignature);
+        // Garbage signature.
+        let bad = json!({"signed": body("r4").to_string(), "signature": "zz"}).to_string();
+        assert_eq!(open(bad.as_bytes(), "dev", "pin", &policy(false), NOW).unwrap_err().refusal, Refusal::BadSignature);
+    }
+
+    #[test]
+    fn expiry_and_validity_are_enforced() {
+        let table = [
+            (json!({"request_id": "a", "issued_at": NOW - 400, "expires_at": NOW - 100}), Refusal::Expired),
+            (json!({"request_id": "b", "issued_at": NOW + 600, "expires_at": NOW + 700}), Refusal::Expired),
+            (json!({"request_id": "c", "issued_at": NOW, "expires_at": NOW + 3600}), Refusal::Expired),
+            (json!({"request_id": "d"}), Refusal::Malformed),
+        ];
+        for (b, want) in table {
+            let signed = sign(&key(), "dev", "sync", &b);
+            assert_eq!(open(signed.as_bytes(), "dev", "sync", &policy(true), NOW).unwrap_err().refusal, want, "{b}");
+        }
+        // Unsigned commands may carry an expiry too.
+        let late = json!({"request_id": "e", "expires_at": NOW - 100}).to_string();
+        assert_eq!(open(late.as_bytes(), "dev", "sync", &policy(false), NOW).unwrap_err().refusal, Refusal::Expired);
+    }
+
+    #[test]
+    fn malformed_payloads_are_refused_with_a_reason() {
+        let cases: &[&[u8]] = &[b"", b"not json", b"[1,2]", b"{\"args\":{}}", b"{\"request_id\":\"\"}", b"{\"request_id\":\"x\",\"extra\":1}", b"{\"signed\":1,\"signature\":\"00\"}", &[0xff, 0xfe]];
+        for c in cases {
+            let e = open(c, "dev", "sync", &policy(false), NOW).unwrap_err();
+            assert_eq!(e.refusal, Refusal::Malformed, "{:?}", String::from_utf8_lossy(c));
+            assert!(!e.reason.is_empty());
+        }
+        let big = vec![b' '; MAX_PAYLOAD + 1];
+        assert_eq!(open(&big, "dev", "sync", &policy(false), NOW).unwrap_err().refusal, Refusal::Malformed);
+    }
+
+    #[test]
+    fn repeats_are_duplicates_or_conflicts_and_survive_a_reload() {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let tree = db.open_tree("commands").unwrap();
+        let p1 = json!({"request_id": "r1", "args": {}}).to_string();
+        let p1b = json!({"request_id": "r1", "args": {"x": 1}}).to_string();
+        let o1 = open(p1.as_bytes(), "dev", "sync", &policy(false), NOW).unwrap();
+        let o1b = open(p1b.as_bytes(), "dev", "sync", &policy(false), NOW).unwrap();
+        let mut recent = Recent::load(Some(tree.clone()), Duration::from_secs(600), NOW);
+        assert_eq!(recent.check(&o1), Seen::New);
+        recent.start(&o1, NOW).unwrap();
+        assert_eq!(recent.check(&o1), Seen::Duplicate(None));
+        let done = Final { succeeded: true, reason: None, result: Some(json!({"polled": true})) };
+        recent.finish("r1", done.clone());
+        assert_eq!(recent.check(&o1), Seen::Duplicate(Some(done.clone())));
+        assert_eq!(recent.check(&o1b), Seen::Conflict);
+        // After a restart the id is still known; after the window it is forgotten.
+        let reloaded = Recent::load(Some(tree.clone()), Duration::from_secs(600), NOW + 60);
+        assert_eq!(reloaded.check(&o1), Seen::Duplicate(Some(done)));
+        let later = Recent::load(Some(tree), Duration::from_secs(600), NOW + 601);
+        assert_eq!(later.check(&o1), Seen::New);
+        assert!(later.is_empty());
+    }
+
+    #[test]
+    fn a_signed_id_is_kept_until_it_expires_even_past_the_window() {
+        let signed = sign(&key(), "dev", "sync", &json!({"request_id": "s1", "issued_at": NOW, "expires_at": NOW + 300}));
+        let o = open(signed.as_bytes(), "dev", "sync", &policy(true), NOW).unwrap();
+        let mut recent = Recent::load(None, Duration::from_secs(10), NOW);
+        recent.start(&o, NOW).unwrap();
+        // Another id arriving after the 10 s window prunes nothing that is still valid.
+        let other = open(json!({"request_id": "u1"}).to_string().as_bytes(), "dev", "sync", &policy(false), NOW + 100).unwrap();
+        recent.start(&other, NOW + 100).unwrap();
+        assert_eq!(recent.check(&o), Seen::Duplicate(None));
+    }
+}

@@ -1,0 +1,291 @@
+//! One MQTT connection, in MQTT 5 or 3.1.1, behind one small interface.
+//!
+//! rumqttc has a separate client for each protocol version; [`connect`] builds the right
+//! one and spawns a driver task that polls its event loop and forwards what matters as
+//! [`WireEvent`]s on a bounded channel. The driver never reconnects on its own: when the
+//! connection ends it sends [`WireEvent::Closed`] and stops, and the link decides when to
+//! try again (with its jittered backoff). A fresh client per attempt means no request from
+//! a dead connection is replayed behind the link's back; the spool is the one source of
+//! what still needs sending.
+//!
+//! DEVNOTE: `EventLoop::poll` is not documented as cancel-safe (a partly written packet
+//! could be lost), which is why it runs in its own task instead of a `select!` branch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use super::settings::Broker;
+
+/// The protocol version of one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V5,
+    V311,
+}
+
+impl Version {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::V5 => "5",
+            Version::V311 => "3.1.1",
+        }
+    }
+}
+
+/// Everything needed to open a connection.
+#[derive(Clone)]
+pub struct ConnectOptions {
+    pub client_id: String,
+    pub broker: Broker,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub keep_alive: Duration,
+    pub connect_timeout: Duration,
+    /// Retained QoS 1 Last Will: (topic, payload).
+    pub will: (String, Vec<u8>),
+    /// Largest packet either side may send.
+    pub max_packet: u32,
+}
+
+/// What the link hears from a connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WireEvent {
+    /// The broker accepted the connection.
+    Connected,
+    /// A message on a subscribed topic.
+    Message { topic: String, payload: Bytes, response_topic: Option<String>, correlation: Option<Bytes> },
+    /// A publish left, with the packet id it got (0 for QoS 0); in the order of the
+    /// `publish` calls that made them.
+    Sent { pkid: u16 },
+    /// A QoS 1 publish was acknowledged; `accepted` is false when an MQTT 5 broker refused
+    /// it (not authorized, quota exceeded...).
+    Acked { pkid: u16, accepted: bool },
+    /// A subscription was answered.
+    Subscribed { granted: bool },
+    /// The connection is over; nothing more follows.
+    Closed(Closed),
+}
+
+/// Why a connection ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Closed {
+    pub error: String,
+    /// It ended before the broker accepted it.
+    pub before_connack: bool,
+    /// The broker looks like it refused the protocol version (worth one retry with 3.1.1).
+    pub protocol_refused: bool,
+    /// The broker refused the credentials or the client.
+    pub refused: bool,
+}
+
+/// Why a request could not be queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestError {
+    /// The client's request queue is full; try later.
+    Full,
+    /// The connection's driver has stopped.
+    Closed,
+}
+
+/// The request side of one connection.
+#[derive(Clone)]
+pub enum Client {
+    V5(rumqttc::v5::AsyncClient),
+    V311(rumqttc::AsyncClient),
+}
+
+impl Client {
+    pub fn version(&self) -> Version {
+        match self {
+            Client::V5(_) => Version::V5,
+            Client::V311(_) => Version::V311,
+        }
+    }
+
+    /// Queues a QoS 1 publish; `correlation` is sent as MQTT 5 correlation data (ignored on 3.1.1).
+    ///
+    /// # Errors
+    /// [`RequestError`] when the queue is full or the connection is gone.
+    pub fn publish(&self, topic: &str, retain: bool, payload: Vec<u8>, correlation: Option<Bytes>) -> Result<(), RequestError> {
+        match self {
+            Client::V5(c) => {
+                let qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+                let r = match correlation {
+                    Some(data) => {
+                        let props = rumqttc::v5::mqttbytes::v5::PublishProperties { correlation_data: Some(data), ..Default::default() };
+                        c.try_publish_with_properties(topic, qos, retain, payload, props)
+                    }
+                    None => c.try_publish(topic, qos, retain, payload),
+                };
+                r.map_err(|e| v5_error(&e))
+            }
+            Client::V311(c) => c.try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload).map_err(|e| v4_error(&e)),
+        }
+    }
+
+    /// Queues a QoS 1 subscription.
+    ///
+    /// # Errors
+    /// As [`Client::publish`].
+    pub fn subscribe(&self, filter: &str) -> Result<(), RequestError> {
+        match self {
+            Client::V5(c) => c.try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce).map_err(|e| v5_error(&e)),
+            Client::V311(c) => c.try_subscribe(filter, rumqttc::QoS::AtLeastOnce).map_err(|e| v4_error(&e)),
+        }
+    }
+
+    /// Queues a DISCONNECT: a clean goodbye, after which the broker discards the Last Will.
+    pub fn disconnect(&self) -> Result<(), RequestError> {
+        match self {
+            Client::V5(c) => c.try_disconnect().map_err(|e| v5_error(&e)),
+            Client::V311(c) => c.try_disconnect().map_err(|e| v4_error(&e)),
+        }
+    }
+}
+
+fn v5_error(e: &rumqttc::v5::ClientError) -> RequestError {
+    match e {
+        rumqttc::v5::ClientError::TryRequest(_) => RequestError::Full,
+        rumqttc::v5::ClientError::Request(_) => RequestError::Closed,
+    }
+}
+
+fn v4_error(e: &rumqttc::ClientError) -> RequestError {
+    match e {
+        rumqttc::ClientError::TryRequest(_) => RequestError::Full,
+        rumqttc::ClientError::Request(_) => RequestError::Closed,
+    }
+}
+
+/// One live (or connecting) connection: its client, its events and its driver task.
+pub struct Connection {
+    pub client: Client,
+    pub events: mpsc::Receiver<WireEvent>,
+    driver: JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Requests a connection may have queued; beyond it publishes fail fast with `Full`.
+const REQUEST_CAPACITY: usize = 64;
+/// Events buffered between the driver and the link.
+const EVENT_CAPACITY: usize = 256;
+
+/// Starts connecting with `version`; the outcome arrives as the first event
+/// ([`WireEvent::Connected`] or [`WireEvent::Closed`]).
+pub fn connect(version: Version, o: &ConnectOptions) -> Connection {
+    let (tx, events) = mpsc::channel(EVENT_CAPACITY);
+    let timeout = o.connect_timeout.as_secs().max(1);
+    let transport = || match &o.tls {
+        Some(config) => rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(config.clone())),
+        None => rumqttc::Transport::Tcp,
+    };
+    let (client, driver) = match version {
+        Version::V5 => {
+            use rumqttc::v5::mqttbytes::v5::LastWill;
+            let mut opts = rumqttc::v5::MqttOptions::new(o.client_id.clone(), o.broker.host.clone(), o.broker.port);
+            opts.set_keep_alive(o.keep_alive)
+                .set_clean_start(true)
+                .set_connection_timeout(timeout)
+                .set_max_packet_size(Some(o.max_packet))
+                .set_transport(transport())
+                .set_last_will(LastWill::new(o.will.0.clone(), o.will.1.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, true, None));
+            if let Some(u) = &o.username {
+                opts.set_credentials(u.clone(), o.password.clone().unwrap_or_default());
+            }
+            let (client, eventloop) = rumqttc::v5::AsyncClient::new(opts, REQUEST_CAPACITY);
+            (Client::V5(client), tokio::spawn(drive_v5(eventloop, tx)))
+        }
+        Version::V311 => {
+            let mut opts = rumqttc::MqttOptions::new(o.client_id.clone(), o.broker.host.clone(), o.broker.port);
+            opts.set_keep_alive(o.keep_alive)
+                .set_clean_session(true)
+                .set_max_packet_size(o.max_packet as usize, o.max_packet as usize)
+                .set_transport(transport())
+                .set_last_will(rumqttc::LastWill::new(o.will.0.clone(), o.will.1.clone(), rumqttc::QoS::AtLeastOnce, true));
+            if let Some(u) = &o.username {
+                opts.set_credentials(u.clone(), o.password.clone().unwrap_or_default());
+            }
+            let (client, eventloop) = rumqttc::AsyncClient::new(opts, REQUEST_CAPACITY);
+            (Client::V311(client), tokio::spawn(drive_v4(eventloop, tx, timeout)))
+        }
+    };
+    Connection { client, events, driver }
+}
+
+async fn drive_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<WireEvent>) {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
+    use rumqttc::v5::{ConnectionError, Event};
+    let mut connected = false;
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected = true;
+                WireEvent::Connected
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let (response_topic, correlation) = p.properties.map(|props| (props.response_topic, props.correlation_data)).unwrap_or_default();
+                WireEvent::Message { topic: String::from_utf8_lossy(&p.topic).into_owned(), payload: p.payload, response_topic, correlation }
+            }
+            Ok(Event::Incoming(Packet::PubAck(a))) => WireEvent::Acked { pkid: a.pkid, accepted: matches!(a.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) },
+            Ok(Event::Incoming(Packet::SubAck(s))) => WireEvent::Subscribed { granted: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) },
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => WireEvent::Sent { pkid },
+            Ok(_) => continue,
+            Err(e) => {
+                let protocol_refused = !connected
+                    && match &e {
+                        ConnectionError::ConnectionRefused(code) => {
+                            use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+                            matches!(code, C::RefusedProtocolVersion | C::UnsupportedProtocolVersion | C::ProtocolError | C::MalformedPacket)
+                        }
+                        ConnectionError::MqttState(_) | ConnectionError::NotConnAck(_) => true,
+                        ConnectionError::Io(io) => matches!(io.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted),
+                        _ => false,
+                    };
+                let refused = matches!(&e, ConnectionError::ConnectionRefused(_)) && !protocol_refused;
+                let _ = tx.send(WireEvent::Closed(Closed { error: e.to_string(), before_connack: !connected, protocol_refused, refused })).await;
+                return;
+            }
+        };
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn drive_v4(mut eventloop: rumqttc::EventLoop, tx: mpsc::Sender<WireEvent>, timeout_secs: u64) {
+    use rumqttc::{ConnectionError, Event, Packet, SubscribeReasonCode};
+    // The 3.1.1 options have no connection timeout of their own.
+    eventloop.network_options.set_connection_timeout(timeout_secs);
+    let mut connected = false;
+    loop {
+        let event = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected = true;
+                WireEvent::Connected
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => WireEvent::Message { topic: p.topic, payload: p.payload, response_topic: None, correlation: None },
+            Ok(Event::Incoming(Packet::PubAck(a))) => WireEvent::Acked { pkid: a.pkid, accepted: true },
+            Ok(Event::Incoming(Packet::SubAck(s))) => WireEvent::Subscribed { granted: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) },
+            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => WireEvent::Sent { pkid },
+            Ok(_) => continue,
+            Err(e) => {
+                let refused = matches!(&e, ConnectionError::ConnectionRefused(_));
+                let _ = tx.send(WireEvent::Closed(Closed { error: e.to_string(), before_connack: !connected, protocol_refused: false, refused })).await;
+                return;
+            }
+        };
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The pull job: registry version → verified files in the cache → smoke test → active.
+//!
+//! A version becomes active only after every file matched its listed size and was hashed
+//! into the blob store, its folder was published whole, and the engine loaded it and
+//! generated a few greedy tokens with finite logits. Any failure before that leaves the
+//! active version as it was. A version already in the cache is re-verified instead of
+//! downloaded; files whose bytes no longer match the digest recorded at first download are
+//! fetched again (and must match that digest again).
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::client::{Client, ModelVersion};
+use super::error::RegistryError;
+use super::mlmodel::{self, Layout};
+use crate::cache::{CacheError, FileRecord, State, Store, VersionRecord};
+use crate::config::Target;
+use crate::engine::{GenerateParams, LoadOptions, Model};
+use crate::fetch::{self, Downloader, FetchError, Progress};
+
+/// Largest `MLmodel` or `genai_config.json` read.
+const MAX_SMALL_FILE: usize = 1 << 20;
+
+/// What a pull is doing, for progress output.
+#[derive(Debug, Clone)]
+pub enum PullEvent {
+    Resolved { version: ModelVersion },
+    Planned { flavor: &'static str, files: usize, bytes: u64, to_download: u64 },
+    Fetch(fetch::Event),
+    Repairing { version: String, files: Vec<String> },
+    SmokeTest { version: String },
+    Activated { version: String, dir: PathBuf },
+}
+
+pub type PullObserver = Arc<dyn Fn(&PullEvent) + Send + Sync>;
+
+/// How the active version changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum Change {
+    /// Already active and verified.
+    Unchanged,
+    /// Newly activated; `previous` was active before.
+    Activated { previous: Option<String>, downloaded: bool },
+    /// The active version's corrupt files were fetched again.
+    Repaired { files: Vec<String> },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PullOutcome {
+    pub model: String,
+    pub version: String,
+    pub dir: PathBuf,
+    #[serde(flatten)]
+    pub change: Change,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("looking up {target} of model `{model}`")]
+    Resolve {
+        model: String,
+        target: String,
+        #[source]
+        source: RegistryError,
+    },
+
+    #[error("model `{model}` has no version to follow: {}", describe_missing(.target))]
+    NothingToFollow { model: String, target: Target },
+
+    #[error("{step} of model `{model}` version {version}")]
+    Registry {
+        step: &'static str,
+        model: String,
+        version: String,
+        #[source]
+        source: RegistryError,
+    },
+
+    #[error("fetching model `{model}` version {version}")]
+    Fetch {
+        model: String,
+        version: String,
+        #[source]
+        source: FetchError,
+    },
+
+    #[error("{step} (model `{model}` version {version})")]
+    Cache {
+        step: &'static str,
+        model: String,
+        version: String,
+        #[source]
+        source: CacheError,
+    },
+
+    #[error("model `{model}` version {version} failed its smoke test and was not activated: {reason}")]
+    Rejected { model: String, version: String, reason: String },
+
+    #[error("model `{model}` version {version}: {path} came back with sha256 {actual}, but {expected} was recorded at first download; the registry's bytes changed")]
+    ContentChanged { model: String, version: String, path: String, expected: String, actual: String },
+
+    #[error("a blocking task of the pull stopped unexpectedly: {message}")]
+    Task { message: String },
+}
+
+impl PullError {
+    /// True when the registry could not be reached (the cache keeps serving).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            PullError::Resolve { source, .. } | PullError::Registry { source, .. } => source.is_unreachable(),
+            PullError::Fetch { source: FetchError::Registry { source, .. }, .. } => source.is_unreachable(),
+            PullError::Fetch { source, .. } => source.is_retryable(),
+            _ => false,
+        }
+    }
+
+    /// True when the model itself is gone from the registry.
+    pub fn is_model_deleted(&self) -> bool {
+        matches!(self, PullError::Resolve { source: RegistryError::ModelNotFound { .. }, .. } | PullError::Registry { source: RegistryError::ModelNotFound { .. }, .. })
+    }
+
+    /// True when the caller asked for something that is not there or not allowed (for exit
+    /// codes): unknown model, alias or empty stage, refused credentials.
+    pub fn is_not_found(&self) -> bool {
+        self.is_model_deleted() || matches!(self, PullError::NothingToFollow { .. })
+    }
+}
+
+fn describe_missing(t: &Target) -> String {
+    match t {
+        Target::Stage(s) => format!("stage `{s}` holds no version"),
+        Target::Alias(a) => format!("alias `{a}` does not exist"),
+    }
+}
+
+pub fn describe(t: &Target) -> String {
+    match t {
+        Target::Stage(s) => format!("stage `{s}`"),
+        Target::Alias(a) => format!("alias `{a}`"),
+    }
+}
+
+/// Runs pulls against one registry and one cache.
+#[derive(Clone)]
+pub struct Puller {
+    client: Client,
+    store: Store,
+    downloader: Downloader,
+    load_options: LoadOptions,
+}
+
+impl Puller {
+    pub fn new(client: Client, store: Store, parallel_downloads: usize, bandwidth_limit: Option<u64>, load_options: LoadOptions) -> Puller {
+        let downloader = Downloader::new(client.clone(), store.tmp_dir(), parallel_downloads, bandwidth_limit);
+        Puller { client, store, downloader, load_options }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Brings the version `target` designates into the cache and makes it active.
+    /// `retry_bad` tries again a version an earlier smoke test refused (an operator's
+    /// explicit pull); the poller leaves those alone.
+    ///
+    /// # Errors
+    /// [`PullError`] naming the step; the active version is unchanged by any error.
+    pub async fn pull(&self, model: &str, target: &Target, observer: PullObserver, progress: Arc<Progress>, retry_bad: bool) -> Result<PullOutcome, PullError> {
+        let mv = self
+            .client
+            .resolve(model, target)
+            .await
+            .map_err(|source| PullError::Resolve { model: model.to_string(), target: describe(target), source })?
+            .ok_or_else(|| PullError::NothingToFollow { model: model.to_string(), target: target.clone() })?;
+        observer(&PullEvent::Resolved { version: mv.clone() });
+        if !mv.is_ready() {
+            return Err(PullError::Registry {
+                step: "checking the status",
+                model: mv.name.clone(),
+                version: mv.version.clone(),
+                source: RegistryError::NotReady { name: mv.name.clone(), version: mv.version.clone(), status: mv.status.clone() },
+            });
+        }
+        self.install(&mv, observer, progress, retry_bad).await
+    }
+
+    /// Makes `mv` active: from the cache when its bytes are there and verify, otherwise
+    /// (or for the files that do not verify) from the registry.
+    ///
+    /// # Errors
+    /// As [`Puller::pull`].
+    pub async fn install(&self, mv: &ModelVersion, observer: PullObserver, progress: Arc<Progress>, retry_bad: bool) -> Result<PullOutcome, PullError> {
+        let (model, version) = (mv.name.clone(), mv.version.clone());
+        let cache_err = |step: &'static str| {
+            let (m, v) = (model.clone(), version.clone());
+            move |source| PullError::Cache { step, model: m, version: v, source }
+        };
+        let store = self.store.clone();
+        let (m, v) = (model.clone(), version.clone());
+        let (existing, active) = self.blocking(move || Ok::<_, CacheError>((store.version(&m, &v)?, store.active(&m)?))).await?.map_err(cache_err("reading the cache index"))?;
+        let previous = active.as_ref().map(|(r, _)| r.version.clone());
+        let is_active = previous.as_deref() == Some(version.as_str());
+
+        let mut known: Option<VersionRecord> = None;
+        let mut repairing = Vec::new();
+        if let Some(rec) = existing.filter(|r| r.source == mv.source) {
+            if let State::Bad { reason } = &rec.state {
+                if !retry_bad {
+                    return Err(PullError::Rejected { model, version, reason: format!("{reason} (refused earlier; `edgeflow pull` tries again)") });
+                }
+            } else if !rec.dir.is_empty() {
+                let store = self.store.clone();
+                let r = rec.clone();
+                let corrupt = self.blocking(move || store.verify(&r)).await?.map_err(cache_err("verifying the cached files"))?;
+                if corrupt.is_empty() {
+                    if is_active {
+                        let dir = self.store.version_dir(&rec);
+                        return Ok(PullOutcome { model, version, dir, change: Change::Unchanged });
+                    }
+                    if rec.state == State::Good {
+                        // A version that served before (a rollback, or an alias moved back):
+                        // its bytes verified, no download and no new smoke test needed.
+                        let dir = self.activate(&rec, &observer).await?;
+                        return Ok(PullOutcome { model, version, dir, change: Change::Activated { previous, downloaded: false } });
+                    }
+                } else {
+                    repairing = corrupt.iter().map(|c| c.path.clone()).collect();
+                    tracing::warn!(%model, %version, files = ?repairing, "cached files do not match their recorded digests; fetching them again");
+                    observer(&PullEvent::Repairing { version: version.clone(), files: repairing.clone() });
+                    let store = self.store.clone();
+                    let digests: Vec<String> = corrupt.into_iter().map(|c| c.expected).collect();
+                    self.blocking(move || digests.iter().try_for_each(|d| store.discard_blob(d))).await?.map_err(cache_err("discarding corrupt files"))?;
+                }
+                known = Some(rec);
+            }
+        }
+
+        // Resolve the file list from the registry.
+        let reg = |step: &'static str| {
+            let (m, v) = (model.clone(), version.clone());
+            move |source| PullError::Registry { step, model: m, version: v, source }
+        };
+        let root = self.client.artifact_root(mv).await.map_err(reg("finding the artifacts"))?;
+        let tree = self.client.tree(&root).await.map_err(reg("listing the artifacts"))?;
+        if !tree.iter().any(|f| f.path == "MLmodel") {
+            return Err(reg("reading MLmodel")(RegistryError::MlModel { name: model.clone(), version: version.clone(), message: "the artifacts hold no MLmodel file".into() }));
+        }
+        let text = self.client.read_text(&format!("{root}/MLmodel"), MAX_SMALL_FILE).await.map_err(reg("reading MLmodel"))?;
+        let layout = mlmodel::parse(&text, &model, &version).map_err(reg("reading MLmodel"))?;
+        let decoder = match &layout {
+            Layout::Onnx { extra_files, .. } => match extra_files.iter().find(|e| e.ends_with("genai_config.json")) {
+                Some(path) => mlmodel::decoder_filename(&self.client.read_text(&format!("{root}/{path}"), MAX_SMALL_FILE).await.map_err(reg("reading genai_config.json"))?),
+                None => None,
+            },
+            Layout::Pyfunc { .. } => None,
+        };
+        let plan = mlmodel::plan(&layout, &tree, decoder.as_deref(), &model, &version).map_err(reg("choosing the model files"))?;
+
+        // Download what the blob store lacks.
+        let known_digest = |local: &str| known.as_ref().and_then(|r| r.files.iter().find(|f| f.path == local)).map(|f| f.sha256.clone());
+        let to_fetch: Vec<_> = plan.iter().filter(|p| known_digest(&p.local).is_none_or(|d| !self.store.blob_path(&d).is_file())).cloned().collect();
+        let total: u64 = plan.iter().map(|p| p.size).sum();
+        let needed: u64 = to_fetch.iter().map(|p| p.size).sum();
+        observer(&PullEvent::Planned { flavor: layout.flavor(), files: plan.len(), bytes: total, to_download: needed });
+        let store = self.store.clone();
+        let (m, v) = (model.clone(), version.clone());
+        self.blocking(move || store.make_room(needed, (&m, &v))).await?.map_err(cache_err("making room in the cache"))?;
+        let jobs = to_fetch
+            .iter()
+            .map(|p| fetch::Job { url: self.client.artifact_url(&format!("{root}/{}", p.remote)), name: p.local.clone(), size: p.size, key: fetch::job_key(&model, &version, &mv.source, &p.remote) })
+            .collect();
+        let fetch_observer: fetch::Observer = {
+            let o = observer.clone();
+            Arc::new(move |e: &fetch::Event| o(&PullEvent::Fetch(e.clone())))
+        };
+        let fetched = self
+            .downloader
+            .fetch_all(jobs, progress, fetch_observer)
+            .await
+            .map_err(|source| PullError::Fetch { model: model.clone(), version: version.clone(), source })?;
+        for f in &fetched {
+            if let Some(expected) = known_digest(&f.name) {
+                if expected != f.sha256 {
+                    let _ = std::fs::remove_file(&f.path);
+                    return Err(PullError::ContentChanged { model, version, path: f.name.clone(), expected, actual: f.sha256.clone() });
+                }
+            }
+        }
+        let store = self.store.clone();
+        let ingest = fetched.clone();
+        self.blocking(move || ingest.iter().try_for_each(|f| store.ingest(&f.path, &f.sha256, f.size).map(|_| ()))).await?.map_err(cache_err("storing the downloaded files"))?;
+
+        let files: Vec<FileRecord> = plan
+            .iter()
+            .map(|p| {
+                let sha256 = fetched.iter().find(|f| f.name == p.local).map(|f| f.sha256.clone()).or_else(|| known_digest(&p.local)).unwrap_or_default();
+                FileRecord { path: p.local.clone(), size: p.size, sha256 }
+            })
+            .collect();
+        let was_good = known.as_ref().is_some_and(|r| r.state == State::Good);
+        let rec = VersionRecord {
+            model: model.clone(),
+            version: version.clone(),
+            source: mv.source.clone(),
+            run_id: mv.run_id.clone(),
+            flavor: layout.flavor().to_string(),
+            files,
+            state: State::Fetched,
+            dir: String::new(),
+            fetched_at: crate::cache::unix_now(),
+            activated_at: None,
+        };
+        let store = self.store.clone();
+        let mut rec = self.blocking(move || store.commit_version(rec)).await?.map_err(cache_err("publishing the version folder"))?;
+
+        if was_good && !repairing.is_empty() {
+            // The same bytes as the version that passed before: no new smoke test.
+            let store = self.store.clone();
+            let (m, v) = (model.clone(), version.clone());
+            self.blocking(move || store.mark_good(&m, &v)).await?.map_err(cache_err("recording the repair"))?;
+            rec.state = State::Good;
+            let dir = self.activate(&rec, &observer).await?;
+            let change = if is_active { Change::Repaired { files: repairing } } else { Change::Activated { previous, downloaded: true } };
+            return Ok(PullOutcome { model, version, dir, change });
+        }
+
+        observer(&PullEvent::SmokeTest { version: version.clone() });
+        let dir = self.store.version_dir(&rec);
+        let options = self.load_options.clone();
+        let tokens = self.store.settings().smoke_test_tokens;
+        let d = dir.clone();
+        let verdict = self.blocking(move || smoke_test(&d, &options, tokens)).await?;
+        if let Err(reason) = verdict {
+            tracing::warn!(%model, %version, %reason, "smoke test failed; keeping the active version");
+            let store = self.store.clone();
+            let (m, v, r) = (model.clone(), version.clone(), reason.clone());
+            self.blocking(move || store.mark_bad(&m, &v, &r)).await?.map_err(cache_err("recording the failed smoke test"))?;
+            return Err(PullError::Rejected { model, version, reason });
+        }
+        let dir = self.activate(&rec, &observer).await?;
+        Ok(PullOutcome { model, version, dir, change: if repairing.is_empty() { Change::Activated { previous, downloaded: true } } else { Change::Repaired { files: repairing } } })
+    }
+
+    /// What to serve at start, without the registry: the active version, re-verified (when
+    /// `verify_on_load`); if its bytes are damaged, the registry is asked to repair them, and
+    /// failing that the last-known-good version is activated instead.
+    ///
+    /// # Errors
+    /// Cache errors; `Ok(None)` when nothing usable is cached.
+    pub async fn load_active(&self, model: &str, observer: PullObserver) -> Result<Option<PullOutcome>, PullError> {
+        let store = self.store.clone();
+        let m = model.to_string();
+        let cache_err = |step: &'static str| move |source| PullError::Cache { step, model: model.to_string(), version: String::new(), source };
+        let active = self.blocking(move || store.active(&m)).await?.map_err(cache_err("reading the cache index"))?;
+        let Some((rec, dir)) = active else { return Ok(None) };
+        if !self.store.settings().verify_on_load {
+            return Ok(Some(PullOutcome { model: rec.model, version: rec.version, dir, change: Change::Unchanged }));
+        }
+        let store = self.store.clone();
+        let r = rec.clone();
+        let corrupt = self.blocking(move || store.verify(&r)).await?.map_err(cache_err("verifying the active version"))?;
+        if corrupt.is_empty() {
+            return Ok(Some(PullOutcome { model: rec.model, version: rec.version, dir, change: Change::Unchanged }));
+        }
+        tracing::warn!(%model, version = %rec.version, files = ?corrupt.iter().map(|c| &c.path).collect::<Vec<_>>(), "the active version is damaged");
+        let mv = ModelVersion { name: rec.model.clone(), version: rec.version.clone(), source: rec.source.clone(), status: "READY".into(), run_id: rec.run_id.clone(), current_stage: None, aliases: Vec::new() };
+        match self.install(&mv, observer.clone(), Arc::new(Progress::default()), false).await {
+            Ok(outcome) => Ok(Some(outcome)),
+            Err(e) => {
+                tracing::warn!(error = %super::chain(&e), "could not repair the active version; falling back to the last-known-good one");
+                let store = self.store.clone();
+                let m = model.to_string();
+                let Some(lkg) = self.blocking(move || store.last_known_good(&m)).await?.map_err(cache_err("reading the cache index"))? else {
+                    return Err(e);
+                };
+                let store = self.store.clone();
+                let r = lkg.clone();
+                let corrupt = self.blocking(move || store.verify(&r)).await?.map_err(cache_err("verifying the last-known-good version"))?;
+                if !corrupt.is_empty() {
+                    return Err(e);
+                }
+                let dir = self.activate(&lkg, &observer).await?;
+                Ok(Some(PullOutcome { model: lkg.model, version: lkg.version, dir, change: Change::Activated { previous: Some(rec.version), downloaded: false } }))
+            }
+        }
+    }
+
+    async fn activate(&self, rec: &VersionRecord, observer: &PullObserver) -> Result<PathBuf, PullError> {
+        let store = self.store.clone();
+        let (m, v) = (rec.model.clone(), rec.version.clone());
+        let dir = self
+            .blocking(move || store.activate(&m, &v))
+            .await?
+            .map_err(|source| PullError::Cache { step: "activating", model: rec.model.clone(), version: rec.version.clone(), source })?;
+        tracing::info!(model = %rec.model, version = %rec.version, dir = %dir.display(), "version active");
+        observer(&PullEvent::Activated { version: rec.version.clone(), dir: dir.clone() });
+        Ok(dir)
+    }
+
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T, PullError> {
+        tokio::task::spawn_blocking(f).await.map_err(|e| PullError::Task { message: e.to_string() })
+    }
+}
+
+/// Loads the folder with the engine and generates `tokens` greedy tokens. The engine fails
+/// on non-finite logits; the count of tokens is checked here. Returns the reason on failure.
+///
+/// # Errors
+/// The reason, as text for the record and the report.
+pub fn smoke_test(dir: &Path, options: &LoadOptions, tokens: usize) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let mut model = Model::load(dir, options).map_err(|e| format!("loading: {}", super::chain(&e)))?;
+    let mut ids = model.encode("Hello").map_err(|e| format!("tokenizing: {}", super::chain(&e)))?;
+    if ids.is_empty() {
+        ids = model.config().model.bos_token_id.into_iter().collect();
+    }
+    if ids.is_empty() {
+        return Err("the tokenizer produced no ids for the smoke-test prompt".into());
+    }
+    let params = GenerateParams { max_new_tokens: tokens, ignore_eos: true, ..GenerateParams::default() };
+    let g = model.generate(&ids, &params, &AtomicBool::new(false), |_| ControlFlow::Continue(())).map_err(|e| format!("generating: {}", super::chain(&e)))?;
+    let want = tokens.min(model.context_length().saturating_sub(ids.len()));
+    if g.token_ids.len() != want {
+        return Err(format!("generated {} tokens where {want} were asked for", g.token_ids.len()));
+    }
+    tracing::info!(dir = %dir.display(), tokens = g.token_ids.len(), ms = started.elapsed().as_millis() as u64, "smoke test passed");
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! One generation request from admission to the last byte: queue it on the active
+//! model's worker, wait for it to start (so prompt errors are still real HTTP statuses),
+//! then either collect the result or stream it as server-sent events.
+//!
+//! Cancellation is by ownership: the request side holds a [`CancelOnDrop`]. When the
+//! client disconnects, hyper drops the handler future (non-streaming) or the response body
+//! (streaming), the guard sets the job's cancel flag, and the engine stops before its next
+//! decode step; the worker also stops as soon as it fails to hand over a piece of text. A
+//! timeout or the end of the shutdown grace period ends the request the same way.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures_util::stream;
+use tokio::sync::mpsc;
+
+use super::error::ApiError;
+use super::openai::{self, AssistantMessage, ChatChoice, ChatCompletion, Chunk, Completion, CompletionChoice, Endpoint, Header, Plan, Usage};
+use super::App;
+use crate::active::{Event, Job};
+use crate::engine::{FinishReason, Generation};
+
+/// Sets the job's cancel flag when the request side goes away before the job finished.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The request side of a running job.
+struct Run {
+    app: App,
+    endpoint: Endpoint,
+    header: Header,
+    events: mpsc::UnboundedReceiver<Event>,
+    deadline: tokio::time::Instant,
+    received: Instant,
+    first_text: bool,
+    _cancel: CancelOnDrop,
+}
+
+impl Run {
+    /// The next event from the worker, or the reason there will be none.
+    async fn next(&mut self) -> Result<Event, ApiError> {
+        let hard_stop = self.app.inner.hard_stop.clone();
+        tokio::select! {
+            event = self.events.recv() => match event {
+                Some(event) => {
+                    if matches!(event, Event::Text(_)) && !self.first_text {
+                        self.first_text = true;
+                        self.app.inner.metrics.time_to_first_token.observe(self.received.elapsed().as_secs_f64());
+                    }
+                    Ok(event)
+                }
+                // The worker dropped the job unanswered: it stopped (a panic on another job).
+                None => Err(ApiError::NoModel { reason: "the model's engine worker stopped", retry_after: std::time::Duration::from_secs(5) }),
+            },
+            () = tokio::time::sleep_until(self.deadline) => Err(ApiError::Timeout { limit: self.app.inner.limits.request_timeout }),
+            () = hard_stop.cancelled() => Err(ApiError::ShuttingDown),
+        }
+    }
+
+    fn failed(&self, event: Event) -> ApiError {
+        match event {
+            Event::Failed(e) => ApiError::from_job(e, &self.header.id, self.endpoint.prompt_field()),
+            Event::Finished(g) if g.finish_reason == FinishReason::Cancelled => ApiError::ShuttingDown,
+            other => {
+                tracing::error!(request_id = %self.header.id, event = ?other, "unexpected event from the engine worker");
+                ApiError::Internal { request_id: self.header.id.clone() }
+            }
+        }
+    }
+}
+
+/// Runs `plan` on the active model.
+///
+/// # Errors
+/// Every [`ApiError`] a generation can end in before its response starts.
+pub async fn generate(app: App, plan: Plan, received: Instant) -> Result<Response, ApiError> {
+    if app.inner.hard_stop.is_cancelled() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let active = app.inner.manager.current().filter(|a| a.is_healthy()).ok_or_else(|| app.no_model())?;
+    let params = plan.params(active.config(), app.inner.limits.max_tokens)?;
+    let info = active.info();
+    let header = Header {
+        id: app.next_request_id(plan.endpoint),
+        created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        model: info.name.clone(),
+        system_fingerprint: format!("{}@{}", info.name, info.version),
+    };
+    tracing::Span::current().record("request_id", header.id.as_str());
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let guard = CancelOnDrop(cancel.clone());
+    active.submit(Job { prompt: plan.prompt, params, cancel, events: tx }).map_err(ApiError::from_submit)?;
+    // The worker holds the job now; this request must not keep a swapped-out model alive.
+    drop(active);
+    let deadline = tokio::time::Instant::from_std(received + app.inner.limits.request_timeout);
+    let mut run = Run { app, endpoint: plan.endpoint, header, events: rx, deadline, received, first_text: false, _cancel: guard };
+
+    let prompt_tokens = match run.next().await? {
+        Event::Started { prompt_tokens } => prompt_tokens,
+        other => return Err(run.failed(other)),
+    };
+    if plan.stream {
+        Ok(stream_response(run, prompt_tokens, plan.include_usage))
+    } else {
+        collect(run).await
+    }
+}
+
+async fn collect(mut run: Run) -> Result<Response, ApiError> {
+    let generation = loop {
+        match run.next().await? {
+            Event::Text(_) | Event::Started { .. } => {}
+            Event::Finished(g) if g.finish_reason != FinishReason::Cancelled => break g,
+            other => return Err(run.failed(other)),
+        }
+    };
+    let usage = usage(&generation);
+    let finish = openai::finish_reason(generation.finish_reason);
+    let body = match run.endpoint {
+        Endpoint::Chat => serde_json::to_value(ChatCompletion {
+            header: &run.header,
+            object: "chat.completion",
+            choices: [ChatChoice {
+                index: 0,
+                message: AssistantMessage { role: "assistant", content: &generation.text },
+                logprobs: None,
+                finish_reason: finish,
+            }],
+            usage,
+        }),
+        Endpoint::Completions => serde_json::to_value(Completion {
+            header: &run.header,
+            object: "text_completion",
+            choices: [CompletionChoice { text: &generation.text, index: 0, logprobs: None, finish_reason: Some(finish) }],
+            usage,
+        }),
+    };
+    let body = body.map_err(|e| {
+        tracing::error!(error = %e, "serializing a completion failed");
+        ApiError::Internal { request_id: run.header.id.clone() }
+    })?;
+    Ok(with_version(Json(body).into_response(), &run.header))
+}
+
+fn usage(g: &Generation) -> Usage {
+    Usage::new(g.prompt_token_ids.len(), g.token_ids.len())
+}
+
+fn with_version(mut response: Response, header: &Header) -> Response {
+    if let Ok(v) = axum::http::HeaderValue::from_str(&header.system_fingerprint) {
+        response.headers_mut().insert("x-edgeflow-model", v);
+    }
+    if let Ok(v) = axum::http::HeaderValue::from_str(&header.id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+enum Phase {
+    Opening,
+    Generating,
+    Done,
+}
+
+fn stream_response(run: Run, prompt_tokens: usize, include_usage: bool) -> Response {
+    let header = run.header.clone();
+    let events = stream::unfold((run, Phase::Opening, Vec::<SseEvent>::new()), move |(mut run, mut phase, mut pending)| async move {
+        loop {
+            if let Some(event) = pending.pop() {
+                return Some((Ok::<_, Infallible>(event), (run, phase, pending)));
+            }
+            match phase {
+                Phase::Done => return None,
+                Phase::Opening => {
+                    phase = Phase::Generating;
+                    if run.endpoint == Endpoint::Chat {
+                        pending.push(chunk(&run, "", true, None, include_usage.then_some(None)));
+                    }
+                }
+                Phase::Generating => {
+                    // `pending` is a stack: push the last event first.
+                    match run.next().await {
+                        Ok(Event::Text(text)) => pending.push(chunk(&run, &text, false, None, include_usage.then_some(None))),
+                        Ok(Event::Started { .. }) => {}
+                        Ok(Event::Finished(g)) if g.finish_reason != FinishReason::Cancelled => {
+                            phase = Phase::Done;
+                            pending.push(SseEvent::default().data("[DONE]"));
+                            if include_usage {
+                                pending.push(usage_chunk(&run, Usage::new(prompt_tokens, g.token_ids.len())));
+                            }
+                            pending.push(chunk(&run, "", false, Some(openai::finish_reason(g.finish_reason)), include_usage.then_some(None)));
+                        }
+                        Ok(other) => {
+                            let err = run.failed(other);
+                            phase = Phase::Done;
+                            pending.push(error_event(&run, &err));
+                        }
+                        Err(err) => {
+                            phase = Phase::Done;
+                            pending.push(error_event(&run, &err));
+                        }
+                    }
+                }
+            }
+        }
+    });
+    with_version(Sse::new(events).into_response(), &header)
+}
+
+fn chunk(run: &Run, text: &str, role: bool, finish: Option<&'static str>, usage: Option<Option<Usage>>) -> SseEvent {
+    let chunk = Chunk { header: &run.header, object: run.endpoint.chunk_object(), choices: vec![run.endpoint.chunk_choice(text, role, finish)], usage };
+    json_event(&chunk)
+}
+
+fn usage_chunk(run: &Run, usage: Usage) -> SseEvent {
+    json_event(&Chunk { header: &run.header, object: run.endpoint.chunk_object(), choices: Vec::new(), usage: Some(Some(usage)) })
+}
+
+/// A failure after the stream started: OpenAI's SDKs raise on a chunk with an `error` key.
+fn error_event(run: &Run, err: &ApiError) -> SseEvent {
+    tracing::warn!(request_id = %run.header.id, code = err.code(), "stream ended with an error: {err}");
+    run.app.inner.metrics.http_errors.with_label_values(&[run.endpoint.path(), err.code()]).inc();
+    json_event(&err.body())
+}
+
+fn json_event<T: serde::Serialize>(value: &T) -> SseEvent {
+    match serde_json::to_string(value) {
+        Ok(json) => SseEvent::default().data(json),
+        Err(e) => {
+            tracing::error!(error = %e, "serializing a stream chunk failed");
+            SseEvent::default().data(r#"{"error":{"message":"internal error","type":"server_error","param":null,"code":"internal_error"}}"#)
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The local API: OpenAI-compatible HTTP/1.1 on a Unix socket (and, when configured, a
+//! loopback TCP port), plus `/healthz`, `/readyz` and `/metrics`.
+//!
+//! The caller binds (see [`socket::bind`]), or takes systemd's socket ([`from_systemd`]), and hands the listener to [`run`] with a
+//! shutdown token; the daemon and `edgeflow serve` share this code, and tests drive it on a
+//! temporary socket. Requests never run model code on the async runtime: they are checked
+//! ([`openai`]), admitted to the active model's bounded queue or refused with 429/503
+//! ([`generate`]), and answered from the engine worker's events. Every error leaves through
+//! [`error::ApiError`], the one mapping to HTTP statuses.
+
+pub mod error;
+mod generate;
+pub mod openai;
+mod routes;
+pub mod socket;
+
+use std::future::IntoFuture;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+
+use crate::active::Manager;
+use crate::config::ServeSettings;
+use crate::telemetry::Metrics;
+use error::ApiError;
+use openai::Endpoint;
+pub use socket::{bind, from_systemd, GroupSpec, Peer, SocketError, SocketFile, SocketOptions};
+
+/// Request limits enforced before and during generation.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    /// Largest `max_tokens` a request may ask for; also the default for chat requests.
+    pub max_tokens: usize,
+    /// From arrival to the last byte, queueing included.
+    pub request_timeout: Duration,
+}
+
+/// Who may use the API beyond the socket's file permissions.
+#[derive(Clone, Default)]
+pub struct Access {
+    /// Required as `Authorization: Bearer <token>` on `/v1/*` when set.
+    pub token: Option<String>,
+    /// When either list is non-empty, Unix peers must match one of them.
+    pub allowed_uids: Vec<u32>,
+    pub allowed_gids: Vec<u32>,
+}
+
+impl std::fmt::Debug for Access {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Access")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("allowed_uids", &self.allowed_uids)
+            .field("allowed_gids", &self.allowed_gids)
+            .finish()
+    }
+}
+
+impl Access {
+    /// # Errors
+    /// [`ApiError::Forbidden`] for a Unix peer outside the allow-lists, or one whose
+    /// credentials are unknown. TCP peers carry no credentials; configuration requires a
+    /// token when TCP and allow-lists are combined.
+    fn check_peer(&self, peer: Peer) -> Result<(), ApiError> {
+        if self.allowed_uids.is_empty() && self.allowed_gids.is_empty() {
+            return Ok(());
+        }
+        match peer {
+            Peer::Unix { uid, gid, .. } if self.allowed_uids.contains(&uid) || self.allowed_gids.contains(&gid) => Ok(()),
+            Peer::Unix { uid, gid, .. } => Err(ApiError::Forbidden { who: format!("uid {uid} (gid {gid})") }),
+            Peer::Tcp(_) => Ok(()),
+            Peer::Unknown => Err(ApiError::Forbidden { who: "a peer with unknown credentials".into() }),
+        }
+    }
+
+    /// # Errors
+    /// [`ApiError::Unauthorized`] when a token is configured and not presented.
+    fn check_token(&self, authorization: Option<&[u8]>) -> Result<(), ApiError> {
+        let Some(expected) = &self.token else { return Ok(()) };
+        let presented = authorization.and_then(|h| h.strip_prefix(b"Bearer ")).unwrap_or(b"");
+        if constant_time_eq(presented, expected.as_bytes()) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized)
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Everything the handlers share; cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<AppInner>,
+}
+
+struct AppInner {
+    manager: Manager,
+    metrics: Arc<Metrics>,
+    access: Access,
+    limits: Limits,
+    shutdown_grace: Duration,
+    /// Cancelled when the grace period ends: streams still running are ended.
+    hard_stop: CancellationToken,
+    request_nonce: u32,
+    requests: AtomicU64,
+}
+
+impl App {
+    pub fn new(manager: Manager, metrics: Arc<Metrics>, access: Access, limits: Limits, shutdown_grace: Duration) -> Self {
+        let request_nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() ^ (d.as_secs() as u32)).unwrap_or(0);
+        App {
+            inner: Arc::new(AppInner {
+                manager,
+                metrics,
+                access,
+                limits,
+                shutdown_grace,
+                hard_stop: CancellationToken::new(),
+                request_nonce,
+                requests: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The app as `[serve]` configures it.
+    pub fn from_settings(manager: Manager, metrics: Arc<Metrics>, settings: &ServeSettings) -> Self {
+        let access = Access { token: settings.token.clone(), allowed_uids: settings.allowed_uids.clone(), allowed_gids: settings.allowed_gids.clone() };
+        let limits = Limits { max_body_bytes: settings.max_body_bytes, max_tokens: settings.max_tokens, request_timeout: settings.request_timeout };
+        App::new(manager, metrics, access, limits, settings.shutdown_grace)
+    }
+
+    pub fn manager(&self) -> &Manager {
+        &self.inner.manager
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The HTTP routes; [`run`] serves them.
+    pub fn router(&self) -> axum::Router {
+        routes::router(self.clone())
+    }
+
+    fn next_request_id(&self, endpoint: Endpoint) -> String {
+        let n = self.inner.requests.fetch_add(1, Ordering::Relaxed);
+        let prefix = match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completions => "cmpl",
+        };
+        format!("{prefix}-{:08x}{n:08x}", self.inner.request_nonce)
+    }
+
+    fn no_model(&self) -> ApiError {
+        let manager = &self.inner.manager;
+        if manager.is_swapping() {
+            ApiError::NoModel { reason: "the model is being swapped; retry shortly", retry_after: Duration::from_secs(2) }
+        } else if manager.current().is_some() {
+            ApiError::NoModel { reason: "the model's engine worker has stopped", retry_after: Duration::from_secs(5) }
+        } else {
+            ApiError::NoModel { reason: "no model is loaded yet", retry_after: Duration::from_secs(2) }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("serving HTTP failed")]
+    Http(#[source] std::io::Error),
+}
+
+/// Serves `app` on an already-bound Unix socket until `shutdown` is cancelled, then lets
+/// in-flight requests finish for the configured grace period before ending them.
+///
+/// # Errors
+/// [`ServeError::Http`] if the server fails outright (not for individual connections).
+pub async fn run(listener: UnixListener, app: App, shutdown: CancellationToken) -> Result<(), ServeError> {
+    serve_on(socket::UnixPeers(listener), app, shutdown).await
+}
+
+/// As [`run`], on a TCP listener (configured loopback only).
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_tcp(listener: TcpListener, app: App, shutdown: CancellationToken) -> Result<(), ServeError> {
+    serve_on(socket::TcpPeers(listener), app, shutdown).await
+}
+
+async fn serve_on<L>(listener: L, app: App, shutdown: CancellationToken) -> Result<(), ServeError>
+where
+    L: axum::serve::Listener<Addr = Peer>,
+    Peer: for<'a> Connected<IncomingStream<'a, L>>,
+{
+    let service = app.router().into_make_service_with_connect_info::<Peer>();
+    let server = axum::serve(listener, service).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => return result.map_err(ServeError::Http),
+        () = shutdown.cancelled() => {}
+    }
+    let grace = app.inner.shutdown_grace;
+    tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections; letting in-flight requests finish");
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(result) => result.map_err(ServeError::Http),
+        Err(_) => {
+            tracing::warn!("grace period over: ending the requests still running");
+            app.inner.hard_stop.cancel();
+            match tokio::time::timeout(Duration::from_secs(2), server).await {
+                Ok(result) => result.map_err(ServeError::Http),
+                Err(_) => Ok(()),
+            }
+        }
+    }
+}

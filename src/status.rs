@@ -1,0 +1,134 @@
+//! The daemon's status, published on a `tokio::sync::watch`: the one source the fleet link's
+//! health reports (and, later, `edgeflow status`) read. The task that owns each piece (the
+//! registry poller, the model manager) updates its part with [`Publisher::update`]; readers
+//! take a snapshot whenever they report, so nothing here is ever waited on.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// What the daemon is doing, as far as reports are concerned.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    /// Unix seconds when the daemon started.
+    pub started_at: u64,
+    /// The version serving requests, if any.
+    pub model: Option<ModelStatus>,
+    /// The last registry poll.
+    pub registry: Option<PollStatus>,
+    /// A version pinned by a command, overriding the stage or alias.
+    pub pinned: Option<String>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status { started_at: unix_now(), model: None, registry: None, pinned: None }
+    }
+}
+
+/// The active model version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelStatus {
+    pub name: String,
+    pub version: String,
+    /// Content digest of the version, when known.
+    pub digest: Option<String>,
+    /// What the device follows: `stage:Production` or `alias:champion`.
+    pub target: Option<String>,
+    /// Unix seconds of the activation.
+    pub activated_at: Option<u64>,
+    /// The version's folder; drift reporting looks for `drift_baseline.json` in it.
+    #[serde(skip)]
+    pub dir: Option<PathBuf>,
+}
+
+/// The outcome of the last registry poll.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PollStatus {
+    /// Unix seconds of the poll.
+    pub checked_at: Option<u64>,
+    /// `starting`, `up_to_date`, `updated`, `repaired`, `target_gone`, `model_deleted`,
+    /// `rejected`, `unreachable` or `failed`.
+    pub outcome: String,
+    /// The error or the change, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    pub polls: u64,
+}
+
+impl From<&crate::registry::Status> for PollStatus {
+    fn from(s: &crate::registry::Status) -> Self {
+        use crate::registry::Condition as C;
+        let (outcome, detail) = match &s.condition {
+            C::Starting => ("starting", None),
+            C::UpToDate => ("up_to_date", None),
+            C::Updated { from, to } => ("updated", Some(format!("{} -> {to}", from.as_deref().unwrap_or("none")))),
+            C::Repaired { files } => ("repaired", Some(files.join(", "))),
+            C::TargetGone { detail } => ("target_gone", Some(detail.clone())),
+            C::ModelDeleted => ("model_deleted", None),
+            C::Rejected { version, reason } => ("rejected", Some(format!("version {version}: {reason}"))),
+            C::Unreachable { error } => ("unreachable", Some(error.clone())),
+            C::Failed { error } => ("failed", Some(error.clone())),
+        };
+        PollStatus { checked_at: s.checked_at, outcome: outcome.to_string(), detail, polls: s.polls }
+    }
+}
+
+/// The writing side; cloneable, each owner updates its own fields.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    tx: std::sync::Arc<watch::Sender<Status>>,
+}
+
+impl Publisher {
+    /// Changes the status in place and notifies readers.
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        self.tx.send_modify(f);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Status> {
+        self.tx.subscribe()
+    }
+}
+
+/// A status channel starting from `Status::default()` (started now, nothing active).
+pub fn channel() -> (Publisher, watch::Receiver<Status>) {
+    let (tx, rx) = watch::channel(Status::default());
+    (Publisher { tx: std::sync::Arc::new(tx) }, rx)
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Condition, Status as RegistryStatus};
+
+    #[test]
+    fn poll_outcomes_are_named_for_reports() {
+        let base = RegistryStatus { model: "m".into(), target: "stage Production".into(), active: None, condition: Condition::UpToDate, checked_at: Some(5), polls: 2 };
+        let table = [
+            (Condition::UpToDate, "up_to_date", None),
+            (Condition::Updated { from: None, to: "3".into() }, "updated", Some("none -> 3")),
+            (Condition::Rejected { version: "4".into(), reason: "smoke test".into() }, "rejected", Some("version 4: smoke test")),
+            (Condition::Unreachable { error: "refused".into() }, "unreachable", Some("refused")),
+        ];
+        for (condition, outcome, detail) in table {
+            let p = PollStatus::from(&RegistryStatus { condition, ..base.clone() });
+            assert_eq!((p.outcome.as_str(), p.detail.as_deref(), p.checked_at, p.polls), (outcome, detail, Some(5), 2));
+        }
+    }
+
+    #[test]
+    fn updates_reach_every_reader() {
+        let (publisher, rx) = channel();
+        let second = publisher.subscribe();
+        publisher.update(|s| s.pinned = Some("7".into()));
+        assert_eq!(rx.borrow().pinned.as_deref(), Some("7"));
+        assert!(second.has_changed().unwrap());
+    }
+}

@@ -1,0 +1,165 @@
+//! The Prometheus metrics of the local API and the engine workers behind it.
+//!
+//! One [`Metrics`] value per process, shared by `Arc`: the HTTP layer counts requests, the
+//! engine workers count tokens as they are generated (so a scrape during a long stream
+//! shows progress, and a disconnected client shows the counter stopping), and the model
+//! manager publishes which version is active.
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+/// Seconds; from a fast health check to a long generation.
+const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
+const TTFT_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by route and HTTP status.
+    pub http_requests: IntCounterVec,
+    /// Requests that ended in an error, by route and OpenAI error code (including errors
+    /// reported inside an already-started stream).
+    pub http_errors: IntCounterVec,
+    /// From the request's arrival to the last byte of its response, by route.
+    pub request_duration: HistogramVec,
+    /// From a generation request's arrival to its first generated text.
+    pub time_to_first_token: Histogram,
+    pub prompt_tokens: IntCounter,
+    /// Incremented while generating, not only when a request completes.
+    pub generated_tokens: IntCounter,
+    /// Jobs admitted and waiting for an engine worker.
+    pub queue_depth: IntGauge,
+    pub generations_in_progress: IntGauge,
+    /// Generations stopped early: client gone, timeout or shutdown.
+    pub generations_cancelled: IntCounter,
+    /// 1 for the version serving new requests, labelled with its identity.
+    pub active_model: IntGaugeVec,
+    /// Activations by result (`ok`, `failed`).
+    pub model_swaps: IntCounterVec,
+    /// Loaded models, including ones still draining after a swap.
+    pub models_loaded: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("edgeflow".into()), None).expect("a constant, valid namespace");
+        // DEVNOTE: every name, label set and bucket list below is a constant; registration can
+        // only fail on a programming error (a duplicate name), which the unit tests catch.
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone())).expect("unique metric names");
+            c
+        }
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"));
+        let counter = |name: &str, help: &str| reg(&registry, IntCounter::new(name, help).expect("valid metric"));
+        let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).expect("valid metric"));
+        let http_requests = counter_vec("http_requests_total", "HTTP requests answered, by route and status.", &["route", "status"]);
+        let http_errors = counter_vec("http_request_errors_total", "Requests that ended in an error, by route and error code.", &["route", "code"]);
+        let request_duration = reg(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new("request_duration_seconds", "From request arrival to the last byte of the response.").buckets(LATENCY_BUCKETS.to_vec()),
+                &["route"],
+            )
+            .expect("valid metric"),
+        );
+        let time_to_first_token = reg(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new("time_to_first_token_seconds", "From a generation request's arrival to its first generated text.")
+                    .buckets(TTFT_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+        );
+        let prompt_tokens = counter("prompt_tokens_total", "Prompt tokens of admitted generations.");
+        let generated_tokens = counter("generated_tokens_total", "Tokens generated, counted as they are produced.");
+        let queue_depth = gauge("queue_depth", "Generation jobs admitted and waiting for an engine worker.");
+        let generations_in_progress = gauge("generations_in_progress", "Generations running on engine workers.");
+        let generations_cancelled = counter("generations_cancelled_total", "Generations stopped early (client gone, timeout, shutdown).");
+        let active_model = reg(
+            &registry,
+            IntGaugeVec::new(Opts::new("active_model_info", "1 for the model version serving new requests."), &["name", "version", "digest"])
+                .expect("valid metric"),
+        );
+        let model_swaps = counter_vec("model_activations_total", "Model activations, by result.", &["result"]);
+        let models_loaded = gauge("models_loaded", "Models held in memory, including ones draining after a swap.");
+        Metrics {
+            registry,
+            http_requests,
+            http_errors,
+            request_duration,
+            time_to_first_token,
+            prompt_tokens,
+            generated_tokens,
+            queue_depth,
+            generations_in_progress,
+            generations_cancelled,
+            active_model,
+            model_swaps,
+            models_loaded,
+        }
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = TextEncoder::new().encode_utf8(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+
+    /// Marks `(name, version, digest)` as the active model, clearing the previous one.
+    pub fn set_active_model(&self, name: &str, version: &str, digest: &str) {
+        self.active_model.reset();
+        self.active_model.with_label_values(&[name, version, digest]).set(1);
+    }
+
+    pub fn clear_active_model(&self) {
+        self.active_model.reset();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `Content-Type` of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_the_namespace() {
+        let m = Metrics::new();
+        m.http_requests.with_label_values(&["/v1/models", "200"]).inc();
+        m.http_errors.with_label_values(&["/v1/completions", "queue_full"]).inc();
+        m.request_duration.with_label_values(&["/v1/models"]).observe(0.002);
+        m.set_active_model("tiny", "3", "sha256:ab");
+        m.model_swaps.with_label_values(&["ok"]).inc();
+        m.generated_tokens.inc_by(5);
+        let text = m.render();
+        for family in [
+            "edgeflow_http_requests_total",
+            "edgeflow_http_request_errors_total",
+            "edgeflow_request_duration_seconds_bucket",
+            "edgeflow_time_to_first_token_seconds_count",
+            "edgeflow_generated_tokens_total 5",
+            "edgeflow_queue_depth 0",
+            "edgeflow_active_model_info{digest=\"sha256:ab\",name=\"tiny\",version=\"3\"} 1",
+            "edgeflow_model_activations_total{result=\"ok\"} 1",
+        ] {
+            assert!(text.contains(family), "missing {family} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn a_new_active_model_replaces_the_old_label_set() {
+        let m = Metrics::new();
+        m.set_active_model("tiny", "1", "");
+        m.set_active_model("tiny", "2", "");
+        let text = m.render();
+        assert!(text.contains("version=\"2\"} 1") && !text.contains("version=\"1\""), "{text}");
+    }
+}

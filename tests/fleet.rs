@@ -1,0 +1,776 @@
+//! The fleet link against real Mosquitto brokers (one per test, on its own loopback port,
+//! plain, TLS and mutual TLS with certificates made by openssl), observed and driven with
+//! `mosquitto_sub`/`mosquitto_pub`.
+
+#[path = "fleet/support.rs"]
+mod support;
+
+use std::process::{Command as Process, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use edgeflow::command::{Bus, Command, Origin};
+use edgeflow::fleet::{Event, Link, LinkHandle, LinkState};
+use edgeflow::telemetry::drift::{Observation, Recorder};
+use serde_json::{json, Value};
+use support::{assert_schema, publish, publish_v5_command, settings, Certs, Mosquitto, Proxy, Sub};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Commands the "daemon" received, answered `{"did": name}` (or failed for `pin 666`).
+type Log = Arc<Mutex<Vec<(Command, Origin)>>>;
+
+fn handler() -> (Bus, Log) {
+    let (bus, mut rx) = Bus::new(16);
+    let log: Log = Arc::default();
+    let seen = log.clone();
+    tokio::spawn(async move {
+        while let Some(req) = rx.recv().await {
+            seen.lock().unwrap().push((req.command.clone(), req.origin.clone()));
+            let outcome = match &req.command {
+                Command::Pin { version } if version == "666" => Err(format!("version {version} is not in the registry")),
+                c => Ok(json!({ "did": c.name() })),
+            };
+            req.respond(outcome);
+        }
+    });
+    (bus, log)
+}
+
+struct Running {
+    handle: LinkHandle,
+    shutdown: CancellationToken,
+    _spool: Option<tempfile::TempDir>,
+}
+
+impl Running {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.handle.join()).await.expect("the link stops").expect("no panic");
+    }
+}
+
+fn spawn(settings: edgeflow::fleet::FleetSettings, bus: Bus, drift: Option<Recorder>) -> Running {
+    let (_publisher, status) = edgeflow::status::channel();
+    std::mem::forget(_publisher);
+    spawn_with_status(settings, bus, drift, status)
+}
+
+fn spawn_with_status(settings: edgeflow::fleet::FleetSettings, bus: Bus, drift: Option<Recorder>, status: watch::Receiver<edgeflow::status::Status>) -> Running {
+    let shutdown = CancellationToken::new();
+    let mut link = Link::new(settings).metrics(Arc::new(edgeflow::telemetry::Metrics::new()));
+    if let Some(r) = drift {
+        link = link.drift(r);
+    }
+    let handle = link.spawn(status, bus, shutdown.clone()).expect("the link starts");
+    Running { handle, shutdown, _spool: None }
+}
+
+async fn wait_state(handle: &LinkHandle, what: &str, pred: impl Fn(&LinkState) -> bool) -> LinkState {
+    let mut rx = handle.state();
+    let r = tokio::time::timeout(WAIT, rx.wait_for(|s| pred(s))).await;
+    match r {
+        Ok(Ok(s)) => s.clone(),
+        _ => panic!("link never reached: {what}; last state {:?}", handle.state().borrow()),
+    }
+}
+
+/// Waits on a blocking predicate without stalling the runtime the link runs on.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking helper")
+}
+
+const HEALTH: &[(&str, &str)] = &[
+    ("schema", "u"),
+    ("kind", "s"),
+    ("device", "s"),
+    ("seq", "u"),
+    ("ts", "u"),
+    ("agent.version", "s"),
+    ("agent.uptime_s", "u"),
+    ("agent.started_at", "u"),
+    ("host.cpu_pct", "n"),
+    ("host.mem_used_pct", "n"),
+    ("host.mem_available_mb", "u"),
+    ("host.load", "a"),
+    ("host.uptime_s", "u"),
+    ("model", "o?"),
+    ("registry", "o?"),
+    ("pinned", "s?"),
+    ("requests.total", "u"),
+    ("requests.window", "u"),
+    ("requests.errors", "u"),
+    ("requests.tokens_per_s", "n"),
+    ("requests.queue_depth", "n"),
+    ("requests.in_progress", "n"),
+    ("link.protocol", "s?"),
+    ("link.connections", "u"),
+    ("link.reconnects", "u"),
+    ("link.spool_depth", "u"),
+    ("link.spool_dropped", "u"),
+    ("link.commands_refused", "u"),
+];
+
+const DRIFT: &[(&str, &str)] = &[
+    ("schema", "u"),
+    ("kind", "s"),
+    ("device", "s"),
+    ("seq", "u"),
+    ("ts", "u"),
+    ("model", "s"),
+    ("version", "s"),
+    ("window.from", "u"),
+    ("window.to", "u"),
+    ("window.interval_s", "u"),
+    ("n", "u"),
+    ("sketch.schema", "u"),
+    ("sketch.n", "u"),
+    ("sketch.features.prompt_tokens.counts", "a"),
+    ("sketch.features.prompt_tokens.sum", "n"),
+    ("sketch.features.finish_reason.counts", "a"),
+    ("sketch.features.mean_logprob.counts", "a"),
+    ("sketch.features.mean_entropy.counts", "a"),
+    ("sketch.features.byte_fallback_share.counts", "a"),
+    ("sketch.features.latency_ms.counts", "a"),
+    ("baseline.source", "s"),
+    ("baseline.n", "u"),
+    ("divergence", "o?"),
+    ("alert", "b"),
+    ("thresholds.psi", "n"),
+    ("thresholds.js", "n"),
+    ("thresholds.min_samples", "u"),
+];
+
+fn obs(prompt: usize, rng: &mut fastrand::Rng) -> Observation {
+    let out = 1 + rng.usize(..30);
+    Observation {
+        prompt_tokens: prompt,
+        output_tokens: out,
+        finish: usize::from(rng.f64() < 0.3),
+        mean_logprob: Some(-0.3 - rng.f64() * 2.0),
+        mean_entropy: Some(0.5 + rng.f64() * 2.0),
+        byte_fallback_share: Some(0.0),
+        latency: Some(Duration::from_millis(30 + 5 * out as u64)),
+        ttft: Some(Duration::from_millis(10 + rng.u64(..10))),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn birth_then_last_will_when_the_agent_is_killed_and_goodbye_on_a_clean_stop() {
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/+/status"])).await);
+    let spool = tempfile::tempdir().unwrap();
+    let config = spool.path().join("edgeflow.toml");
+    std::fs::write(&config, format!("[fleet]\nbroker = \"{}\"\ndevice_id = \"killed\"\nkeep_alive = \"5s\"\nspool_dir = \"{}\"\n", broker.url(), spool.path().join("spool").display())).unwrap();
+    let mut agent = Process::new(env!("CARGO_BIN_EXE_edgeflow")).args(["fleet", "run", "--config"]).arg(&config).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let s2 = sub.clone();
+    let online = blocking(move || s2.wait(|m| m.topic == "edgeflow/killed/status" && m.payload.contains("\"online\""), WAIT)).await;
+    let online = online.expect("the birth message arrives").json();
+    assert_schema(&online, &[("schema", "u"), ("kind", "s"), ("device", "s"), ("state", "s"), ("ts", "u"), ("agent_version", "s"), ("protocol", "s"), ("session", "s")]);
+    assert_eq!((online["state"].as_str(), online["protocol"].as_str()), (Some("online"), Some("5")));
+    // kill -9: no goodbye; the broker publishes the Last Will.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    agent.wait().unwrap();
+    let will = blocking({
+        let sub = sub.clone();
+        move || sub.wait(|m| m.topic == "edgeflow/killed/status" && m.payload.contains("connection_lost"), WAIT)
+    })
+    .await
+    .expect("the Last Will is published")
+    .json();
+    assert_eq!((will["state"].as_str(), will["session"].as_str()), (Some("offline"), online["session"].as_str()));
+    // The will is retained: a late subscriber sees the device offline.
+    let late = blocking({
+        let port = broker.port;
+        move || {
+            let late = Sub::start(port, &["edgeflow/killed/status"]);
+            late.wait(|m| m.retained, WAIT)
+        }
+    })
+    .await
+    .expect("a retained status");
+    assert!(late.payload.contains("\"offline\""), "{late:?}");
+
+    // A clean stop publishes offline/shutdown itself (and no will follows).
+    let (bus, _log) = handler();
+    let running = spawn(settings(&broker.url(), "clean", &spool.path().join("clean"), ""), bus, None);
+    wait_state(&running.handle, "connected", |s| s.connected).await;
+    running.stop().await;
+    let bye = blocking({
+        let sub = sub.clone();
+        move || sub.wait(|m| m.topic == "edgeflow/clean/status" && m.payload.contains("\"shutdown\""), WAIT)
+    })
+    .await
+    .expect("a goodbye");
+    assert_eq!(bye.json()["state"], "offline");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!sub.all().iter().any(|m| m.topic == "edgeflow/clean/status" && m.payload.contains("connection_lost")), "no will after a clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_drift_arrive_and_match_their_schema() {
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/dev-h/health", "edgeflow/dev-h/drift"])).await);
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, _log) = handler();
+    let recorder = Recorder::new();
+    let (publisher, status) = edgeflow::status::channel();
+    publisher.update(|s| {
+        s.model = Some(edgeflow::status::ModelStatus { name: "tiny".into(), version: "3".into(), digest: Some("sha256:ab".into()), target: Some("stage:Production".into()), activated_at: Some(1), dir: None });
+        s.registry = Some(edgeflow::status::PollStatus { checked_at: Some(2), outcome: "up_to_date".into(), detail: None, polls: 4 });
+    });
+    let mut rng = fastrand::Rng::with_seed(3);
+    for _ in 0..40 {
+        recorder.observe("tiny", "3", &obs(20 + rng.usize(..20), &mut rng));
+    }
+    let s = settings(&broker.url(), "dev-h", spool.path(), "report_interval = \"1s\"\ndrift_interval = \"1s\"\ndrift_min_samples = 10\n");
+    let running = spawn_with_status(s, bus, Some(recorder.clone()), status);
+    let got = blocking({
+        let sub = sub.clone();
+        move || (sub.wait_count(|m| m.topic.ends_with("/health"), 2, WAIT), sub.wait(|m| m.topic.ends_with("/drift"), WAIT))
+    })
+    .await;
+    let (health, drift) = got;
+    assert!(health.len() >= 2, "periodic health: {health:?}");
+    for h in &health {
+        let v = h.json();
+        assert_schema(&v, HEALTH);
+        assert_eq!((v["kind"].as_str(), v["device"].as_str(), v["schema"].as_u64()), (Some("health"), Some("dev-h"), Some(1)));
+        assert_eq!(v["model"], json!({"name": "tiny", "version": "3", "digest": "sha256:ab", "target": "stage:Production", "activated_at": 1}));
+        assert_eq!(v["registry"]["outcome"], "up_to_date");
+    }
+    let d = drift.expect("a drift report").json();
+    assert_schema(&d, DRIFT);
+    assert_eq!((d["model"].as_str(), d["version"].as_str(), d["n"].as_u64()), (Some("tiny"), Some("3"), Some(40)));
+    assert_eq!(d["baseline"]["source"], "first_window");
+    assert_eq!(d["alert"], false);
+    // Privacy: a drift report is counts, sums and divergences; no text field at all.
+    let text = d.to_string();
+    assert!(!text.contains("prompt\":") && !text.contains("\"text\""), "{text}");
+    // A second window is compared with the first.
+    for _ in 0..40 {
+        recorder.observe("tiny", "3", &obs(20 + rng.usize(..20), &mut rng));
+    }
+    let second = blocking({
+        let sub = sub.clone();
+        move || sub.wait(|m| m.topic.ends_with("/drift") && m.payload.contains("\"divergence\":{"), WAIT)
+    })
+    .await
+    .expect("a compared drift window")
+    .json();
+    assert_schema(&second, &[("divergence.prompt_tokens.psi", "n"), ("divergence.prompt_tokens.js", "n"), ("divergence.prompt_tokens.n", "u"), ("divergence.prompt_tokens.alert", "b")]);
+    // Health sequence numbers are increasing: one spool, one order.
+    let seqs: Vec<u64> = sub.json_on("edgeflow/dev-h/health").iter().map(|v| v["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    running.stop().await;
+}
+
+/// Sends `payload` on cmd/<name> with MQTT 5 properties; returns the replies (accepted and
+/// final) correlated to `corr`.
+async fn round_trip(sub: &Arc<Sub>, port: u16, device: &str, name: &str, payload: &str, corr: &str, finals: usize) -> Vec<Value> {
+    let topic = format!("edgeflow/{device}/cmd/{name}");
+    let reply_topic = format!("console/replies/{device}");
+    let (payload, corr2) = (payload.to_string(), corr.to_string());
+    blocking(move || publish_v5_command(port, &topic, &payload, &reply_topic, &corr2)).await;
+    let corr = corr.to_string();
+    let sub = sub.clone();
+    blocking(move || {
+        let msgs = sub.wait_count(|m| m.correlation == corr && !m.payload.contains("\"accepted\""), finals, WAIT);
+        assert!(msgs.len() >= finals, "no final reply for {corr}");
+        sub.all().into_iter().filter(|m| m.correlation == corr).map(|m| m.json()).collect()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_round_trips_with_a_correlated_reply() {
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Arc::new(blocking(move || Sub::start(port, &["console/replies/#", "edgeflow/dev-c/health"])).await);
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, log) = handler();
+    let running = spawn(settings(&broker.url(), "dev-c", spool.path(), "report_interval = \"1h\""), bus, None);
+    wait_state(&running.handle, "connected", |s| s.connected).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // the subscription follows the CONNACK
+
+    let cases = [
+        ("sync", json!({}), true),
+        ("pin", json!({"version": "7"}), true),
+        ("unpin", json!(null), true),
+        ("rollback", json!({}), true),
+        ("reload", json!({}), true),
+        ("report", json!({}), true),
+        ("set", json!({"poll_interval": "10m", "log_level": "debug"}), true),
+        ("set", json!({"report_interval": "30s"}), true),
+        ("pin", json!({"version": "666"}), false),
+    ];
+    for (i, (name, args, ok)) in cases.iter().enumerate() {
+        let rid = format!("req-{i}");
+        let corr = format!("corr-{i}");
+        let replies = round_trip(&sub, port, "dev-c", name, &json!({"request_id": rid, "args": args}).to_string(), &corr, 1).await;
+        let statuses: Vec<&str> = replies.iter().map(|r| r["status"].as_str().unwrap()).collect();
+        assert_eq!(statuses, vec!["accepted", if *ok { "succeeded" } else { "failed" }], "{name}: {replies:#?}");
+        for r in &replies {
+            assert_schema(r, &[("schema", "u"), ("kind", "s"), ("device", "s"), ("request_id", "s"), ("command", "s"), ("status", "s"), ("ts", "u")]);
+            assert_eq!((r["request_id"].as_str(), r["command"].as_str()), (Some(rid.as_str()), Some(*name)));
+        }
+        let last = replies.last().unwrap();
+        if *ok {
+            assert!(last.get("result").is_some(), "{last}");
+        } else {
+            assert!(last["reason"].as_str().unwrap().contains("not in the registry"), "{last}");
+        }
+    }
+    // `report` publishes health at once (the interval is an hour) and names its seq.
+    let report = sub.all().into_iter().find(|m| m.correlation == "corr-5" && m.payload.contains("succeeded")).unwrap().json();
+    let seq = report["result"]["health_seq"].as_u64().expect("health_seq");
+    let s2 = sub.clone();
+    let health = blocking(move || s2.wait(|m| m.topic.ends_with("/health") && m.json()["seq"].as_u64() == Some(seq), WAIT)).await;
+    assert!(health.is_some(), "the report's health message arrives");
+    // The daemon saw exactly the commands that need it, with their request ids; `report` and
+    // an interval-only `set` are the link's own.
+    let seen: Vec<(String, String)> = log.lock().unwrap().iter().map(|(c, o)| (c.name().to_string(), match o { Origin::Fleet { request_id } => request_id.clone(), Origin::Local => String::new() })).collect();
+    assert_eq!(
+        seen,
+        vec![("sync", "req-0"), ("pin", "req-1"), ("unpin", "req-2"), ("rollback", "req-3"), ("reload", "req-4"), ("set", "req-6"), ("pin", "req-8")].into_iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>()
+    );
+
+    // Unknown commands and malformed payloads get a failed reply, and the link carries on.
+    let bad: [(&str, &str, &str); 5] = [
+        ("launch", r#"{"request_id":"b1"}"#, "unknown command"),
+        ("sync", "this is not json", "malformed"),
+        ("sync", r#"{"args":{}}"#, "malformed"),
+        ("pin", r#"{"request_id":"b4","args":{"version":""}}"#, "non-empty"),
+        ("sync", r#"{"request_id":"b5","args":{},"extra":true}"#, "malformed"),
+    ];
+    for (i, (name, payload, want)) in bad.iter().enumerate() {
+        let corr = format!("bad-{i}");
+        let replies = round_trip(&sub, port, "dev-c", name, payload, &corr, 1).await;
+        let last = replies.last().unwrap();
+        assert_eq!(last["status"], "failed", "{name} {payload}: {replies:#?}");
+        assert!(last["reason"].as_str().unwrap().contains(want), "{name} {payload}: {last}");
+    }
+    assert!(running.handle.state().borrow().connected, "still connected after bad input");
+    assert_eq!(log.lock().unwrap().len(), 7, "no bad command reached the daemon");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_request_ids_are_answered_from_the_first_result() {
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Arc::new(blocking(move || Sub::start(port, &["console/replies/#"])).await);
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, log) = handler();
+    let running = spawn(settings(&broker.url(), "dev-d", spool.path(), ""), bus, None);
+    wait_state(&running.handle, "connected", |s| s.connected).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let payload = json!({"request_id": "dup-1", "args": {"version": "9"}}).to_string();
+    let first = round_trip(&sub, port, "dev-d", "pin", &payload, "c1", 1).await;
+    let again = round_trip(&sub, port, "dev-d", "pin", &payload, "c2", 1).await;
+    assert_eq!(first.last().unwrap()["status"], "succeeded");
+    let dup = again.last().unwrap();
+    assert_eq!((dup["status"].as_str(), dup["duplicate"].as_bool()), (Some("succeeded"), Some(true)), "{again:#?}");
+    assert_eq!(dup["result"], first.last().unwrap()["result"], "the same answer");
+    assert_eq!(again.len(), 1, "a duplicate of a finished command is not accepted again: {again:#?}");
+    // Same id, other content: refused, not run.
+    let other = json!({"request_id": "dup-1", "args": {"version": "10"}}).to_string();
+    let refused = round_trip(&sub, port, "dev-d", "pin", &other, "c3", 1).await;
+    assert!(refused.last().unwrap()["reason"].as_str().unwrap().starts_with("replayed"), "{refused:#?}");
+    assert_eq!(log.lock().unwrap().len(), 1, "the daemon ran the command once");
+    running.stop().await;
+
+    // After a restart the id is still remembered (the table lives in the spool's database).
+    let (bus, log2) = handler();
+    let running = spawn(settings(&broker.url(), "dev-d", spool.path(), ""), bus, None);
+    wait_state(&running.handle, "connected", |s| s.connected).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = round_trip(&sub, port, "dev-d", "pin", &payload, "c4", 1).await;
+    assert_eq!(after.last().unwrap()["duplicate"], true, "{after:#?}");
+    assert!(log2.lock().unwrap().is_empty());
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_unsigned_expired_and_replayed_commands() {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let public = hex::encode(key.verifying_key().as_bytes());
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Arc::new(blocking(move || Sub::start(port, &["console/replies/#", "edgeflow/dev-s/events"])).await);
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, log) = handler();
+    let extra = format!("require_signatures = true\nsignature_public_key = \"{public}\"\nsignature_max_age = \"5m\"\n");
+    let running = spawn(settings(&broker.url(), "dev-s", spool.path(), &extra), bus, None);
+    wait_state(&running.handle, "connected", |s| s.connected).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let now = edgeflow::status::unix_now();
+    let body = |id: &str, issued: u64, ttl: u64| json!({"request_id": id, "args": {}, "issued_at": issued, "expires_at": issued + ttl});
+
+    // Signed and fresh: runs.
+    let good = edgeflow::fleet::commands::sign(&key, "dev-s", "sync", &body("s-1", now, 60));
+    let r = round_trip(&sub, port, "dev-s", "sync", &good, "g1", 1).await;
+    assert_eq!(r.last().unwrap()["status"], "succeeded", "{r:#?}");
+
+    let refusals = [
+        ("unsigned", json!({"request_id": "u-1", "args": {}}).to_string(), "unsigned"),
+        ("wrong key", edgeflow::fleet::commands::sign(&ed25519_dalek::SigningKey::from_bytes(&[8; 32]), "dev-s", "sync", &body("k-1", now, 60)), "bad_signature"),
+        ("other device", edgeflow::fleet::commands::sign(&key, "dev-other", "sync", &body("o-1", now, 60)), "bad_signature"),
+        ("expired", edgeflow::fleet::commands::sign(&key, "dev-s", "sync", &body("e-1", now - 600, 60)), "expired"),
+    ];
+    for (i, (what, payload, want)) in refusals.iter().enumerate() {
+        let r = round_trip(&sub, port, "dev-s", "sync", payload, &format!("r{i}"), 1).await;
+        let last = r.last().unwrap();
+        assert_eq!(last["status"], "failed", "{what}: {r:#?}");
+        assert!(last["reason"].as_str().unwrap().starts_with(want), "{what}: {last}");
+    }
+    // Replaying the exact signed bytes does not run the command again...
+    let replay = round_trip(&sub, port, "dev-s", "sync", &good, "g2", 1).await;
+    assert_eq!(replay.last().unwrap()["duplicate"], true, "{replay:#?}");
+    // ...and a signed command reusing an id with other content is refused as a replay.
+    let reused = edgeflow::fleet::commands::sign(&key, "dev-s", "sync", &json!({"request_id": "s-1", "args": {}, "issued_at": now + 1, "expires_at": now + 61}));
+    let r = round_trip(&sub, port, "dev-s", "sync", &reused, "g3", 1).await;
+    assert!(r.last().unwrap()["reason"].as_str().unwrap().starts_with("replayed"), "{r:#?}");
+    assert_eq!(log.lock().unwrap().len(), 1, "only the one good command ran");
+
+    // Every refusal is reported on the events topic.
+    let s2 = sub.clone();
+    let events = blocking(move || s2.wait_count(|m| m.topic.ends_with("/events") && m.payload.contains("command_refused"), 5, WAIT)).await;
+    let kinds: Vec<String> = events.iter().map(|m| m.json()["refusal"].as_str().unwrap().to_string()).collect();
+    assert_eq!(kinds, vec!["unsigned", "bad_signature", "bad_signature", "expired", "replayed"], "{events:#?}");
+    assert_eq!(running.handle.state().borrow().commands_refused, 5);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_3_1_1_replies_on_the_reply_topic_and_auto_falls_back_to_it() {
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/+/cmd/+/reply", "edgeflow/+/status"])).await);
+    let spool = tempfile::tempdir().unwrap();
+
+    // Forced 3.1.1 straight to the broker.
+    let (bus, _log) = handler();
+    let running = spawn(settings(&broker.url(), "dev-4", &spool.path().join("a"), "protocol = \"3.1.1\""), bus, None);
+    let state = wait_state(&running.handle, "connected", |s| s.connected).await;
+    assert_eq!(state.protocol, Some("3.1.1"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    blocking(move || publish(port, "edgeflow/dev-4/cmd/sync", r#"{"request_id":"v4-1"}"#, &[])).await;
+    let s2 = sub.clone();
+    let replies = blocking(move || s2.wait_count(|m| m.topic == "edgeflow/dev-4/cmd/sync/reply", 2, WAIT)).await;
+    let statuses: Vec<String> = replies.iter().map(|m| m.json()["status"].as_str().unwrap().to_string()).collect();
+    assert_eq!(statuses, vec!["accepted", "succeeded"]);
+    running.stop().await;
+
+    // `auto` behind a broker that refuses MQTT 5 the way a 3.1.1-only broker does.
+    let proxy = Proxy::start(broker.port, true);
+    let (bus, _log) = handler();
+    let running = spawn(settings(&proxy.url(), "dev-auto", &spool.path().join("b"), ""), bus, None);
+    let state = wait_state(&running.handle, "connected", |s| s.connected).await;
+    assert_eq!(state.protocol, Some("3.1.1"));
+    assert!(proxy.refused_v5.load(std::sync::atomic::Ordering::SeqCst) >= 1, "it tried MQTT 5 first");
+    let s2 = sub.clone();
+    let birth = blocking(move || s2.wait(|m| m.topic == "edgeflow/dev-auto/status" && m.payload.contains("online"), WAIT)).await.expect("birth");
+    assert_eq!(birth.json()["protocol"], "3.1.1");
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_loses_nothing_and_replays_in_order() {
+    let port = support::free_port();
+    let mut broker = Mosquitto::start_on(port, &format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {{dir}}/\n"));
+    // A persistent subscriber session: it survives the broker's restart.
+    let sub = Arc::new(blocking(move || Sub::start_with(port, &["edgeflow/dev-o/events", "edgeflow/dev-o/health"], &["-c", "-i", "outage-watcher"])).await);
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, _log) = handler();
+    let running = spawn(settings(&broker.url(), "dev-o", spool.path(), "report_interval = \"1s\"\nkeep_alive = \"5s\"\n"), bus, None);
+    wait_state(&running.handle, "connected", |s| s.connected).await;
+    let mut sent = 0u64;
+    for _ in 0..20 {
+        assert!(running.handle.event(Event::PullFailed { model: "m".into(), reason: format!("before {sent}") }));
+        sent += 1;
+    }
+    broker.stop();
+    wait_state(&running.handle, "disconnected", |s| !s.connected).await;
+    // Offline for a while: health keeps being produced, events keep coming.
+    for _ in 0..30 {
+        assert!(running.handle.event(Event::PullFailed { model: "m".into(), reason: format!("during {sent}") }));
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let queued = running.handle.state().borrow().spool_depth;
+    assert!(queued >= 30, "messages wait in the spool: {queued}");
+    broker.restart();
+    let state = wait_state(&running.handle, "reconnected and drained", |s| s.connected && s.spool_depth == 0).await;
+    assert!(state.reconnects >= 1);
+    for _ in 0..5 {
+        running.handle.event(Event::PullFailed { model: "m".into(), reason: format!("after {sent}") });
+        sent += 1;
+    }
+    let s2 = sub.clone();
+    let total = sent as usize;
+    let reasons = blocking(move || {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let reasons: std::collections::HashSet<String> = s2.all().iter().filter(|m| m.topic.ends_with("/events")).map(|m| m.json()["reason"].as_str().unwrap().to_string()).collect();
+            if reasons.len() >= total || std::time::Instant::now() > deadline {
+                return reasons;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await;
+    assert_eq!(reasons.len(), total, "every event arrived: {reasons:?}");
+    // At least once, in order: the first sighting of each seq, in arrival order.
+    let mut seen = std::collections::HashSet::new();
+    let seqs: Vec<u64> = sub.all().iter().map(|m| m.json()["seq"].as_u64().unwrap()).filter(|s| seen.insert(*s)).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "arrival order follows the spool order: {seqs:?}");
+    let first = *seqs.first().unwrap();
+    let last = *seqs.last().unwrap();
+    assert_eq!(seqs.len() as u64, last - first + 1, "no gap from {first} to {last}: {seqs:?}");
+    assert!(state.delivered >= 50);
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spool_cap_drops_the_oldest_and_says_how_many() {
+    let port = support::free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, _log) = handler();
+    // No broker yet: everything waits in a 64 KiB spool.
+    let running = spawn(settings(&format!("mqtt://127.0.0.1:{port}"), "dev-cap", spool.path(), "spool_max_bytes = \"64KiB\"\nreport_interval = \"1h\""), bus, None);
+    let filler = "x".repeat(300);
+    for i in 0..1000 {
+        while !running.handle.event(Event::PullFailed { model: "m".into(), reason: format!("{i} {filler}") }) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let state = wait_state(&running.handle, "spool full", |s| s.spool_dropped > 0 && s.spool_depth + s.spool_dropped >= 1000).await;
+    assert!(state.spool_bytes <= 64 * 1024, "{state:?}");
+    let dropped = state.spool_dropped;
+    let kept = state.spool_depth;
+    assert!(kept > 50 && dropped > 500, "{state:?}");
+
+    let broker = Mosquitto::start_on(port, &format!("listener {port} 127.0.0.1\nallow_anonymous true\n"));
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/dev-cap/events"])).await);
+    let s2 = sub.clone();
+    let overflow = blocking(move || s2.wait(|m| m.payload.contains("spool_overflow"), WAIT)).await.expect("an overflow event").json();
+    assert_eq!(overflow["dropped"].as_u64(), Some(dropped), "{overflow}");
+    let s2 = sub.clone();
+    let msgs = blocking(move || s2.wait_count(|_| true, kept as usize + 1, WAIT)).await;
+    let reasons: Vec<u64> = msgs.iter().filter_map(|m| m.json()["reason"].as_str().and_then(|r| r.split(' ').next()).and_then(|n| n.parse().ok())).collect();
+    // The newest survive, in order; the oldest are the ones dropped. (Spooling the overflow
+    // event itself may push out one more, which the next overflow event reports.)
+    let first = reasons.first().copied().unwrap_or_default();
+    assert!(first == dropped || first == dropped + 1, "first kept event {first}, dropped {dropped}: {reasons:?}");
+    assert_eq!(reasons.last().copied(), Some(999));
+    assert!(reasons.windows(2).all(|w| w[1] == w[0] + 1), "{reasons:?}");
+    running.stop().await;
+    drop(broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mutual_tls_connect_and_a_wrong_ca_is_refused() {
+    let certs = Certs::make();
+    let (tls_port, mtls_port) = (support::free_port(), support::free_port());
+    let tls = Mosquitto::start_on(tls_port, &certs.listener(tls_port, false));
+    let mtls = Mosquitto::start_on(mtls_port, &certs.listener(mtls_port, true));
+    let ca = certs.path("ca.pem");
+    let spool = tempfile::tempdir().unwrap();
+    let tls_extra = |ca: &std::path::Path, client: bool| {
+        let mut s = format!("ca_file = \"{}\"\n", ca.display());
+        if client {
+            s += &format!("cert_file = \"{}\"\nkey_file = \"{}\"\n", certs.path("client.pem").display(), certs.path("client.key").display());
+        }
+        s
+    };
+
+    let cases = [
+        ("tls", tls_port, tls_extra(&ca, false), true),
+        ("mtls", mtls_port, tls_extra(&ca, true), true),
+        ("mtls-without-client-cert", mtls_port, tls_extra(&ca, false), false),
+        ("wrong-ca", tls_port, tls_extra(&certs.path("other-ca.pem"), false), false),
+    ];
+    for (name, port, extra, should_connect) in cases {
+        let (bus, _log) = handler();
+        let running = spawn(settings(&format!("mqtts://127.0.0.1:{port}"), name, &spool.path().join(name), &extra), bus, None);
+        if should_connect {
+            let s = wait_state(&running.handle, "connected over TLS", |s| s.connected).await;
+            assert_eq!(s.protocol, Some("5"), "{name}");
+        } else {
+            let s = wait_state(&running.handle, "a failed attempt", |s| s.last_error.is_some()).await;
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let s2 = running.handle.state().borrow().clone();
+            assert!(!s2.connected && s2.connections == 0, "{name} must not connect: {s2:?}");
+            let err = s.last_error.unwrap_or_default().to_lowercase();
+            assert!(err.contains("tls") || err.contains("certificate") || err.contains("i/o") || err.contains("reset") || err.contains("alert"), "{name}: {err}");
+        }
+        running.stop().await;
+    }
+    // The broker saw a client certificate only where one was sent.
+    assert!(mtls.log().contains("New client connected"), "{}", mtls.log());
+    drop(tls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_flags_a_shifted_prompt_distribution_and_stays_quiet_on_an_unshifted_one() {
+    // Real generations from the bundled tiny model, with the engine's per-step statistics.
+    let model_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/phi3-tiny-gqa");
+    let ort = match std::env::var_os("ORT_DYLIB_PATH") {
+        Some(p) if !p.is_empty() => std::path::PathBuf::from(p),
+        _ => std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".ort").join(std::env::consts::ARCH).join("libonnxruntime.so"),
+    };
+    let batches = blocking(move || {
+        let options = edgeflow::engine::LoadOptions { threads: Some(1), ort_lib: Some(ort) };
+        let mut model = edgeflow::engine::Model::load(&model_dir, &options).expect("the tiny model loads");
+        let words = ["the", "device", "answers", "quickly", "while", "fleet", "reports", "drift", "over", "time"];
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut batch = |n: usize, min_words: usize, max_words: usize| -> Vec<Observation> {
+            (0..n)
+                .map(|_| {
+                    let len = rng.usize(min_words..max_words);
+                    let prompt: Vec<&str> = (0..len).map(|_| words[rng.usize(..words.len())]).collect();
+                    let ids = model.encode(&prompt.join(" ")).expect("encode");
+                    let params = edgeflow::engine::GenerateParams { max_new_tokens: 2, collect_stats: true, ..Default::default() };
+                    let g = model.generate(&ids, &params, &std::sync::atomic::AtomicBool::new(false), |_| std::ops::ControlFlow::Continue(())).expect("generate");
+                    Observation::from_generation(&g, true, None)
+                })
+                .collect()
+        };
+        // Baseline and unshifted are drawn from the same prompts and interleaved, so they
+        // also share the machine's load (latency is a drift feature too).
+        let same = batch(300, 4, 20);
+        let (baseline, unshifted): (Vec<_>, Vec<_>) = same.chunks(2).map(|c| (c[0], c[1])).unzip();
+        (baseline, unshifted, batch(150, 60, 200))
+    })
+    .await;
+    let (baseline, unshifted, shifted) = batches;
+    assert!(baseline.iter().all(|o| o.mean_logprob.is_some() && o.mean_entropy.is_some()), "the engine's statistics are recorded");
+
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/dev-drift/drift"])).await);
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, _log) = handler();
+    let recorder = Recorder::new();
+    let running = spawn(settings(&broker.url(), "dev-drift", spool.path(), "drift_interval = \"1s\"\ndrift_min_samples = 100\nreport_interval = \"1h\""), bus, Some(recorder.clone()));
+    let mut reports = Vec::new();
+    for (i, batch) in [&baseline, &unshifted, &shifted].into_iter().enumerate() {
+        for o in batch {
+            recorder.observe("tiny", "1", o);
+        }
+        let s2 = sub.clone();
+        let msg = blocking(move || s2.wait_count(|m| m.json()["n"].as_u64().unwrap_or(0) > 0, i + 1, WAIT)).await;
+        assert!(msg.len() > i, "drift report {i} arrives");
+        reports.push(msg[i].json());
+    }
+    assert_eq!(reports[0]["baseline"]["established"], true, "{}", reports[0]);
+    assert_eq!(reports[1]["alert"], false, "the same prompt distribution: {:#}", reports[1]["divergence"]);
+    assert_eq!(reports[2]["alert"], true, "longer prompts: {:#}", reports[2]["divergence"]);
+    let p = &reports[2]["divergence"]["prompt_tokens"];
+    assert!(p["alert"] == true && p["psi"].as_f64().unwrap() >= 0.25, "{p}");
+    assert!(reports[1]["divergence"]["prompt_tokens"]["psi"].as_f64().unwrap() < 0.25);
+    running.stop().await;
+}
+
+/// Figures for BENCHMARKS.md, not part of `make test`:
+/// `cargo test --release --test fleet -- --ignored --nocapture --test-threads 1`.
+/// How fast a spool filled during an outage drains once the broker is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_spool_replay_rate() {
+    const N: usize = 5000;
+    let port = support::free_port();
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, _log) = handler();
+    let running = spawn(settings(&format!("mqtt://127.0.0.1:{port}"), "dev-replay", spool.path(), "spool_max_bytes = \"16MiB\"\nreport_interval = \"1h\""), bus, None);
+    for i in 0..N {
+        while !running.handle.event(Event::PullFailed { model: "m".into(), reason: format!("outage event {i}: registry unreachable (connection refused)") }) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    let state = wait_state(&running.handle, "all spooled", |s| s.spool_depth as usize >= N).await;
+    let bytes = state.spool_bytes;
+    let broker = Mosquitto::start_on(port, &format!("listener {port} 127.0.0.1\nallow_anonymous true\n"));
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/dev-replay/events"])).await);
+    // Timed from the moment the link reports the connection; what it had already
+    // delivered by then is left out of the count.
+    let at_connect = wait_state(&running.handle, "connected", |s| s.connected).await;
+    let started = std::time::Instant::now();
+    wait_state(&running.handle, "drained", |s| s.spool_depth == 0).await;
+    let secs = started.elapsed().as_secs_f64();
+    let replayed = N as u64 - at_connect.delivered;
+    let s2 = sub.clone();
+    let got = blocking(move || s2.wait_count(|_| true, N, WAIT)).await;
+    assert!(got.len() >= N, "all {N} arrived ({})", got.len());
+    let kib = bytes as f64 / 1024.0 * replayed as f64 / N as f64;
+    println!("spool replay: {replayed} of {N} messages ({kib:.0} KiB) in {secs:.3} s = {:.0} msg/s, {:.0} KiB/s (QoS 1, window 16, plain TCP, loopback)", replayed as f64 / secs, kib / secs);
+    running.stop().await;
+    drop(broker);
+}
+
+/// Bytes on the wire of one fully populated health report and one drift report (model,
+/// registry status, request metrics, every drift feature), through a counting relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_wire_bytes_per_report() {
+    let broker = Mosquitto::start("");
+    let proxy = Proxy::start(broker.port, false);
+    let port = broker.port;
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/dev-bytes/#"])).await);
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, _log) = handler();
+    let (publisher, status) = edgeflow::status::channel();
+    publisher.update(|s| {
+        s.model = Some(edgeflow::status::ModelStatus { name: "phi3-mini-support".into(), version: "12".into(), digest: Some(format!("sha256:{}", "ab".repeat(32))), target: Some("alias:champion".into()), activated_at: Some(1_795_000_000), dir: None });
+        s.registry = Some(edgeflow::status::PollStatus { checked_at: Some(1_795_000_100), outcome: "up_to_date".into(), detail: None, polls: 321 });
+    });
+    let metrics = Arc::new(edgeflow::telemetry::Metrics::new());
+    for i in 0..50 {
+        metrics.http_requests.with_label_values(&["/v1/chat/completions", "200"]).inc();
+        metrics.request_duration.with_label_values(&["/v1/chat/completions"]).observe(0.2 + f64::from(i) * 0.01);
+        metrics.time_to_first_token.observe(0.03);
+        metrics.generated_tokens.inc_by(40);
+    }
+    let recorder = Recorder::new();
+    let mut rng = fastrand::Rng::with_seed(5);
+    for _ in 0..200 {
+        recorder.observe("phi3-mini-support", "12", &obs(20 + rng.usize(..400), &mut rng));
+    }
+    let shutdown = CancellationToken::new();
+    let s = settings(&proxy.url(), "dev-bytes", spool.path(), "report_interval = \"1h\"\ndrift_interval = \"3s\"\n");
+    let handle = Link::new(s).metrics(metrics).drift(recorder.clone()).spawn(status, bus, shutdown.clone()).unwrap();
+    wait_state(&handle, "connected", |s| s.connected).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = |p: &Proxy| p.up.load(std::sync::atomic::Ordering::SeqCst) + p.down.load(std::sync::atomic::Ordering::SeqCst);
+    let measure = |before: u64, what: &str, payload: usize| {
+        let after = total(&proxy);
+        println!("{what}: {} B on the wire (payload {payload} B JSON)", after - before);
+    };
+    // Drift (first window: the baseline).
+    let before = total(&proxy);
+    let s2 = sub.clone();
+    let d = blocking(move || s2.wait(|m| m.topic.ends_with("/drift"), WAIT)).await.expect("drift");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    measure(before, "drift (baseline window)", d.payload.len());
+    for _ in 0..200 {
+        recorder.observe("phi3-mini-support", "12", &obs(20 + rng.usize(..400), &mut rng));
+    }
+    let before = total(&proxy);
+    let s2 = sub.clone();
+    let d = blocking(move || s2.wait_count(|m| m.topic.ends_with("/drift"), 2, WAIT)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    measure(before, "drift (compared window)", d[1].payload.len());
+    let before = total(&proxy);
+    handle.report_now();
+    let s2 = sub.clone();
+    let h = blocking(move || s2.wait(|m| m.topic.ends_with("/health"), WAIT)).await.expect("health");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    measure(before, "health (model, registry, requests)", h.payload.len());
+    shutdown.cancel();
+    handle.join().await.unwrap();
+}

@@ -1,0 +1,61 @@
+"""Run `mlflow server` for a test process and take it down when that process goes away.
+
+    serve.py --port P --dir D [--basic-auth PASSWORD] [--tls CERT KEY] [mlflow server args...]
+
+The server runs in its own process group with a sqlite backend (D/mlflow.db) and served
+artifacts (D/artifacts). This wrapper reads its stdin: when the test process exits (or
+crashes) the pipe closes, and the whole group is stopped, so no server outlives its tests.
+"""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", required=True)
+    p.add_argument("--dir", required=True)
+    p.add_argument("--basic-auth", metavar="ADMIN_PASSWORD")
+    p.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
+    args, rest = p.parse_known_args()
+
+    env = dict(os.environ)
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
+        "--host", "127.0.0.1", "--port", args.port, "--workers", "2",
+        "--backend-store-uri", f"sqlite:///{args.dir}/mlflow.db",
+        "--artifacts-destination", f"{args.dir}/artifacts", "--serve-artifacts",
+    ]
+    if args.basic_auth:
+        ini = os.path.join(args.dir, "basic_auth.ini")
+        with open(ini, "w") as f:
+            f.write("[mlflow]\ndefault_permission = READ\n"
+                    f"database_uri = sqlite:///{args.dir}/basic_auth.db\n"
+                    "admin_username = admin\n"
+                    "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env["MLFLOW_AUTH_CONFIG_PATH"] = ini
+        env["MLFLOW_AUTH_ADMIN_PASSWORD"] = args.basic_auth
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = os.urandom(16).hex()  # CSRF, required by the auth app
+        cmd += ["--app-name", "basic-auth"]
+    if args.tls:
+        cmd += ["--uvicorn-opts", f"--ssl-certfile {args.tls[0]} --ssl-keyfile {args.tls[1]}"]
+    cmd += rest
+    log = open(os.path.join(args.dir, "server.log"), "ab")
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        sys.stdin.read()  # until the test process closes the pipe
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=10)
+        except Exception:
+            try:
+                os.killpg(server.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+if __name__ == "__main__":
+    main()

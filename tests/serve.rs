@@ -1,0 +1,753 @@
+//! `edgeflow serve` and the local API, driven by real clients: the openai Python SDK over the
+//! Unix socket (tests/serve/client.py), `curl --unix-socket`, and prometheus_client's parser.
+//! Each test runs its own server on a socket in its own temp dir.
+//!
+//! The Python clients live in `.venv/test` (`make venv`, which `make test` runs).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use edgeflow::active::{Manager, ManagerOptions, ModelSource, SwapMode};
+use edgeflow::engine::{ChatMessage, GenerateParams, Model};
+use edgeflow::serve::{self, Access, App, Limits, SocketOptions};
+use edgeflow::telemetry::Metrics;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+const TOKEN_ENV: &str = "EDGEFLOW_SERVE_TEST_TOKEN";
+
+fn tiny(name: &str) -> PathBuf {
+    common::fixture_model(name)
+}
+
+fn python() -> PathBuf {
+    let p = std::env::var_os("EDGEFLOW_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| common::repo().join(".venv/test/bin/python"));
+    assert!(p.exists(), "{} is missing: run `make venv` (it installs tests/serve/requirements.txt)", p.display());
+    p
+}
+
+/// An `edgeflow serve` process on a temp socket; stopped with SIGTERM on drop.
+struct Server {
+    child: Child,
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(model: &str, config: &str, args: &[&str], envs: &[(&str, &str)]) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let config_path = dir.path().join("edgeflow.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = dir.path().join("server.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
+        cmd.args(["serve", "--model-dir"])
+            .arg(tiny(model))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--config")
+            .arg(&config_path)
+            .args(["--threads", "2", "--log", "info"])
+            .args(args)
+            .env("ORT_DYLIB_PATH", common::ort_lib())
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn edgeflow serve");
+        let mut server = Server { child, dir, socket, log };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("edgeflow serve exited with {status}:\n{}", self.log());
+            }
+            if self.socket.exists() && self.curl(&["/readyz"]).status == 200 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "server not ready after 60 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn curl(&self, args: &[&str]) -> Http {
+        curl(&self.socket, args, None)
+    }
+
+    fn metric(&self, line_prefix: &str) -> f64 {
+        metric(&self.socket, line_prefix)
+    }
+
+    fn stop(mut self) -> (std::process::ExitStatus, String) {
+        let status = terminate(&mut self.child);
+        (status, self.log())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            terminate(&mut self.child);
+        }
+    }
+}
+
+fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One curl exchange: status, headers (lower-cased names) and body.
+#[derive(Debug)]
+struct Http {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+    /// curl's own exit code (7: could not connect).
+    exit: i32,
+}
+
+impl Http {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// `curl --unix-socket SOCKET -i [args] http://edgeflow<path>`; the first arg starting with
+/// `/` is the path. `as_user` runs curl as another (uid, gid), with no supplementary groups.
+fn curl(socket: &Path, args: &[&str], as_user: Option<(u32, u32)>) -> Http {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-q", "-sS", "-i", "-N", "--max-time", "120", "--unix-socket"]).arg(socket);
+    for a in args {
+        if a.starts_with('/') {
+            cmd.arg(format!("http://edgeflow{a}"));
+        } else {
+            cmd.arg(a);
+        }
+    }
+    if let Some((uid, gid)) = as_user {
+        cmd.uid(uid).gid(gid).env("HOME", "/");
+    }
+    parse_curl(cmd.output().expect("run curl"))
+}
+
+fn parse_curl(out: Output) -> Http {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let exit = out.status.code().unwrap_or(-1);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return Http { status: 0, headers: Vec::new(), body: String::from_utf8_lossy(&out.stderr).into_owned(), exit };
+    };
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers = lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())).collect();
+    Http { status, headers, body: body.to_string(), exit }
+}
+
+/// POSTs `body` (from a file, so any size and any bytes) as JSON.
+fn curl_post(socket: &Path, path: &str, body: impl AsRef<[u8]>) -> Http {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), body).unwrap();
+    let data = format!("@{}", file.path().display());
+    curl(socket, &["-H", "content-type: application/json", "--data-binary", &data, path], None)
+}
+
+/// The value of the first `/metrics` line starting with `line_prefix`.
+fn metric(socket: &Path, line_prefix: &str) -> f64 {
+    let m = curl(socket, &["/metrics"], None);
+    assert_eq!(m.status, 200);
+    m.body
+        .lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no metric {line_prefix} in:\n{}", m.body))
+}
+
+/// The SSE events of a stream body: every event is one `data:` line and a blank line.
+fn sse_events(body: &str) -> Vec<String> {
+    assert!(body.ends_with("\n\n"), "a stream ends with a complete event: {body:?}");
+    body.strip_suffix("\n\n")
+        .unwrap()
+        .split("\n\n")
+        .map(|event| {
+            let data = event.strip_prefix("data: ").unwrap_or_else(|| panic!("not a data event: {event:?}"));
+            assert!(!data.contains('\n'), "one line per event: {event:?}");
+            data.to_string()
+        })
+        .collect()
+}
+
+/// The engine called directly: greedy text, token count and finish reason.
+fn engine_greedy(model: &str, prompt: &Value, max_tokens: usize) -> (String, usize, usize, &'static str) {
+    let mut m = Model::load(&tiny(model), &common::load_options()).unwrap();
+    let ids = match prompt {
+        Value::String(text) => m.encode(text).unwrap(),
+        messages => m.encode_chat(&serde_json::from_value::<Vec<ChatMessage>>(messages.clone()).unwrap()).unwrap(),
+    };
+    let params = GenerateParams { max_new_tokens: max_tokens, ..GenerateParams::default() };
+    let g = m.generate(&ids, &params, &AtomicBool::new(false), |_| std::ops::ControlFlow::Continue(())).unwrap();
+    let finish = if g.finish_reason == edgeflow::engine::FinishReason::Stop { "stop" } else { "length" };
+    (g.text, ids.len(), g.token_ids.len(), finish)
+}
+
+#[test]
+fn openai_sdk_streams_the_engines_greedy_output() {
+    let server = Server::start(
+        "phi3-tiny-gqa",
+        &format!("[serve]\ntoken_env = \"{TOKEN_ENV}\"\n"),
+        &["--name", "tiny-chat", "--model-version", "7"],
+        &[(TOKEN_ENV, "local-secret")],
+    );
+    let messages = json!([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]);
+    let prompt = "Once upon a time";
+    let n = 24;
+    let spec = json!({"api_key": "local-secret", "messages": messages, "prompt": prompt, "max_tokens": n});
+    let out = Command::new(python()).arg(common::repo().join("tests/serve/client.py")).arg(&server.socket).arg("sdk").arg(spec.to_string()).output().unwrap();
+    assert!(out.status.success(), "client failed: {}\nserver log:\n{}", String::from_utf8_lossy(&out.stderr), server.log());
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+
+    let models = r["models"].as_array().unwrap();
+    assert_eq!(models.len(), 1);
+    assert_eq!((models[0]["id"].as_str(), models[0]["version"].as_str(), models[0]["object"].as_str()), (Some("tiny-chat"), Some("7"), Some("model")));
+
+    let (chat_text, chat_prompt_tokens, chat_tokens, chat_finish) = engine_greedy("phi3-tiny-gqa", &messages, n);
+    assert!(!chat_text.is_empty());
+    let chat = &r["chat"];
+    assert_eq!(chat["text"], chat_text.as_str(), "non-streamed chat = the engine's greedy output");
+    assert_eq!(
+        (chat["role"].as_str(), chat["finish_reason"].as_str(), chat["object"].as_str()),
+        (Some("assistant"), Some(chat_finish), Some("chat.completion"))
+    );
+    assert_eq!(chat["usage"], json!({"prompt_tokens": chat_prompt_tokens, "completion_tokens": chat_tokens, "total_tokens": chat_prompt_tokens + chat_tokens}));
+    assert_eq!((chat["model"].as_str(), chat["system_fingerprint"].as_str()), (Some("tiny-chat"), Some("tiny-chat@7")));
+
+    let stream = &r["chat_stream"];
+    assert_eq!(stream["text"], chat_text.as_str(), "streamed chat = the engine's greedy output");
+    assert_eq!(stream["finish_reason"], chat_finish);
+    assert_eq!(stream["usage"], chat["usage"], "stream_options.include_usage reports the same usage");
+    assert_eq!(stream["roles"], json!(["assistant"]), "the role is sent once, first");
+    assert!(stream["chunks"].as_u64().unwrap() >= 3, "{stream}");
+
+    let (text, prompt_tokens, tokens, finish) = engine_greedy("phi3-tiny-gqa", &json!(prompt), n);
+    assert_eq!(r["completion"]["text"], text.as_str());
+    assert_eq!(r["completion"]["finish_reason"], finish);
+    assert_eq!(r["completion"]["usage"]["prompt_tokens"], prompt_tokens);
+    assert_eq!(r["completion"]["usage"]["completion_tokens"], tokens);
+    assert_eq!(r["completion"]["object"], "text_completion");
+    assert_eq!(r["completion_stream"]["text"], text.as_str());
+    assert_eq!(r["completion_stream"]["finish_reason"], finish);
+
+    assert_eq!(r["errors"]["n2"]["status"], 400);
+    assert_eq!(r["errors"]["n2"]["param"], "n");
+    assert_eq!(r["errors"]["bad_key"], json!({"status": 401, "code": "invalid_api_key"}));
+    let (status, log) = server.stop();
+    assert!(status.success(), "SIGTERM ends the server with exit 0: {status}\n{log}");
+}
+
+#[test]
+fn curl_sees_sse_framing_and_openai_error_shapes() {
+    // Also on a loopback TCP port (off by default), serving the same routes.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let tcp = format!("127.0.0.1:{port}");
+    let server = Server::start("phi3-tiny-gqa", "", &["--tcp-listen", &tcp], &[]);
+    let s = &server.socket;
+    let over_tcp = Command::new("curl").args(["-q", "-sS", "--max-time", "30", &format!("http://{tcp}/v1/models")]).output().unwrap();
+    let models: Value = serde_json::from_slice(&over_tcp.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&over_tcp.stderr)));
+    assert_eq!(models["data"][0]["id"], "phi3-tiny-gqa");
+    let stream = curl_post(
+        s,
+        "/v1/chat/completions",
+        r#"{"model":"m","messages":[{"role":"user","content":"Hi"}],"max_tokens":12,"stream":true,"stream_options":{"include_usage":true}}"#,
+    );
+    assert_eq!(stream.status, 200, "{stream:?}");
+    assert!(stream.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")), "{stream:?}");
+    assert!(stream.header("x-edgeflow-model").is_some_and(|v| v.ends_with("@local")));
+    let events = sse_events(&stream.body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let id = chunks[0]["id"].as_str().unwrap();
+    assert!(id.starts_with("chatcmpl-"));
+    assert!(chunks.iter().all(|c| c["id"] == id && c["object"] == "chat.completion.chunk"), "one id for the whole stream");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage_chunk = chunks.last().unwrap();
+    assert_eq!(usage_chunk["choices"], json!([]));
+    let finish_chunk = &chunks[chunks.len() - 2];
+    assert!(["stop", "length"].contains(&finish_chunk["choices"][0]["finish_reason"].as_str().unwrap()));
+    let content_chunks = chunks.iter().filter(|c| c["choices"][0]["delta"]["content"].as_str().is_some_and(|t| !t.is_empty())).count() as u64;
+    assert!(content_chunks >= 1 && content_chunks <= usage_chunk["usage"]["completion_tokens"].as_u64().unwrap());
+
+    // Each bad request: a 4xx with an OpenAI error object, and the server keeps serving.
+    let huge = format!(r#"{{"model":"m","prompt":"{}"}}"#, "a".repeat(2 << 20));
+    let invalid_utf8 = b"{\"model\":\"m\",\"prompt\":\"\xff\xfe\"}".to_vec();
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        ("/v1/chat/completions", "{\"model\": \"m\", \"messages\": [".into(), 400, "not valid JSON"),
+        ("/v1/chat/completions", r#"{"model":"m","messages":"hello"}"#.into(), 400, "invalid type"),
+        ("/v1/chat/completions", r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":"ten"}"#.into(), 400, "max_tokens"),
+        ("/v1/chat/completions", r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temprature":0.5}"#.into(), 400, "unknown field `temprature`"),
+        ("/v1/chat/completions", r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"n":3}"#.into(), 400, "only one choice"),
+        ("/v1/completions", huge.into_bytes(), 413, "larger than the limit"),
+        ("/v1/completions", invalid_utf8, 400, "not valid JSON"),
+        ("/v1/completions", format!(r#"{{"model":"m","prompt":"{}"}}"#, "word ".repeat(5000)).into_bytes(), 400, "prompt tokens"),
+        ("/v1/completions", r#"{"model":"m","prompt":"x","max_tokens":1000000}"#.into(), 400, "exceeds this server's limit"),
+    ];
+    for (path, body, status, needle) in &cases {
+        let r = curl_post(s, path, body);
+        assert_eq!(r.status, *status, "{path} {:.80}: {r:?}", String::from_utf8_lossy(body));
+        let err = &r.json()["error"];
+        assert!(err["message"].as_str().is_some_and(|m| m.contains(needle)), "{needle:?} not in {err}");
+        assert!(err["type"].is_string() && err["code"].is_string(), "{err}");
+    }
+    let r = curl(s, &["-X", "DELETE", "/v1/models"], None);
+    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (405, Some("method_not_allowed")));
+    let r = curl(s, &["/v1/nope"], None);
+    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (404, Some("not_found")));
+
+    let ok = curl_post(s, "/v1/completions", r#"{"model":"m","prompt":"Still there?","max_tokens":4}"#);
+    assert_eq!(ok.status, 200, "the server keeps serving after bad input: {ok:?}");
+    assert_eq!(ok.json()["object"], "text_completion");
+    assert!(server.log().lines().all(|l| !l.contains("panicked")), "{}", server.log());
+}
+
+#[test]
+fn a_flood_of_clients_gets_only_200s_and_429s() {
+    let server = Server::start("phi3-tiny-gqa", "", &["--queue-depth", "2"], &[]);
+    let body = r#"{"model":"m","prompt":"Flood","max_tokens":48,"ignore_eos":true}"#;
+    let clients: Vec<Child> = (0..24)
+        .map(|_| {
+            Command::new("curl")
+                .args(["-q", "-sS", "-i", "--max-time", "120", "--unix-socket"])
+                .arg(&server.socket)
+                .args(["--data-binary", body, "http://edgeflow/v1/completions"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let answers: Vec<Http> = clients.into_iter().map(|c| parse_curl(c.wait_with_output().unwrap())).collect();
+    let ok = answers.iter().filter(|a| a.status == 200).count();
+    let busy: Vec<&Http> = answers.iter().filter(|a| a.status == 429).collect();
+    assert_eq!(ok + busy.len(), answers.len(), "only 200 and 429: {:?}", answers.iter().map(|a| a.status).collect::<Vec<_>>());
+    assert!(ok >= 3, "the running job and the queued ones complete ({ok} did)");
+    assert!(!busy.is_empty(), "24 simultaneous clients overflow a queue of 2");
+    for b in &busy {
+        let secs: u64 = b.header("retry-after").expect("429 carries Retry-After").parse().unwrap();
+        assert!((1..=60).contains(&secs));
+        assert_eq!(b.json()["error"]["code"], "queue_full");
+    }
+    for a in answers.iter().filter(|a| a.status == 200) {
+        assert_eq!(a.json()["usage"]["completion_tokens"], 48);
+    }
+    assert_eq!(server.metric("edgeflow_http_requests_total{route=\"/v1/completions\",status=\"429\"}") as usize, busy.len());
+    assert_eq!(server.metric("edgeflow_queue_depth"), 0.0);
+}
+
+#[test]
+fn a_disconnected_client_stops_generation() {
+    let server = Server::start("phi3-tiny-gqa", "[serve]\nmax_tokens = 4000\n", &[], &[]);
+    let s = &server.socket;
+    for stream in [true, false] {
+        let before = server.metric("edgeflow_generated_tokens_total");
+        let body = format!(r#"{{"model":"m","prompt":"Tell me everything","max_tokens":3000,"ignore_eos":true,"stream":{stream}}}"#);
+        // curl gives up after 0.5 s and closes the connection.
+        let r = curl(s, &["--max-time", "0.5", "--data-binary", &body, "/v1/completions"], None);
+        assert_eq!(r.exit, 28, "curl timed out as planned: {r:?}");
+        std::thread::sleep(Duration::from_millis(300));
+        let stopped_at = server.metric("edgeflow_generated_tokens_total");
+        std::thread::sleep(Duration::from_millis(700));
+        let later = server.metric("edgeflow_generated_tokens_total");
+        assert_eq!(stopped_at, later, "stream={stream}: the token counter stops growing once the client is gone");
+        assert!(later > before, "stream={stream}: generation had started");
+        assert!(later - before < 3000.0, "stream={stream}: generation stopped early ({} tokens)", later - before);
+        assert_eq!(server.metric("edgeflow_generations_in_progress"), 0.0);
+    }
+    assert_eq!(server.metric("edgeflow_generations_cancelled_total"), 2.0);
+}
+
+#[test]
+fn timeouts_and_metrics_that_prometheus_client_parses() {
+    let server = Server::start("phi3-tiny-gqa", "[serve]\nmax_tokens = 4000\n", &["--request-timeout", "1s"], &[]);
+    let s = &server.socket;
+    let long = r#"{"model":"m","prompt":"Go on","max_tokens":4000,"ignore_eos":true}"#;
+    let r = curl_post(s, "/v1/completions", long);
+    assert_eq!((r.status, r.json()["error"]["code"].as_str()), (504, Some("timeout")), "{r:?}");
+    let streamed = curl_post(s, "/v1/completions", long.replace("}", r#","stream":true}"#));
+    assert_eq!(streamed.status, 200);
+    let events = sse_events(&streamed.body);
+    let last: Value = serde_json::from_str(events.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "timeout", "a stream that times out ends with an error event, not [DONE]");
+    for _ in 0..3 {
+        assert_eq!(curl_post(s, "/v1/chat/completions", r#"{"model":"m","messages":[{"role":"user","content":"Hi"}],"max_tokens":5}"#).status, 200);
+    }
+
+    let out = Command::new(python()).arg(common::repo().join("tests/serve/client.py")).arg(s).arg("metrics").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(m["status"], 200);
+    assert!(m["content_type"].as_str().unwrap().starts_with("text/plain; version=0.0.4"));
+    let f = &m["families"];
+    let kind = |name: &str| f[name]["type"].as_str().unwrap_or_else(|| panic!("no family {name}: {}", f)).to_string();
+    for (name, want) in [
+        ("edgeflow_http_requests", "counter"),
+        ("edgeflow_http_request_errors", "counter"),
+        ("edgeflow_request_duration_seconds", "histogram"),
+        ("edgeflow_time_to_first_token_seconds", "histogram"),
+        ("edgeflow_generated_tokens", "counter"),
+        ("edgeflow_prompt_tokens", "counter"),
+        ("edgeflow_queue_depth", "gauge"),
+        ("edgeflow_generations_in_progress", "gauge"),
+        ("edgeflow_active_model_info", "gauge"),
+        ("edgeflow_models_loaded", "gauge"),
+    ] {
+        assert_eq!(kind(name), want, "{name}");
+    }
+    let sample = |family: &str, name: &str, labels: Value| -> f64 {
+        f[family]["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name && labels.as_object().unwrap().iter().all(|(k, v)| &s["labels"][k] == v))
+            .and_then(|s| s["value"].as_f64())
+            .unwrap_or_else(|| panic!("no sample {name} {labels} in {}", f[family]))
+    };
+    assert_eq!(sample("edgeflow_http_requests", "edgeflow_http_requests_total", json!({"route": "/v1/chat/completions", "status": "200"})), 3.0);
+    assert_eq!(
+        sample("edgeflow_http_request_errors", "edgeflow_http_request_errors_total", json!({"route": "/v1/completions", "code": "timeout"})),
+        2.0,
+        "the 504 and the stream's error event"
+    );
+    assert!(sample("edgeflow_time_to_first_token_seconds", "edgeflow_time_to_first_token_seconds_count", json!({})) >= 4.0);
+    assert_eq!(sample("edgeflow_request_duration_seconds", "edgeflow_request_duration_seconds_count", json!({"route": "/v1/chat/completions"})), 3.0);
+    assert!(sample("edgeflow_generated_tokens", "edgeflow_generated_tokens_total", json!({})) >= 15.0);
+    assert_eq!(sample("edgeflow_active_model_info", "edgeflow_active_model_info", json!({"name": "phi3-tiny-gqa", "version": "local"})), 1.0);
+    assert_eq!(sample("edgeflow_models_loaded", "edgeflow_models_loaded", json!({})), 1.0);
+}
+
+#[test]
+fn socket_mode_group_and_uid_allow_list() {
+    // The socket is created 0660 with the configured group. A user outside the group is
+    // refused by the kernel; one inside it but not on the uid allow-list gets 403.
+    const GROUP: u32 = 64_100;
+    const IN_GROUP_NOT_ALLOWED: u32 = 64_101;
+    const ALLOWED: u32 = 64_102;
+    const OUTSIDER: u32 = 64_103;
+    let root = nix::unistd::geteuid().is_root();
+    let group = if root { GROUP } else { nix::unistd::getegid().as_raw() };
+    let config = format!("[serve]\nsocket_mode = 0o660\nsocket_group = {group}\nallowed_uids = [{}, {ALLOWED}]\n", nix::unistd::geteuid().as_raw());
+
+    let mut server = Server::start("phi3-tiny-gqa", &config, &[], &[]);
+    let meta = std::fs::metadata(&server.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), group);
+    assert_eq!(server.curl(&["/healthz"]).status, 200, "this uid is on the allow-list");
+
+    // Starting a second server on a live socket fails cleanly and leaves the first alone.
+    let second = Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+        .args(["serve", "--model-dir"])
+        .arg(tiny("phi3-tiny-gqa"))
+        .arg("--socket")
+        .arg(&server.socket)
+        .env("ORT_DYLIB_PATH", common::ort_lib())
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("another server is listening"), "{}", String::from_utf8_lossy(&second.stderr));
+    assert_eq!(server.curl(&["/healthz"]).status, 200);
+
+    if !root {
+        eprintln!("not root: skipping the checks that run curl as other users (CI runs as root)");
+        return;
+    }
+    std::fs::set_permissions(server.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = server.socket.clone();
+    let refused = curl(&s, &["/healthz"], Some((OUTSIDER, OUTSIDER)));
+    assert_eq!((refused.exit, refused.status), (7, 0), "outside the group: the kernel refuses the connection: {refused:?}");
+    let forbidden = curl(&s, &["/v1/models"], Some((IN_GROUP_NOT_ALLOWED, GROUP)));
+    assert_eq!(forbidden.status, 403, "{forbidden:?}");
+    assert_eq!(forbidden.json()["error"]["code"], "permission_denied");
+    assert!(forbidden.json()["error"]["message"].as_str().unwrap().contains(&format!("uid {IN_GROUP_NOT_ALLOWED}")));
+    let allowed = curl(
+        &s,
+        &["-H", "content-type: application/json", "--data-binary", r#"{"model":"m","prompt":"Hi","max_tokens":3}"#, "/v1/completions"],
+        Some((ALLOWED, GROUP)),
+    );
+    assert_eq!(allowed.status, 200, "{allowed:?}");
+    assert!(server.log().contains(&format!("uid={IN_GROUP_NOT_ALLOWED}")), "the refused peer's uid is logged:\n{}", server.log());
+
+    // A server killed without cleanup leaves a stale socket; the next start replaces it.
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    assert!(s.exists(), "SIGKILL leaves the socket file behind");
+    let restarted = Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+        .args(["serve", "--model-dir"])
+        .arg(tiny("phi3-tiny-gqa"))
+        .arg("--socket")
+        .arg(&s)
+        .env("ORT_DYLIB_PATH", common::ort_lib())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut restarted = scopeguard(restarted);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while curl(&s, &["/readyz"], None).status != 200 {
+        assert!(Instant::now() < deadline && restarted.0.try_wait().unwrap().is_none(), "restart over a stale socket failed");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = terminate(&mut restarted.0);
+    assert!(status.success());
+    assert!(!s.exists(), "a clean shutdown removes the socket");
+}
+
+/// Kills the child if a test fails before stopping it.
+struct Guard(Child);
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            terminate(&mut self.0);
+        }
+    }
+}
+fn scopeguard(child: Child) -> Guard {
+    Guard(child)
+}
+
+#[test]
+fn serves_a_socket_passed_by_systemd() {
+    // As a socket-activated unit: the socket exists before edgeflow starts, arrives as fd 3
+    // with LISTEN_PID/LISTEN_FDS, and stays when edgeflow exits (systemd owns it).
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "export LISTEN_PID=$$ LISTEN_FDS=1; exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_edgeflow"))
+        .args(["serve", "--threads", "2", "--model-dir"])
+        .arg(tiny("phi3-tiny-gqa"))
+        // Never bound: the passed socket wins (and this directory does not exist).
+        .args(["--socket", "/nonexistent/edgeflow/api.sock"])
+        .env("ORT_DYLIB_PATH", common::ort_lib())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ok = if fd == 3 { nix::libc::fcntl(3, nix::libc::F_SETFD, 0) } else { nix::libc::dup2(fd, 3) };
+            if ok < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = Guard(cmd.spawn().unwrap());
+    drop(listener);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while curl(&path, &["/readyz"], None).status != 200 {
+        assert!(Instant::now() < deadline && child.0.try_wait().unwrap().is_none(), "edgeflow did not serve the passed socket");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = curl_post(&path, "/v1/completions", r#"{"model":"m","prompt":"Hi","max_tokens":3}"#);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+    assert!(terminate(&mut child.0).success());
+    assert!(path.exists(), "the socket belongs to systemd and is left in place");
+}
+
+// ---- hot swap, driven through the library as the registry side will drive it ----
+
+struct InProcess {
+    manager: Manager,
+    metrics: Arc<Metrics>,
+    socket: PathBuf,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<Result<(), serve::ServeError>>,
+    _dir: tempfile::TempDir,
+    _file: serve::SocketFile,
+}
+
+async fn in_process(swap: SwapMode) -> InProcess {
+    let metrics = Arc::new(Metrics::new());
+    let manager =
+        Manager::new(ManagerOptions { load: common::load_options(), queue_depth: 4, max_prompt_tokens: None, smoke_test_tokens: 1, swap }, metrics.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let (listener, file) = serve::bind(&SocketOptions { path: socket.clone(), mode: 0o600, group: None }).unwrap();
+    let app = App::new(
+        manager.clone(),
+        metrics.clone(),
+        Access::default(),
+        Limits { max_body_bytes: 1 << 20, max_tokens: 4000, request_timeout: Duration::from_secs(60) },
+        Duration::from_secs(5),
+    );
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve::run(listener, app, shutdown.clone()));
+    InProcess { manager, metrics, socket, shutdown, server, _dir: dir, _file: file }
+}
+
+fn source(model: &str, version: &str) -> ModelSource {
+    ModelSource { dir: tiny(model), name: "edge-chat".into(), version: version.into(), digest: Some(format!("sha256:{model}-{version}")) }
+}
+
+/// Starts a long stream (curl) and returns once its first token has arrived.
+fn start_stream(socket: &Path, tokens: usize) -> (Child, BufReader<std::process::ChildStdout>) {
+    let body = format!(
+        r#"{{"model":"edge-chat","prompt":"A long story","max_tokens":{tokens},"ignore_eos":true,"stream":true,"stream_options":{{"include_usage":true}}}}"#
+    );
+    let mut child = Command::new("curl")
+        .args(["-q", "-sS", "-N", "--max-time", "120", "--unix-socket"])
+        .arg(socket)
+        .args(["--data-binary", &body, "http://edgeflow/v1/completions"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap() > 0 {
+        if line.contains("\"text\":\"") && !line.contains("\"text\":\"\"") {
+            break;
+        }
+        line.clear();
+    }
+    (child, reader)
+}
+
+/// Reads a stream to its end: (fingerprint of its chunks, completion tokens, ended with [DONE]).
+fn finish_stream(mut child: Child, mut reader: BufReader<std::process::ChildStdout>) -> (String, u64, bool) {
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+    child.wait().unwrap();
+    let events: Vec<&str> = rest.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
+    let done = events.last() == Some(&"[DONE]");
+    let chunks: Vec<Value> = events.iter().filter(|e| **e != "[DONE]").map(|e| serde_json::from_str(e).unwrap()).collect();
+    let tokens = chunks.iter().find_map(|c| c["usage"]["completion_tokens"].as_u64()).unwrap_or(0);
+    let fingerprint = chunks.first().and_then(|c| c["system_fingerprint"].as_str()).unwrap_or_default().to_string();
+    (fingerprint, tokens, done)
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlap_swap_during_a_stream() {
+    let p = in_process(SwapMode::Overlap).await;
+    p.manager.activate(source("phi3-tiny-gqa", "1")).await.unwrap();
+    let socket = p.socket.clone();
+    let (child, reader) = blocking(move || start_stream(&socket, 3000)).await;
+
+    let info = p.manager.activate(source("phi3-tiny-mha", "2")).await.unwrap();
+    assert_eq!(info.version, "2");
+    // The new version answers while the old one is still streaming: both are in memory.
+    let socket = p.socket.clone();
+    let r = blocking(move || curl_post(&socket, "/v1/chat/completions", r#"{"model":"edge-chat","messages":[{"role":"user","content":"Hi"}],"max_tokens":3}"#))
+        .await;
+    assert_eq!(r.json()["system_fingerprint"], "edge-chat@2", "{r:?}");
+    assert_eq!(p.metrics.models_loaded.get(), 2, "the old version is still draining its stream");
+
+    let (fingerprint, tokens, done) = blocking(move || finish_stream(child, reader)).await;
+    assert!(done, "the stream begun before the swap completes with [DONE]");
+    assert_eq!((fingerprint.as_str(), tokens), ("edge-chat@1", 3000), "... entirely on the old version");
+
+    let socket = p.socket.clone();
+    let models = blocking(move || curl(&socket, &["/v1/models"], None)).await.json();
+    assert_eq!((models["data"][0]["version"].as_str(), models["data"][0]["digest"].as_str()), (Some("2"), Some("sha256:phi3-tiny-mha-2")));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.metrics.models_loaded.get() != 1 {
+        assert!(Instant::now() < deadline, "the old version is unloaded once drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = p.metrics.render();
+    assert!(
+        text.contains(r#"edgeflow_active_model_info{digest="sha256:phi3-tiny-mha-2",name="edge-chat",version="2"} 1"#) && !text.contains(r#"version="1""#),
+        "{text}"
+    );
+
+    // A version that fails to load leaves the current one serving.
+    let broken = tempfile::tempdir().unwrap();
+    let err =
+        p.manager.activate(ModelSource { dir: broken.path().to_path_buf(), name: "edge-chat".into(), version: "3".into(), digest: None }).await.unwrap_err();
+    assert!(format!("{err}").contains("version 3"), "{err}");
+    assert_eq!(p.manager.current().unwrap().info().version, "2");
+    p.shutdown.cancel();
+    p.server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_the_world_swap_drains_first_and_answers_503_meanwhile() {
+    let p = in_process(SwapMode::StopTheWorld).await;
+    p.manager.activate(source("phi3-tiny-gqa", "1")).await.unwrap();
+    let socket = p.socket.clone();
+    let (child, reader) = blocking(move || start_stream(&socket, 1500)).await;
+
+    // The registry side publishes versions on a watch; the manager follows it.
+    let (versions, follow) = tokio::sync::watch::channel(None);
+    let follower = p.manager.follow(follow, p.shutdown.clone());
+    versions.send(Some(source("phi3-tiny-mha", "2"))).unwrap();
+    // During the swap: not ready, and new requests are turned away with Retry-After.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.manager.is_swapping() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let socket = p.socket.clone();
+    let (ready, busy) =
+        blocking(move || (curl(&socket, &["/readyz"], None), curl_post(&socket, "/v1/completions", r#"{"model":"m","prompt":"Hi","max_tokens":2}"#))).await;
+    assert_eq!(ready.status, 503);
+    assert_eq!((busy.status, busy.json()["error"]["code"].as_str()), (503, Some("model_not_ready")), "{busy:?}");
+    assert!(busy.header("retry-after").is_some());
+    assert!(p.metrics.models_loaded.get() <= 1, "never two models in memory");
+
+    let (fingerprint, tokens, done) = blocking(move || finish_stream(child, reader)).await;
+    assert!(done && tokens == 1500 && fingerprint == "edge-chat@1", "the in-flight stream completes on the old version");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while p.manager.current().map(|a| a.info().version.clone()).as_deref() != Some("2") {
+        assert!(Instant::now() < deadline, "version 2 never became active");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(p.metrics.models_loaded.get(), 1);
+    let socket = p.socket.clone();
+    let r = blocking(move || curl_post(&socket, "/v1/completions", r#"{"model":"m","prompt":"Hi","max_tokens":2}"#)).await;
+    assert_eq!(r.json()["system_fingerprint"], "edge-chat@2");
+
+    // A failed version in stop-the-world mode: the previous one is loaded again.
+    let broken = tempfile::tempdir().unwrap();
+    assert!(p.manager.activate(ModelSource { dir: broken.path().to_path_buf(), name: "edge-chat".into(), version: "3".into(), digest: None }).await.is_err());
+    assert_eq!(p.manager.current().map(|a| a.info().version.clone()).as_deref(), Some("2"), "rolled back to version 2");
+    p.shutdown.cancel();
+    p.server.await.unwrap().unwrap();
+    follower.await.unwrap();
+    p.manager.deactivate().await;
+    assert_eq!(p.metrics.models_loaded.get(), 0);
+}
