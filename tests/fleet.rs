@@ -677,6 +677,48 @@ async fn drift_flags_a_shifted_prompt_distribution_and_stays_quiet_on_an_unshift
     running.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drift_baseline_logged_with_the_version_is_the_reference() {
+    // The version's folder carries drift_baseline.json: a sketch of long prompts.
+    let version_dir = tempfile::tempdir().unwrap();
+    let mut rng = fastrand::Rng::with_seed(21);
+    let mut baseline = edgeflow::telemetry::drift::Sketch::default();
+    for _ in 0..300 {
+        baseline.observe(&obs(500 + rng.usize(..500), &mut rng));
+    }
+    std::fs::write(version_dir.path().join(edgeflow::telemetry::drift::BASELINE_FILE), serde_json::to_vec(&baseline).unwrap()).unwrap();
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/dev-art/drift"])).await);
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, _log) = handler();
+    let (publisher, status) = edgeflow::status::channel();
+    let dir = version_dir.path().to_path_buf();
+    publisher.update(move |s| s.model = Some(edgeflow::status::ModelStatus { name: "tiny".into(), version: "5".into(), digest: None, target: None, activated_at: None, dir: Some(dir) }));
+    let recorder = Recorder::new();
+    let running = spawn_with_status(settings(&broker.url(), "dev-art", spool.path(), "drift_interval = \"1s\"\ndrift_min_samples = 100\nreport_interval = \"1h\""), bus, Some(recorder.clone()), status);
+    // Short prompts from the first request on: compared with the artifact at once, no
+    // first-window baseline needed.
+    for _ in 0..150 {
+        recorder.observe("tiny", "5", &obs(10 + rng.usize(..20), &mut rng));
+    }
+    let s2 = sub.clone();
+    let d = blocking(move || s2.wait(|m| m.topic.ends_with("/drift"), WAIT)).await.expect("a drift report").json();
+    assert_eq!((d["baseline"]["source"].as_str(), d["baseline"]["n"].as_u64()), (Some("artifact"), Some(300)), "{d}");
+    assert_eq!(d["alert"], true, "{:#}", d["divergence"]);
+    running.stop().await;
+}
+
+/// The status of a device serving a registry version, as the daemon would publish it.
+fn populated_status() -> (edgeflow::status::Publisher, watch::Receiver<edgeflow::status::Status>) {
+    let (publisher, status) = edgeflow::status::channel();
+    publisher.update(|s| {
+        s.model = Some(edgeflow::status::ModelStatus { name: "phi3-mini-support".into(), version: "12".into(), digest: Some(format!("sha256:{}", "ab".repeat(32))), target: Some("alias:champion".into()), activated_at: Some(1_795_000_000), dir: None });
+        s.registry = Some(edgeflow::status::PollStatus { checked_at: Some(1_795_000_100), outcome: "up_to_date".into(), detail: None, polls: 321 });
+    });
+    (publisher, status)
+}
+
 /// Figures for BENCHMARKS.md, not part of `make test`:
 /// `cargo test --release --test fleet -- --ignored --nocapture --test-threads 1`.
 /// How fast a spool filled during an outage drains once the broker is back.
@@ -724,11 +766,7 @@ async fn bench_wire_bytes_per_report() {
     let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/dev-bytes/#"])).await);
     let spool = tempfile::tempdir().unwrap();
     let (bus, _log) = handler();
-    let (publisher, status) = edgeflow::status::channel();
-    publisher.update(|s| {
-        s.model = Some(edgeflow::status::ModelStatus { name: "phi3-mini-support".into(), version: "12".into(), digest: Some(format!("sha256:{}", "ab".repeat(32))), target: Some("alias:champion".into()), activated_at: Some(1_795_000_000), dir: None });
-        s.registry = Some(edgeflow::status::PollStatus { checked_at: Some(1_795_000_100), outcome: "up_to_date".into(), detail: None, polls: 321 });
-    });
+    let (_publisher, status) = populated_status();
     let metrics = Arc::new(edgeflow::telemetry::Metrics::new());
     for i in 0..50 {
         metrics.http_requests.with_label_values(&["/v1/chat/completions", "200"]).inc();
@@ -771,6 +809,48 @@ async fn bench_wire_bytes_per_report() {
     let h = blocking(move || s2.wait(|m| m.topic.ends_with("/health"), WAIT)).await.expect("health");
     tokio::time::sleep(Duration::from_millis(300)).await;
     measure(before, "health (model, registry, requests)", h.payload.len());
+    shutdown.cancel();
+    handle.join().await.unwrap();
+}
+
+/// Bytes per minute on the wire of a fully populated device (active model, registry status,
+/// request metrics, drift every window) at the default intervals, through a counting relay;
+/// `FLEET_BENCH_MINUTES` (default 16) long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn bench_wire_bytes_per_minute_at_default_intervals() {
+    let minutes: f64 = std::env::var("FLEET_BENCH_MINUTES").ok().and_then(|m| m.parse().ok()).unwrap_or(16.0);
+    let broker = Mosquitto::start("");
+    let proxy = Proxy::start(broker.port, false);
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, _log) = handler();
+    let (_publisher, status) = populated_status();
+    let metrics = Arc::new(edgeflow::telemetry::Metrics::new());
+    let recorder = Recorder::new();
+    // Only the broker, device and spool differ from the defaults.
+    let text = format!("[fleet]\nbroker = \"{}\"\ndevice_id = \"dev-wire\"\nspool_dir = \"{}\"\n", proxy.url(), spool.path().display());
+    let config: edgeflow::config::Config = toml::from_str(&text).unwrap();
+    let shutdown = CancellationToken::new();
+    let handle = Link::new(config.fleet.resolve().unwrap().unwrap()).metrics(metrics.clone()).drift(recorder.clone()).spawn(status, bus, shutdown.clone()).unwrap();
+    wait_state(&handle, "connected", |s| s.connected).await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let total = || proxy.up.load(std::sync::atomic::Ordering::SeqCst) + proxy.down.load(std::sync::atomic::Ordering::SeqCst);
+    let before = total();
+    let started = std::time::Instant::now();
+    let mut rng = fastrand::Rng::with_seed(1);
+    // A request every 2 s, as a lightly used device would see.
+    while started.elapsed().as_secs_f64() < minutes * 60.0 {
+        metrics.http_requests.with_label_values(&["/v1/chat/completions", "200"]).inc();
+        metrics.request_duration.with_label_values(&["/v1/chat/completions"]).observe(0.2 + rng.f64());
+        metrics.time_to_first_token.observe(0.02 + rng.f64() * 0.05);
+        metrics.generated_tokens.inc_by(30);
+        recorder.observe("phi3-mini-support", "12", &obs(20 + rng.usize(..400), &mut rng));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let per_min = (total() - before) as f64 / started.elapsed().as_secs_f64() * 60.0;
+    let s = handle.state().borrow().clone();
+    println!("wire at default intervals: {per_min:.0} B/min over {minutes} min (plain TCP, MQTT {}; {} delivered)", s.protocol.unwrap_or("?"), s.delivered);
+    assert!(s.connected && s.delivered > 0);
     shutdown.cancel();
     handle.join().await.unwrap();
 }

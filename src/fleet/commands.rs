@@ -233,7 +233,12 @@ impl Recent {
             for item in t.iter().flatten() {
                 let (k, v) = item;
                 match (std::str::from_utf8(&k), serde_json::from_slice::<Entry>(&v)) {
-                    (Ok(id), Ok(e)) if e.keep_until >= now => {
+                    (Ok(id), Ok(mut e)) if e.keep_until >= now => {
+                        // Running when the agent stopped: its outcome is unknown, and it
+                        // must not run again; a repeat learns that instead of waiting forever.
+                        if e.done.is_none() {
+                            e.done = Some(Final { succeeded: false, reason: Some("interrupted: the agent restarted while it ran".into()), result: None });
+                        }
                         entries.insert(id.to_string(), e);
                     }
                     _ => {
@@ -404,6 +409,14 @@ mod tests {
         // After a restart the id is still known; after the window it is forgotten.
         let reloaded = Recent::load(Some(tree.clone()), Duration::from_secs(600), NOW + 60);
         assert_eq!(reloaded.check(&o1), Seen::Duplicate(Some(done)));
+        // A command still running when the agent stopped is reported as interrupted.
+        let o2 = open(json!({"request_id": "r2"}).to_string().as_bytes(), "dev", "sync", &policy(false), NOW).unwrap();
+        let mut running = Recent::load(Some(tree.clone()), Duration::from_secs(600), NOW);
+        running.start(&o2, NOW).unwrap();
+        match Recent::load(Some(tree.clone()), Duration::from_secs(600), NOW + 1).check(&o2) {
+            Seen::Duplicate(Some(Final { succeeded: false, reason: Some(r), .. })) => assert!(r.starts_with("interrupted"), "{r}"),
+            other => panic!("{other:?}"),
+        }
         let later = Recent::load(Some(tree), Duration::from_secs(600), NOW + 601);
         assert_eq!(later.check(&o1), Seen::New);
         assert!(later.is_empty());
