@@ -28,14 +28,39 @@ pub struct Config {
     pub fleet: FleetConfig,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// Path of libonnxruntime.so; unset means ORT_DYLIB_PATH, then lib/ next to the
     /// executable, then the system library path.
     pub ort_lib: Option<PathBuf>,
     /// ONNX Runtime intra-op threads; unset means the cores available to the process.
     pub threads: Option<usize>,
+    /// Refuse to load a version that does not fit in the memory left (MemAvailable and the
+    /// cgroup's memory.max), instead of being OOM-killed.
+    pub memory_check: bool,
+    /// Memory to leave besides the weights and the KV cache, e.g. `"256MiB"`.
+    pub memory_reserve: String,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { ort_lib: None, threads: None, memory_check: true, memory_reserve: "256MiB".into() }
+    }
+}
+
+impl EngineConfig {
+    /// How the daemon loads models: with the memory budget when `memory_check` is on, the
+    /// KV cache sized for the longest request `serve` admits.
+    pub fn load_options(&self, serve: &ServeConfig) -> crate::engine::LoadOptions {
+        let reserve = parse_size(&self.memory_reserve).unwrap_or(256 << 20);
+        let kv_tokens = serve.max_prompt_tokens.map(|p| p + serve.max_tokens);
+        crate::engine::LoadOptions {
+            threads: self.threads,
+            ort_lib: self.ort_lib.clone(),
+            memory: self.memory_check.then(|| crate::engine::MemoryBudget::new(reserve, kv_tokens)),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,11 +93,27 @@ impl Config {
         }
     }
 
+    /// Every problem `edgeflow run` would have with this config: [`Config::validate`]'s,
+    /// and the keys the daemon cannot do without.
+    pub fn daemon_problems(&self) -> Vec<String> {
+        let mut problems = self.validate();
+        if self.registry.url.is_none() {
+            problems.push("registry.url: required by `edgeflow run` (the MLflow server to follow)".to_string());
+        }
+        if self.registry.model.is_none() {
+            problems.push("registry.model: required by `edgeflow run` (the registered model to serve)".to_string());
+        }
+        problems
+    }
+
     /// Every problem found, each as `key.path: message`.
     pub fn validate(&self) -> Vec<String> {
         let mut problems = Vec::new();
         if self.engine.threads == Some(0) {
             problems.push("engine.threads: must be at least 1 (leave unset for the available cores)".to_string());
+        }
+        if parse_size(&self.engine.memory_reserve).is_err() {
+            problems.push(format!("engine.memory_reserve: `{}` is not a size such as \"256MiB\"", self.engine.memory_reserve));
         }
         if let Err(p) = self.registry.resolve() {
             problems.extend(p);

@@ -4,6 +4,7 @@
 //! This crate is the library; `main.rs` is a thin CLI over it.
 
 pub mod active;
+pub mod app;
 pub mod backoff;
 pub mod cache;
 pub mod command;
@@ -11,6 +12,7 @@ pub mod config;
 pub mod engine;
 pub mod fetch;
 pub mod fleet;
+pub mod notify;
 pub mod registry;
 pub mod serve;
 pub mod status;

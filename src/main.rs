@@ -26,6 +26,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: follow the registry, serve the active version on the socket, report
+    /// to the fleet. Stops cleanly on SIGTERM; SIGHUP re-reads the config.
+    Run(daemon_cmd::RunArgs),
+    /// Check a config file as `edgeflow run` would, listing every problem (exit 64).
+    CheckConfig(daemon_cmd::CheckArgs),
+    /// Show the running daemon's state (model, registry, fleet), read over its socket.
+    Status(daemon_cmd::StatusArgs),
     /// Generate text from a local ONNX GenAI model folder.
     Generate(GenerateArgs),
     /// Pull the version a registry stage or alias designates into the cache, verify and
@@ -107,8 +114,11 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(EXIT_USAGE) } else { ExitCode::SUCCESS };
         }
     };
-    init_logging(&cli.log);
+    let log = init_logging(&cli.log);
     let result = match cli.command {
+        Command::Run(args) => daemon_cmd::run(args, log),
+        Command::CheckConfig(args) => daemon_cmd::check(args),
+        Command::Status(args) => daemon_cmd::status(args),
         Command::Generate(args) => generate(args),
         Command::Pull(args) => pull::pull(args),
         Command::Cache(cmd) => pull::cache(cmd),
@@ -133,13 +143,33 @@ fn main() -> ExitCode {
 #[error("{0}")]
 struct UsageError(String);
 
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+/// Logs to stderr (the journal under systemd); returns the handle that changes the filter
+/// while running (the fleet's `set {log_level}`).
+fn init_logging(filter: &str) -> edgeflow::app::LogControl {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::EnvFilter;
+    let initial = EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("edgeflow: log filter `{filter}`: {e}; using `warn`");
+        EnvFilter::new("warn")
+    });
+    let (layer, handle) = tracing_subscriber::reload::Layer::new(initial);
+    // Under systemd the journal stamps each line; a second timestamp is noise.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if journal {
+        tracing_subscriber::registry().with(layer).with(fmt.without_time()).init();
+    } else {
+        tracing_subscriber::registry().with(layer).with(fmt).init();
+    }
+    std::sync::Arc::new(move |f: &str| {
+        let filter = EnvFilter::try_new(f).map_err(|e| format!("`{f}` is not a log filter: {e}"))?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let options = LoadOptions { threads: args.runtime.threads, ort_lib: args.runtime.ort_lib.clone() };
+    let options = LoadOptions { threads: args.runtime.threads, ort_lib: args.runtime.ort_lib.clone(), memory: None };
     let mut model = Model::load(&args.model_dir, &options).with_context(|| format!("loading model from {}", args.model_dir.display()))?;
 
     let prompt_ids = match (&args.prompt, &args.chat) {
@@ -263,7 +293,6 @@ mod pull {
     use anyhow::Context;
     use edgeflow::cache::{self, Store};
     use edgeflow::config::{CacheSettings, Config};
-    use edgeflow::engine::LoadOptions;
     use edgeflow::fetch::{self, Progress};
     use edgeflow::registry::{Auth, Client, PullEvent, Puller};
 
@@ -304,7 +333,7 @@ mod pull {
         let url = registry.url.clone().ok_or_else(|| UsageError("no registry: pass --registry-url, set MLFLOW_TRACKING_URI or registry.url".into()))?;
         let model = registry.model.clone().ok_or_else(|| UsageError("no model: pass --model or set registry.model".into()))?;
         let target = registry.target.clone();
-        let load_options = LoadOptions { threads: config.engine.threads, ort_lib: config.engine.ort_lib.clone() };
+        let load_options = config.engine.load_options(&config.serve);
 
         let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
         runtime.block_on(async move {
@@ -634,7 +663,6 @@ mod serve_cmd {
     use anyhow::Context;
     use edgeflow::active::{Manager, ManagerOptions, ModelSource};
     use edgeflow::config::Config;
-    use edgeflow::engine::LoadOptions;
     use edgeflow::serve::{self, App};
     use edgeflow::telemetry::Metrics;
     use tokio::signal::unix::{signal, SignalKind};
@@ -684,7 +712,7 @@ mod serve_cmd {
         let name = args.name.clone().unwrap_or_else(|| args.model_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()));
         let source = ModelSource { dir: args.model_dir.clone(), name, version: args.model_version.clone(), digest: None };
         let options = ManagerOptions {
-            load: LoadOptions { threads: config.engine.threads, ort_lib: config.engine.ort_lib.clone() },
+            load: config.engine.load_options(&config.serve),
             queue_depth: settings.queue_depth,
             max_prompt_tokens: settings.max_prompt_tokens,
             smoke_test_tokens: 1,
@@ -899,5 +927,119 @@ mod fleet_cmd {
             tokio::time::timeout(Duration::from_secs(10), link.join()).await.context("the fleet link did not stop in time")?.context("the fleet link task failed")?;
             Ok(())
         })
+    }
+}
+
+/// `edgeflow run`, `check-config` and `status`: the daemon and its two companions.
+mod daemon_cmd {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use anyhow::Context;
+    use clap::Args;
+    use edgeflow::config::Config;
+    use edgeflow::notify::Notifier;
+
+    use super::UsageError;
+
+    #[derive(Args)]
+    pub struct RunArgs {
+        /// Config file (see config.example.toml).
+        #[arg(long, value_name = "FILE", env = "EDGEFLOW_CONFIG", default_value = "/etc/edgeflow/config.toml")]
+        config: PathBuf,
+    }
+
+    #[derive(Args)]
+    pub struct CheckArgs {
+        /// Config file to check.
+        #[arg(long, value_name = "FILE", env = "EDGEFLOW_CONFIG", default_value = "/etc/edgeflow/config.toml")]
+        config: PathBuf,
+    }
+
+    #[derive(Args)]
+    pub struct StatusArgs {
+        /// Config file naming the socket (`serve.socket`) and token (`serve.token_env`).
+        #[arg(long, value_name = "FILE", env = "EDGEFLOW_CONFIG")]
+        config: Option<PathBuf>,
+        /// The daemon's socket (overrides the config).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+    }
+
+    /// Loads the config and lists every problem `edgeflow run` would have with it.
+    fn load(path: &PathBuf) -> anyhow::Result<Config> {
+        let config = Config::load(path)?;
+        let problems = config.daemon_problems();
+        if !problems.is_empty() {
+            return Err(UsageError(format!("config file {} has {} problem(s):\n{}", path.display(), problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))).into());
+        }
+        Ok(config)
+    }
+
+    pub fn run(args: RunArgs, log: edgeflow::app::LogControl) -> anyhow::Result<()> {
+        let config = load(&args.config)?;
+        // The runtime only moves bytes; each model has its own engine thread.
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("edgeflow-io").enable_all().build().context("starting the async runtime")?;
+        let result = runtime.block_on(edgeflow::app::run(config, args.config.clone(), log, Notifier::from_env()));
+        // A smoke test or download still running on a blocking thread must not hold up exit.
+        runtime.shutdown_timeout(Duration::from_secs(5));
+        result
+    }
+
+    pub fn check(args: CheckArgs) -> anyhow::Result<()> {
+        let config = load(&args.config)?;
+        let r = config.registry.resolve().map_err(|p| UsageError(p.join("\n")))?;
+        let c = config.cache.resolve().map_err(|p| UsageError(p.join("\n")))?;
+        let s = config.serve.resolve().map_err(|p| UsageError(p.join("\n")))?;
+        let f = config.fleet.resolve().map_err(|p| UsageError(p.join("\n")))?;
+        println!("{}: ok", args.config.display());
+        println!("  registry  {} model {} ({:?}), poll every {}", r.url.as_deref().unwrap_or("-"), r.model.as_deref().unwrap_or("-"), r.target, humantime::format_duration(r.poll_interval));
+        println!("  cache     {} (keep {} versions)", c.dir.display(), c.keep_versions);
+        println!("  serve     {} (mode {:o}, queue {}, swap {})", s.socket.path.display(), s.socket.mode, s.queue_depth, s.swap.as_str());
+        match f {
+            Some(f) => println!("  fleet     {:?} as device {} under {}", f.broker, f.device_id, f.topic_prefix),
+            None => println!("  fleet     off (fleet.broker unset)"),
+        }
+        Ok(())
+    }
+
+    pub fn status(args: StatusArgs) -> anyhow::Result<()> {
+        let config = match &args.config {
+            Some(p) => Config::load(p)?,
+            None => Config::default(),
+        };
+        let socket = args.socket.clone().or_else(|| config.serve.socket.clone()).unwrap_or_else(edgeflow::config::ServeConfig::default_socket);
+        let token = config.serve.token_env.as_deref().and_then(|v| std::env::var(v).ok());
+        let doc = edgeflow::app::fetch_status(&socket, token.as_deref(), Duration::from_secs(5))?;
+        if args.json {
+            println!("{doc}");
+            return Ok(());
+        }
+        let field = |v: &serde_json::Value| match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => "-".to_string(),
+            other => other.to_string(),
+        };
+        println!("edgeflow {} (pid {}, up {}s) on {}", field(&doc["agent_version"]), field(&doc["pid"]), field(&doc["uptime_s"]), field(&doc["socket"]));
+        match doc["serving"].as_object() {
+            Some(m) => println!("model     {}@{} ({}), queue {}/{}", field(&m["name"]), field(&m["version"]), field(&m["digest"]), field(&m["queued"]), field(&doc["queue_capacity"])),
+            None => println!("model     none loaded"),
+        }
+        if let Some(t) = doc["model"]["target"].as_str() {
+            println!("follows   {t}");
+        }
+        let reg = &doc["registry"];
+        println!("registry  {} ({} polls){}", field(&reg["outcome"]), field(&reg["polls"]), reg["detail"].as_str().map(|d| format!(": {d}")).unwrap_or_default());
+        if let Some(f) = doc["load_failure"].as_object() {
+            println!("refused   version {}: {}", field(&f["version"]), field(&f["reason"]));
+        }
+        match doc["fleet"].as_object() {
+            Some(f) => println!("fleet     {} (spool {}, reconnects {})", if f["connected"].as_bool() == Some(true) { "connected" } else { "offline" }, field(&f["spool_depth"]), field(&f["reconnects"])),
+            None => println!("fleet     off"),
+        }
+        Ok(())
     }
 }

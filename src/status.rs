@@ -20,12 +20,24 @@ pub struct Status {
     pub registry: Option<PollStatus>,
     /// A version pinned by a command, overriding the stage or alias.
     pub pinned: Option<String>,
+    /// The last version the engine could not serve (load failure, memory budget), if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_failure: Option<LoadFailure>,
 }
 
 impl Default for Status {
     fn default() -> Self {
-        Status { started_at: unix_now(), model: None, registry: None, pinned: None }
+        Status { started_at: unix_now(), model: None, registry: None, pinned: None, load_failure: None }
     }
+}
+
+/// A version the engine refused to serve, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LoadFailure {
+    pub version: String,
+    pub reason: String,
+    /// Unix seconds.
+    pub at: u64,
 }
 
 /// The active model version.
@@ -49,7 +61,7 @@ pub struct ModelStatus {
 pub struct PollStatus {
     /// Unix seconds of the poll.
     pub checked_at: Option<u64>,
-    /// `starting`, `up_to_date`, `updated`, `repaired`, `target_gone`, `model_deleted`,
+    /// `starting`, `up_to_date`, `updated`, `repaired`, `rolled_back`, `target_gone`, `model_deleted`,
     /// `rejected`, `unreachable` or `failed`.
     pub outcome: String,
     /// The error or the change, in words.
@@ -66,6 +78,7 @@ impl From<&crate::registry::Status> for PollStatus {
             C::UpToDate => ("up_to_date", None),
             C::Updated { from, to } => ("updated", Some(format!("{} -> {to}", from.as_deref().unwrap_or("none")))),
             C::Repaired { files } => ("repaired", Some(files.join(", "))),
+            C::RolledBack { from, to, reason } => ("rolled_back", Some(format!("{from} -> {to}: {reason}"))),
             C::TargetGone { detail } => ("target_gone", Some(detail.clone())),
             C::ModelDeleted => ("model_deleted", None),
             C::Rejected { version, reason } => ("rejected", Some(format!("version {version}: {reason}"))),
@@ -110,7 +123,7 @@ mod tests {
 
     #[test]
     fn poll_outcomes_are_named_for_reports() {
-        let base = RegistryStatus { model: "m".into(), target: "stage Production".into(), active: None, condition: Condition::UpToDate, checked_at: Some(5), polls: 2 };
+        let base = RegistryStatus { model: "m".into(), target: "stage Production".into(), active: None, condition: Condition::UpToDate, checked_at: Some(5), polls: 2, pinned: None, cache_read: true };
         let table = [
             (Condition::UpToDate, "up_to_date", None),
             (Condition::Updated { from: None, to: "3".into() }, "updated", Some("none -> 3")),

@@ -190,6 +190,23 @@ impl Manager {
     /// version then keeps serving (in stop-the-world mode it is loaded again first).
     pub async fn activate(&self, source: ModelSource) -> Result<ModelInfo, ActivateError> {
         let _serial = self.inner.swap.lock().await;
+        self.activate_locked(source).await
+    }
+
+    /// As [`Manager::activate`], unless `source` already serves (checked under the same
+    /// lock, so two callers asking for one version load it once).
+    ///
+    /// # Errors
+    /// As [`Manager::activate`].
+    pub async fn ensure(&self, source: ModelSource) -> Result<ModelInfo, ActivateError> {
+        let _serial = self.inner.swap.lock().await;
+        if let Some(active) = self.current().filter(|a| source_of(a.info()) == source && a.is_healthy()) {
+            return Ok(active.info().clone());
+        }
+        self.activate_locked(source).await
+    }
+
+    async fn activate_locked(&self, source: ModelSource) -> Result<ModelInfo, ActivateError> {
         tracing::info!(name = %source.name, version = %source.version, dir = %source.dir.display(), mode = self.inner.options.swap.as_str(), "activating model");
         let result = match self.inner.options.swap {
             SwapMode::Overlap => self.load(&source).await,
@@ -237,10 +254,7 @@ impl Manager {
             loop {
                 let next = versions.borrow_and_update().clone();
                 if let Some(source) = next {
-                    let already = manager.current().is_some_and(|a| source_of(a.info()) == source);
-                    if !already {
-                        let _ = manager.activate(source).await;
-                    }
+                    let _ = manager.ensure(source).await;
                 }
                 tokio::select! {
                     changed = versions.changed() => if changed.is_err() { return },

@@ -34,6 +34,9 @@ pub enum CacheError {
     #[error("model `{model}` version {version} is not in the cache")]
     UnknownVersion { model: String, version: String },
 
+    #[error("{path} does not match the digest recorded at download ({count} damaged file(s) in all)")]
+    Corrupt { path: String, count: usize },
+
     #[error("model `{model}` has no active version in the cache")]
     NoActive { model: String },
 

@@ -75,6 +75,22 @@ impl VersionRecord {
     pub fn size(&self) -> u64 {
         self.files.iter().map(|f| f.size).sum()
     }
+
+    /// One digest for the whole version, `sha256:<hex>` over each file's path and sha256
+    /// in path order: equal digests mean byte-identical folders. Reported to clients
+    /// (`/v1/models`) and to the fleet.
+    pub fn digest(&self) -> String {
+        let mut files: Vec<&FileRecord> = self.files.iter().collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut h = Sha256::new();
+        for f in files {
+            h.update(f.path.as_bytes());
+            h.update([0]);
+            h.update(f.sha256.as_bytes());
+            h.update([b'\n']);
+        }
+        format!("sha256:{}", hex::encode(h.finalize()))
+    }
 }
 
 /// Per-model state: what is active, and what was before (for rollback).
@@ -84,6 +100,10 @@ pub struct ModelRecord {
     pub active: Option<String>,
     /// Versions activated, oldest first, the active one last.
     pub history: Vec<String>,
+    /// A version a `pin` command fixed; polls serve it instead of the stage or alias
+    /// until `unpin`. Kept here so a restart remembers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
 }
 
 /// A file whose bytes no longer match the digest recorded at download.
@@ -269,6 +289,16 @@ impl Store {
 
     fn index_err(&self, source: sled::Error) -> CacheError {
         CacheError::Index { path: self.root.join("index"), source }
+    }
+
+    /// Records (or, with `None`, clears) the version `model` is pinned to.
+    ///
+    /// # Errors
+    /// Index errors.
+    pub fn set_pin(&self, model: &str, version: Option<&str>) -> Result<(), CacheError> {
+        let mut m = self.model(model)?.unwrap_or_else(|| ModelRecord { model: model.to_string(), ..ModelRecord::default() });
+        m.pinned = version.map(str::to_string);
+        self.put_model(&m)
     }
 
     // ---- blobs and versions ----
@@ -534,6 +564,7 @@ impl Store {
 
     fn is_pinned(&self, r: &VersionRecord) -> bool {
         self.settings.pinned.iter().any(|(m, v)| *m == r.model && *v == r.version)
+            || self.model(&r.model).ok().flatten().and_then(|m| m.pinned).as_deref() == Some(r.version.as_str())
     }
 
     /// Keeps, per model, the active version, pinned ones and the most recent others up to

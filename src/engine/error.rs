@@ -44,6 +44,9 @@ pub enum EngineError {
     #[error("ONNX Runtime failed while {during}: {message}")]
     Inference { during: &'static str, message: String },
 
+    #[error("{message}")]
+    Memory { message: String },
+
     #[error("the model produced non-finite logits at step {step}")]
     NonFiniteLogits { step: usize },
 }

@@ -5,6 +5,7 @@
 //! session and its KV cache; `sampling` picks tokens; `model` ties them into the
 //! prefill/decode loop.
 
+pub mod budget;
 mod config;
 mod decoder;
 mod error;
@@ -14,6 +15,7 @@ mod sampling;
 mod tokenizer;
 
 pub use config::{GenaiConfig, FILE_NAME as GENAI_CONFIG};
+pub use budget::MemoryBudget;
 pub use error::EngineError;
 pub use model::{FinishReason, GenerateParams, Generation, LoadOptions, Model, StepStats};
 pub use sampling::{argmax, SamplingParams};

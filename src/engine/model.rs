@@ -20,6 +20,8 @@ pub struct LoadOptions {
     pub threads: Option<usize>,
     /// Explicit path of libonnxruntime.so (otherwise searched; see [`runtime`]).
     pub ort_lib: Option<PathBuf>,
+    /// Refuse to load a model that does not fit in memory (see [`super::budget`]).
+    pub memory: Option<super::MemoryBudget>,
 }
 
 /// What to generate.
@@ -125,6 +127,9 @@ impl Model {
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self, EngineError> {
         let rt = runtime::load(options.ort_lib.as_deref())?;
         let config = GenaiConfig::load(dir)?;
+        if let Some(budget) = &options.memory {
+            super::budget::admit(dir, &config, budget).map_err(|message| EngineError::Memory { message })?;
+        }
         let tokenizer = Tokenizer::load(dir)?;
         if tokenizer.vocab_size() > config.model.vocab_size {
             return Err(EngineError::Tokenizer {

@@ -5,8 +5,10 @@
 //! it is located at run time, in this order:
 //! 1. an explicit path (the `--ort-lib` flag or the config file),
 //! 2. the `ORT_DYLIB_PATH` environment variable,
-//! 3. `lib/libonnxruntime.so` next to the executable (how the .deb and tarballs ship it),
-//! 4. the system library path (`ld.so` search: `LD_LIBRARY_PATH`, `/etc/ld.so.cache`).
+//! 3. `lib/libonnxruntime.so` next to the executable (a tarball or a build tree),
+//! 4. `../lib/edgeflow/libonnxruntime.so` from the executable's folder (the .deb's layout:
+//!    `/usr/bin/edgeflow` and `/usr/lib/edgeflow/libonnxruntime.so`),
+//! 5. the system library path (`ld.so` search: `LD_LIBRARY_PATH`, `/etc/ld.so.cache`).
 //!
 //! Loading happens once per process; later calls return the same environment.
 
@@ -63,6 +65,9 @@ fn candidates(explicit: Option<&Path>) -> Vec<(String, Option<PathBuf>)> {
     }
     if let Some(dir) = std::env::current_exe().ok().and_then(|exe| exe.parent().map(Path::to_path_buf)) {
         out.push(("next to the executable".to_string(), Some(dir.join("lib").join(LIB_NAME))));
+        if let Some(prefix) = dir.parent() {
+            out.push(("packaged beside the executable".to_string(), Some(prefix.join("lib").join("edgeflow").join(LIB_NAME))));
+        }
     }
     out.push(("system library path".to_string(), None));
     out
@@ -132,4 +137,26 @@ fn version_of(path: &Path) -> String {
 /// with `CPUQuota=200%` on an 8-core board gets 2 threads, not 8 oversubscribed ones.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn candidates_in_order_explicit_then_beside_the_executable_then_the_system() {
+        let exe_dir = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
+        let explicit = PathBuf::from("/opt/ort/libonnxruntime.so");
+        let found = candidates(Some(&explicit));
+        let mut expected = vec![("--ort-lib / config", Some(explicit.clone()))];
+        // ORT_DYLIB_PATH comes second when set (the Makefile sets it for the tests).
+        if let Some(v) = std::env::var_os("ORT_DYLIB_PATH").filter(|v| !v.is_empty()) {
+            expected.push(("ORT_DYLIB_PATH", Some(PathBuf::from(v))));
+        }
+        expected.push(("next to the executable", Some(exe_dir.join("lib/libonnxruntime.so"))));
+        expected.push(("packaged beside the executable", Some(exe_dir.parent().unwrap().join("lib/edgeflow/libonnxruntime.so"))));
+        expected.push(("system library path", None));
+        let found: Vec<(&str, Option<PathBuf>)> = found.iter().map(|(s, p)| (s.as_str(), p.clone())).collect();
+        assert_eq!(found, expected);
+    }
 }

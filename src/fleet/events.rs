@@ -60,13 +60,14 @@ impl Event {
     /// activated, a version rejected, or a failure that differs from the last one (a
     /// registry that stays down is reported once, not every poll).
     pub fn from_poll(previous: Option<&PollStatus>, current: &PollStatus) -> Option<Event> {
-        if previous.is_some_and(|p| p.polls == current.polls) {
+        if previous.is_some_and(|p| p.polls == current.polls && p.condition == current.condition) {
             return None;
         }
         let same_as_before = previous.is_some_and(|p| p.condition == current.condition);
         let model = current.model.clone();
         match &current.condition {
             Condition::Updated { from, to } => Some(Event::Activated { model, version: to.clone(), previous: from.clone() }),
+            Condition::RolledBack { from, to, reason } => Some(Event::RolledBack { model, from: Some(from.clone()), to: to.clone(), reason: reason.clone() }),
             Condition::Rejected { version, reason } if !same_as_before => Some(Event::SmokeTestFailed { model, version: version.clone(), reason: reason.clone() }),
             Condition::Unreachable { error } | Condition::Failed { error } if !same_as_before => Some(Event::PullFailed { model, reason: error.clone() }),
             Condition::TargetGone { detail } if !same_as_before => Some(Event::PullFailed { model, reason: detail.clone() }),
@@ -82,7 +83,7 @@ mod tests {
     use super::*;
 
     fn status(polls: u64, condition: Condition) -> PollStatus {
-        PollStatus { model: "m".into(), target: "stage Production".into(), active: None, condition, checked_at: Some(1), polls }
+        PollStatus { model: "m".into(), target: "stage Production".into(), active: None, condition, checked_at: Some(1), polls, pinned: None, cache_read: true }
     }
 
     #[test]

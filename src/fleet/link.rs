@@ -108,6 +108,11 @@ impl LinkHandle {
         let _ = self.control.try_send(Control::ReportNow);
     }
 
+    /// A cloneable handle for the tasks that produce events or ask for reports.
+    pub fn sender(&self) -> LinkSender {
+        LinkSender { events: self.events.clone(), control: self.control.clone(), events_dropped: self.events_dropped.clone() }
+    }
+
     pub fn state(&self) -> watch::Receiver<LinkState> {
         self.state.clone()
     }
@@ -118,6 +123,30 @@ impl LinkHandle {
     /// The task's panic, as a join error.
     pub async fn join(self) -> Result<(), tokio::task::JoinError> {
         self.task.await
+    }
+}
+
+/// What [`LinkHandle::sender`] hands out: events and report requests, never waiting.
+#[derive(Clone)]
+pub struct LinkSender {
+    events: mpsc::Sender<Event>,
+    control: mpsc::Sender<Control>,
+    events_dropped: Arc<AtomicU64>,
+}
+
+impl LinkSender {
+    /// As [`LinkHandle::event`].
+    pub fn event(&self, event: Event) -> bool {
+        let ok = self.events.try_send(event.bounded()).is_ok();
+        if !ok {
+            self.events_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// As [`LinkHandle::report_now`].
+    pub fn report_now(&self) {
+        let _ = self.control.try_send(Control::ReportNow);
     }
 }
 

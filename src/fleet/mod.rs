@@ -27,7 +27,7 @@ pub mod topics;
 pub mod wire;
 
 pub use events::Event;
-pub use link::{Link, LinkHandle, LinkState};
+pub use link::{Link, LinkHandle, LinkSender, LinkState};
 pub use settings::{FleetConfig, FleetSettings, Protocol};
 
 /// Version of every payload's layout; each payload carries it as `schema`.

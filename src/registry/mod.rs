@@ -9,7 +9,7 @@
 mod client;
 mod error;
 pub mod mlmodel;
-mod poller;
+pub mod poller;
 pub mod pull;
 
 pub use client::{proxy_path, Auth, Client, ModelVersion, RemoteFile};

@@ -394,6 +394,28 @@ impl Puller {
         }
     }
 
+    /// Makes a cached version active again without the registry (a rollback): its files
+    /// are verified first, and a damaged version is refused.
+    ///
+    /// # Errors
+    /// [`PullError::Cache`] for index errors, a missing folder or damaged files.
+    pub async fn activate_cached(&self, rec: &VersionRecord) -> Result<PathBuf, PullError> {
+        let store = self.store.clone();
+        let r = rec.clone();
+        let cache_err = |step: &'static str| move |source| PullError::Cache { step, model: rec.model.clone(), version: rec.version.clone(), source };
+        let corrupt = self.blocking(move || store.verify(&r)).await?.map_err(cache_err("verifying the version"))?;
+        if let Some(c) = corrupt.first() {
+            return Err(PullError::Cache {
+                step: "verifying the version",
+                model: rec.model.clone(),
+                version: rec.version.clone(),
+                source: CacheError::Corrupt { path: c.path.clone(), count: corrupt.len() },
+            });
+        }
+        let quiet: PullObserver = Arc::new(|_: &PullEvent| {});
+        self.activate(rec, &quiet).await
+    }
+
     async fn activate(&self, rec: &VersionRecord, observer: &PullObserver) -> Result<PathBuf, PullError> {
         let store = self.store.clone();
         let (m, v) = (rec.model.clone(), rec.version.clone());

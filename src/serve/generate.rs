@@ -24,6 +24,7 @@ use super::openai::{self, AssistantMessage, ChatChoice, ChatCompletion, Chunk, C
 use super::App;
 use crate::active::{Event, Job};
 use crate::engine::{FinishReason, Generation};
+use crate::telemetry::drift::Observation;
 
 /// Sets the job's cancel flag when the request side goes away before the job finished.
 struct CancelOnDrop(Arc<AtomicBool>);
@@ -39,6 +40,8 @@ struct Run {
     app: App,
     endpoint: Endpoint,
     header: Header,
+    /// Registry name and version of the model that runs the job, for drift windows.
+    version: (String, String),
     events: mpsc::UnboundedReceiver<Event>,
     deadline: tokio::time::Instant,
     received: Instant,
@@ -56,6 +59,12 @@ impl Run {
                     if matches!(event, Event::Text(_)) && !self.first_text {
                         self.first_text = true;
                         self.app.inner.metrics.time_to_first_token.observe(self.received.elapsed().as_secs_f64());
+                    }
+                    if let (Event::Finished(g), Some(drift)) = (&event, self.app.inner.drift.get()) {
+                        // Aggregates only: token counts, stop reason, log-probability,
+                        // entropy, latency. No text leaves this function.
+                        let o = Observation::from_generation(g, true, Some(self.received.elapsed()));
+                        drift.observe(&self.version.0, &self.version.1, &o);
                     }
                     Ok(event)
                 }
@@ -88,7 +97,8 @@ pub async fn generate(app: App, plan: Plan, received: Instant) -> Result<Respons
         return Err(ApiError::ShuttingDown);
     }
     let active = app.inner.manager.current().filter(|a| a.is_healthy()).ok_or_else(|| app.no_model())?;
-    let params = plan.params(active.config(), app.inner.limits.max_tokens)?;
+    let mut params = plan.params(active.config(), app.inner.limits.max_tokens)?;
+    params.collect_stats = app.inner.drift.get().is_some();
     let info = active.info();
     let header = Header {
         id: app.next_request_id(plan.endpoint),
@@ -100,11 +110,12 @@ pub async fn generate(app: App, plan: Plan, received: Instant) -> Result<Respons
     let cancel = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::unbounded_channel();
     let guard = CancelOnDrop(cancel.clone());
+    let version = (info.name.clone(), info.version.clone());
     active.submit(Job { prompt: plan.prompt, params, cancel, events: tx }).map_err(ApiError::from_submit)?;
     // The worker holds the job now; this request must not keep a swapped-out model alive.
     drop(active);
     let deadline = tokio::time::Instant::from_std(received + app.inner.limits.request_timeout);
-    let mut run = Run { app, endpoint: plan.endpoint, header, events: rx, deadline, received, first_text: false, _cancel: guard };
+    let mut run = Run { app, endpoint: plan.endpoint, header, version, events: rx, deadline, received, first_text: false, _cancel: guard };
 
     let prompt_tokens = match run.next().await? {
         Event::Started { prompt_tokens } => prompt_tokens,

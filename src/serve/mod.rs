@@ -16,7 +16,7 @@ pub mod socket;
 
 use std::future::IntoFuture;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::active::Manager;
 use crate::config::ServeSettings;
+use crate::telemetry::drift::Recorder;
 use crate::telemetry::Metrics;
 use error::ApiError;
 use openai::Endpoint;
@@ -114,7 +115,14 @@ struct AppInner {
     hard_stop: CancellationToken,
     request_nonce: u32,
     requests: AtomicU64,
+    /// Fed with every finished generation (aggregates only) when the fleet link reports drift.
+    drift: OnceLock<Recorder>,
+    /// What `GET /status` answers (the daemon's state); 404 when unset (`edgeflow serve`).
+    status: OnceLock<StatusFn>,
 }
+
+/// Produces the daemon's status document for `GET /status`.
+pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 impl App {
     pub fn new(manager: Manager, metrics: Arc<Metrics>, access: Access, limits: Limits, shutdown_grace: Duration) -> Self {
@@ -129,6 +137,8 @@ impl App {
                 hard_stop: CancellationToken::new(),
                 request_nonce,
                 requests: AtomicU64::new(0),
+                drift: OnceLock::new(),
+                status: OnceLock::new(),
             }),
         }
     }
@@ -138,6 +148,19 @@ impl App {
         let access = Access { token: settings.token.clone(), allowed_uids: settings.allowed_uids.clone(), allowed_gids: settings.allowed_gids.clone() };
         let limits = Limits { max_body_bytes: settings.max_body_bytes, max_tokens: settings.max_tokens, request_timeout: settings.request_timeout };
         App::new(manager, metrics, access, limits, settings.shutdown_grace)
+    }
+
+    /// Feeds every finished generation's aggregates to `recorder`, and asks the engine for
+    /// the per-token statistics drift needs (log-probability, entropy).
+    pub fn with_drift(self, recorder: Recorder) -> Self {
+        let _ = self.inner.drift.set(recorder);
+        self
+    }
+
+    /// Serves `GET /status` from `status`.
+    pub fn with_status(self, status: StatusFn) -> Self {
+        let _ = self.inner.status.set(status);
+        self
     }
 
     pub fn manager(&self) -> &Manager {

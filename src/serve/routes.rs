@@ -25,6 +25,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
         .route("/v1/models/{id}", get(get_model))
+        .route("/status", get(status))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -33,6 +34,14 @@ pub fn router(app: App) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), observe))
         .with_state(app)
+}
+
+/// The daemon's state as `edgeflow status` shows it (absent under `edgeflow serve`).
+async fn status(State(app): State<App>) -> Response {
+    match app.inner.status.get() {
+        Some(f) => Json(f()).into_response(),
+        None => ApiError::NotFound { method: "GET".into(), path: "/status (served by `edgeflow run`, not `edgeflow serve`)".into() }.into_response(),
+    }
 }
 
 /// Peer allow-list, a span carrying the peer's ids, and the request metrics.
