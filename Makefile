@@ -35,11 +35,9 @@ $(VENV_TEST)/.stamp: tests/mlflow/requirements.txt tests/serve/requirements.txt
 test: ort venv
 	$(CARGO) test --release --locked
 
-demo: build
-	@echo "== edgeflow generate: streaming a chat answer from the bundled tiny Phi-3 (random weights) =="
-	./target/release/edgeflow generate --model-dir $(TINY) --chat tests/fixtures/chat-demo.json --max-tokens 32
-	@echo "== the same, as JSON =="
-	./target/release/edgeflow generate --model-dir $(TINY) --chat tests/fixtures/chat-demo.json --max-tokens 32 --json
+# MLflow + Mosquitto + `edgeflow run`: pull, serve over the socket, report, hot swap (tests/demo/).
+demo: build venv
+	tests/demo/demo.sh
 
 # Side-by-side with onnxruntime-genai; see BENCHMARKS.md. Builds the Phi-3-mini-shaped model on first use.
 bench: build
@@ -52,3 +50,27 @@ models:
 clean:
 	$(CARGO) clean
 	rm -rf .ort
+
+# --- Cross builds and packaging (issue 6) ------------------------------------------------
+# Cross builds with Debian's cross compilers; they install nothing. Needs
+#   apt-get install gcc-aarch64-linux-gnu gcc-arm-linux-gnueabihf
+#   rustup target add aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf
+# Binaries: target/<triple>/release/edgeflow. See cross/README.md (Docker: Cross.toml).
+.PHONY: cross cross-aarch64 cross-armv7 deb deb-check systemd-check
+cross: cross-aarch64 cross-armv7
+cross-aarch64:
+	CARGO=$(CARGO) cross/build.sh aarch64
+cross-armv7:
+	CARGO=$(CARGO) cross/build.sh armv7
+
+# The .deb for this machine (cargo install cargo-deb --version 3.8.0 --locked):
+# target/debian/edgeflow_<version>-1_<arch>.deb. deb-check builds it, checks its contents
+# and runs the unpacked binary with its bundled ONNX Runtime (.ci/check-deb).
+deb: build
+	$(CARGO) deb --no-build $(if $(filter aarch64,$(ARCH)),--variant arm64)
+deb-check: ort
+	CARGO=$(CARGO) .ci/check-deb
+
+# systemd-analyze verify of the units and their security exposure (at most 2.0).
+systemd-check: build
+	systemd/check.sh

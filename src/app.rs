@@ -479,18 +479,13 @@ fn status_line(s: &Status, manager: &Manager, link: Option<&watch::Receiver<Link
 /// interval, then a poll); everything else is reported as needing a restart. A file that
 /// does not load keeps the running config.
 async fn reload(path: &Path, running: Config, control: &Control) -> Config {
-    let fresh = match Config::load(path) {
+    let fresh = match Config::load_for_daemon(path) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "SIGHUP: the config file does not load; keeping the running config");
             return running;
         }
     };
-    let problems = fresh.daemon_problems();
-    if !problems.is_empty() {
-        tracing::error!(problems = %problems.join("; "), "SIGHUP: the config file has problems; keeping the running config");
-        return running;
-    }
     let (Ok(old), Ok(new)) = (running.registry.resolve(), fresh.registry.resolve()) else { return running };
     if old.poll_interval != new.poll_interval {
         match control.call(Op::Interval(new.poll_interval)).await {

@@ -83,9 +83,21 @@ impl Config {
     /// # Errors
     /// [`ConfigError`] naming the file and each offending key.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_checked(path, Config::validate)
+    }
+
+    /// As [`Config::load`], with the daemon's requirements ([`Config::daemon_problems`]).
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn load_for_daemon(path: &Path) -> Result<Self, ConfigError> {
+        Self::load_checked(path, Config::daemon_problems)
+    }
+
+    fn load_checked(path: &Path, check: fn(&Config) -> Vec<String>) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
-        let problems = config.validate();
+        let problems = check(&config);
         if problems.is_empty() {
             Ok(config)
         } else {

@@ -51,7 +51,7 @@ enum Command {
 #[derive(Args)]
 struct RuntimeArgs {
     /// Path of libonnxruntime.so (default: $ORT_DYLIB_PATH, then lib/ next to the
-    /// executable, then the system library path).
+    /// executable, then ../lib/edgeflow/ from its folder, then the system library path).
     #[arg(long, value_name = "FILE")]
     ort_lib: Option<PathBuf>,
     /// ONNX Runtime intra-op threads (default: the cores available to this process).
@@ -971,12 +971,7 @@ mod daemon_cmd {
 
     /// Loads the config and lists every problem `edgeflow run` would have with it.
     fn load(path: &PathBuf) -> anyhow::Result<Config> {
-        let config = Config::load(path)?;
-        let problems = config.daemon_problems();
-        if !problems.is_empty() {
-            return Err(UsageError(format!("config file {} has {} problem(s):\n{}", path.display(), problems.len(), problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))).into());
-        }
-        Ok(config)
+        Ok(Config::load_for_daemon(path)?)
     }
 
     pub fn run(args: RunArgs, log: edgeflow::app::LogControl) -> anyhow::Result<()> {

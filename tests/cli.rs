@@ -103,7 +103,7 @@ fn missing_runtime_names_every_place_searched() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    for needle in ["/nope/libonnxruntime.so", "/nonexistent/ort/libonnxruntime.so", "ORT_DYLIB_PATH", "lib/libonnxruntime.so", "system library path"] {
+    for needle in ["/nope/libonnxruntime.so", "/nonexistent/ort/libonnxruntime.so", "ORT_DYLIB_PATH", "lib/libonnxruntime.so", "lib/edgeflow/libonnxruntime.so", "system library path"] {
         assert!(err.contains(needle), "missing {needle:?} in: {err}");
     }
     assert_eq!(err.lines().count(), 1, "one clear error line: {err}");

@@ -240,6 +240,13 @@ impl Poller {
         match op {
             Op::Sync => (self.poll_once(&previous, false).await, None),
             Op::Pin(version) => {
+                // A version the registry says does not exist is refused outright; one that
+                // cannot be checked (registry down) is pinned and tried at every poll.
+                if let Err(e) = self.puller.client().model_version(&self.model, version).await {
+                    if !e.is_unreachable() {
+                        return failed(format!("cannot pin version {version}: {}", super::chain(&e)));
+                    }
+                }
                 let v = version.clone();
                 if let Err(e) = self.store_call(move |store, model| store.set_pin(model, Some(&v))).await {
                     return failed(e);

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::path::{Path, PathBuf};
 
 use edgeflow::engine::LoadOptions;
@@ -22,7 +24,7 @@ pub fn ort_lib() -> PathBuf {
 }
 
 pub fn load_options() -> LoadOptions {
-    LoadOptions { threads: Some(2), ort_lib: Some(ort_lib()) }
+    LoadOptions { threads: Some(2), ort_lib: Some(ort_lib()), memory: None }
 }
 
 /// A writable copy of a model folder; the big weight files are hard links (read-only use).

@@ -1,0 +1,394 @@
+//! The whole daemon, `edgeflow run`, as a user installs it: a real MLflow server to follow, a
+//! real Mosquitto broker to report to, curl over the socket as the client, and a test
+//! `NOTIFY_SOCKET` standing in for systemd.
+
+mod common;
+#[path = "fleet/support.rs"]
+mod fleet_support;
+mod registry_support;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::http::{curl, curl_post, terminate};
+use fleet_support::{publish, Mosquitto, Sub};
+use registry_support::Mlflow;
+use serde_json::{json, Value};
+
+const MODEL: &str = "phi-3";
+const WAIT: Duration = Duration::from_secs(90);
+
+/// What systemd would hear on `NOTIFY_SOCKET`.
+struct Notifications {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Notifications {
+    fn listen() -> Notifications {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                sink.lock().unwrap().push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        });
+        Notifications { _dir: dir, path, seen }
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn wait(&self, pred: impl Fn(&str) -> bool, what: &str) -> String {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(m) = self.all().into_iter().find(|m| pred(m)) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "no notification {what}; got {:#?}", self.all());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// An `edgeflow run` process with its own config, cache and socket.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path, config: &str, notify: Option<&Notifications>) -> Daemon {
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = dir.join(format!("daemon-{}.log", fastrand::u32(..)));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
+        cmd.args(["--log", "info,edgeflow=debug", "run", "--config"])
+            .arg(&config_path)
+            .env("ORT_DYLIB_PATH", common::ort_lib())
+            .env("NO_COLOR", "1")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(n) = notify {
+            cmd.env("NOTIFY_SOCKET", &n.path).env("WATCHDOG_USEC", "1000000");
+        }
+        Daemon { child: cmd.spawn().expect("spawn edgeflow run"), socket: dir.join("api.sock"), log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `GET /status`, once the socket answers.
+    fn status(&mut self) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                panic!("edgeflow run exited with {s}:\n{}", self.log());
+            }
+            if self.socket.exists() {
+                let r = curl(&self.socket, &["/status"], None);
+                if r.status == 200 {
+                    return r.json();
+                }
+            }
+            assert!(Instant::now() < deadline, "no /status after {WAIT:?}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until `/status` satisfies `pred`; returns that status.
+    fn wait_status(&mut self, pred: impl Fn(&Value) -> bool, what: &str) -> Value {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let s = self.status();
+            if pred(&s) {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "status never {what}; last: {s:#}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn wait_serving(&mut self, version: &str) -> Value {
+        self.wait_status(|s| s["serving"]["version"] == version, &format!("serving version {version}"))
+    }
+
+    fn chat(&self) -> (u16, String, Value) {
+        let r = curl_post(&self.socket, "/v1/chat/completions", json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8}).to_string());
+        let fingerprint = r.header("x-edgeflow-model").unwrap_or_default().to_string();
+        let body = if r.status == 200 { r.json() } else { Value::String(r.body.clone()) };
+        (r.status, fingerprint, body)
+    }
+
+    fn stop(&mut self) -> std::process::ExitStatus {
+        terminate(&mut self.child)
+    }
+
+    /// SIGTERM, then wait as long as the grace period allows (a loaded CI machine can make a
+    /// stream slow; [`terminate`] would SIGKILL after 20 s).
+    fn stop_gracefully(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("edgeflow run did not stop within {limit:?} of SIGTERM:\n{}", self.log());
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            terminate(&mut self.child);
+        }
+    }
+}
+
+fn config(mlflow: &str, dir: &Path, extra: &str) -> String {
+    format!(
+        r#"
+[engine]
+threads = 1
+[registry]
+url = "{mlflow}"
+model = "{MODEL}"
+poll_interval = "1s"
+attempts = 2
+backoff_initial = "100ms"
+backoff_max = "500ms"
+connect_timeout = "2s"
+request_timeout = "10s"
+[cache]
+dir = "{cache}"
+[serve]
+socket = "{socket}"
+shutdown_grace = "20s"
+{extra}
+"#,
+        cache = dir.join("cache").display(),
+        socket = dir.join("api.sock").display(),
+    )
+}
+
+#[test]
+fn first_start_pulls_serves_swaps_and_a_sigterm_lets_the_stream_finish() {
+    let mlflow = Mlflow::start(&[]);
+    mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-gqa"), "pyfunc", Some("Production"), None);
+    let dir = tempfile::tempdir().unwrap();
+    let notify = Notifications::listen();
+    // Long enough a stream that SIGTERM lands in its middle.
+    let mut daemon = Daemon::start(dir.path(), &config(&mlflow.url, dir.path(), "max_tokens = 2000").replace("shutdown_grace = \"20s\"", "shutdown_grace = \"90s\""), Some(&notify));
+
+    // Empty cache: READY comes at once (waiting for the registry) or once v1 serves.
+    let ready = notify.wait(|m| m.starts_with("READY=1"), "READY=1");
+    assert!(ready.contains("STATUS="), "{ready}");
+    let status = daemon.wait_serving("1");
+    assert_eq!(status["model"]["target"], "stage:Production", "{status:#}");
+    assert!(status["model"]["digest"].as_str().is_some_and(|d| d.starts_with("sha256:")), "{status:#}");
+    let (code, fingerprint, body) = daemon.chat();
+    assert_eq!((code, fingerprint.as_str()), (200, "phi-3@1"), "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 8);
+    notify.wait(|m| m == "WATCHDOG=1", "WATCHDOG=1 (fed while the API answers)");
+    notify.wait(|m| m.contains("STATUS=serving phi-3@1"), "STATUS= with the version");
+
+    // A new version in Production: pulled, smoke-tested, swapped in; the old one drains.
+    mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-mha"), "onnx", Some("Production"), None);
+    daemon.wait_serving("2");
+    assert_eq!(daemon.chat().1, "phi-3@2");
+
+    // SIGTERM in the middle of a stream: the stream completes, then the daemon exits 0.
+    let body = r#"{"model":"phi-3","prompt":"A long story","max_tokens":2000,"ignore_eos":true,"stream":true}"#;
+    let mut stream = Command::new("curl").args(["-q", "-sS", "-N", "--max-time", "120", "--unix-socket"]).arg(&daemon.socket).args(["--data-binary", body, "http://edgeflow/v1/completions"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut reader = BufReader::new(stream.stdout.take().unwrap());
+    let mut first = String::new();
+    while reader.read_line(&mut first).unwrap() > 0 && !first.contains("\"text\":\"") {
+        first.clear();
+    }
+    assert!(first.contains("\"text\""), "the stream never started");
+    // Keep reading while the daemon stops: a client that stopped reading would stall the
+    // stream (and the shutdown) on a full socket buffer.
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut reader, &mut rest).unwrap();
+        rest
+    });
+    let exit = daemon.stop_gracefully(Duration::from_secs(100));
+    let rest = rest.join().unwrap();
+    stream.wait().unwrap();
+    let events: Vec<&str> = rest.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "the stream was cut ({exit:?}): ...{}\n{}", &rest[rest.len().saturating_sub(300)..], daemon.log());
+    let finish = events.iter().rev().filter(|e| **e != "[DONE]").find_map(|e| serde_json::from_str::<Value>(e).ok()).unwrap();
+    assert_eq!(finish["choices"][0]["finish_reason"], "length", "{finish}");
+    assert!(exit.success(), "exit {exit:?}:\n{}", daemon.log());
+    notify.wait(|m| m.starts_with("STOPPING=1"), "STOPPING=1");
+    assert!(!daemon.socket.exists(), "the socket is removed on exit");
+}
+
+#[test]
+fn a_restart_with_the_registry_down_serves_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mlflow = Mlflow::start(&[]);
+        mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-gqa"), "pyfunc", Some("Production"), None);
+        let mut daemon = Daemon::start(dir.path(), &config(&mlflow.url, dir.path(), ""), None);
+        daemon.wait_serving("1");
+        assert!(daemon.stop().success(), "{}", daemon.log());
+    } // the MLflow server is gone from here on
+
+    let url = format!("http://127.0.0.1:{}", registry_support::free_port());
+    let notify = Notifications::listen();
+    let mut daemon = Daemon::start(dir.path(), &config(&url, dir.path(), ""), Some(&notify));
+    let ready = notify.wait(|m| m.starts_with("READY=1"), "READY=1 with the registry down");
+    assert!(ready.contains("serving phi-3@1"), "READY before the cached model served: {ready}");
+    let (code, fingerprint, _) = daemon.chat();
+    assert_eq!((code, fingerprint.as_str()), (200, "phi-3@1"));
+    let s = daemon.wait_status(|s| s["registry"]["outcome"] == "unreachable", "registry unreachable");
+    assert_eq!(s["serving"]["version"], "1");
+    // `edgeflow status` reads the same over the socket.
+    let out = Command::new(env!("CARGO_BIN_EXE_edgeflow")).args(["status", "--socket"]).arg(&daemon.socket).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("phi-3@1") && text.contains("unreachable"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn a_bad_config_exits_64_listing_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = r#"
+[engine]
+threads = 0
+memory_reserve = "lots"
+[registry]
+stage = "Production"
+alias = "champion"
+poll_interval = "often"
+[serve]
+queue_depth = 0
+[fleet]
+broker = "ftp://broker"
+"#;
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, bad).unwrap();
+    for sub in ["run", "check-config"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_edgeflow")).args([sub, "--config"]).arg(&path).env("NO_COLOR", "1").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{sub}: {err}");
+        for key in ["engine.threads", "engine.memory_reserve", "registry.stage, registry.alias", "registry.poll_interval", "serve.queue_depth", "fleet.broker", "registry.url", "registry.model"] {
+            assert!(err.contains(&format!("{key}:")), "{sub}: {key} not reported in:\n{err}");
+        }
+    }
+    // A key that does not exist, and a file that does not parse, are usage errors too.
+    std::fs::write(&path, "[registry]\nmodle = \"x\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_edgeflow")).args(["run", "--config"]).arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("modle"));
+    let out = Command::new(env!("CARGO_BIN_EXE_edgeflow")).args(["run", "--config"]).arg(dir.path().join("missing.toml")).output().unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
+    // The shipped example, completed with the two keys it leaves to the user, is valid.
+    let example = std::fs::read_to_string(common::repo().join("config.example.toml")).unwrap();
+    let filled = example.replace("# url = \"https://mlflow.example.internal\"", "url = \"https://mlflow.example.internal\"").replace("# model = \"phi3-mini\"", "model = \"phi3-mini\"");
+    std::fs::write(&path, filled).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_edgeflow")).args(["check-config", "--config"]).arg(&path).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_version_that_does_not_fit_in_memory_is_refused_and_the_daemon_keeps_running() {
+    let mlflow = Mlflow::start(&[]);
+    mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-gqa"), "pyfunc", Some("Production"), None);
+    let dir = tempfile::tempdir().unwrap();
+    let notify = Notifications::listen();
+    let mut daemon = Daemon::start(dir.path(), &config(&mlflow.url, dir.path(), "").replace("threads = 1", "threads = 1\nmemory_reserve = \"64TiB\""), Some(&notify));
+    let s = daemon.wait_status(|s| s["registry"]["outcome"] == "rejected", "a rejected version");
+    let detail = s["registry"]["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("not enough memory") && detail.contains("is available"), "{s:#}");
+    assert!(s["serving"].is_null());
+    notify.wait(|m| m.starts_with("READY=1") && m.contains("waiting"), "READY=1 while waiting");
+    let (code, _, body) = daemon.chat();
+    assert_eq!(code, 503, "{body}");
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn fleet_commands_roll_back_pin_and_unpin_with_acknowledgements() {
+    let mlflow = Mlflow::start(&[]);
+    mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-gqa"), "pyfunc", Some("Production"), None);
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Sub::start(port, &["edgeflow/dev-d/#"]);
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = format!("[fleet]\nbroker = \"{}\"\ndevice_id = \"dev-d\"\nspool_dir = \"{}\"\nreport_interval = \"2s\"\ndrift_interval = \"3s\"\ndrift_min_samples = 1\n", broker.url(), dir.path().join("spool").display());
+    let mut daemon = Daemon::start(dir.path(), &config(&mlflow.url, dir.path(), &fleet), None);
+    daemon.wait_serving("1");
+    mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-mha"), "onnx", Some("Production"), None);
+    daemon.wait_serving("2");
+
+    // Birth, health with the model, events for the activations.
+    sub.wait(|m| m.topic == "edgeflow/dev-d/status" && m.payload.contains("online"), WAIT).expect("birth message");
+    let health = sub.wait(|m| m.topic == "edgeflow/dev-d/health" && m.json()["model"]["version"] == "2", WAIT).expect("health with version 2");
+    assert_eq!(health.json()["model"]["name"], MODEL);
+    sub.wait(|m| m.topic == "edgeflow/dev-d/events" && m.json()["event"] == "activated" && m.json()["version"] == "2", WAIT).expect("activated event");
+    sub.wait(|m| m.topic == "edgeflow/dev-d/events" && m.json()["event"] == "version_pulled" && m.json()["version"] == "2", WAIT).expect("version_pulled event");
+
+    // Requests feed drift (aggregates only; no text in the message).
+    for _ in 0..3 {
+        assert_eq!(daemon.chat().0, 200);
+    }
+    let drift = sub.wait(|m| m.topic == "edgeflow/dev-d/drift" && m.payload.contains("\"version\":\"2\""), WAIT).expect("a drift report for version 2");
+    assert!(!drift.payload.contains("Hello"), "prompt text left the device: {}", drift.payload);
+
+    let log = daemon.log.clone();
+    let command = |name: &str, rid: &str, args: Value| -> Value {
+        publish(port, &format!("edgeflow/dev-d/cmd/{name}"), &json!({"request_id": rid, "args": args}).to_string(), &[]);
+        let reply = sub.wait(|m| m.topic == format!("edgeflow/dev-d/cmd/{name}/reply") && m.json()["request_id"] == rid && m.json()["status"] != "accepted", WAIT);
+        reply.unwrap_or_else(|| panic!("no final reply to {name} {rid}:\n{}", daemon_log(&log))).json()
+    };
+
+    // Rollback: back to version 1, version 2 marked bad so polls do not bring it back.
+    let r = command("rollback", "rb-1", json!({}));
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["result"]["version"], "1", "{r}");
+    assert_eq!(daemon.chat().1, "phi-3@1");
+    sub.wait(|m| m.topic == "edgeflow/dev-d/events" && m.json()["event"] == "rolled_back" && m.json()["to"] == "1", WAIT).expect("rolled_back event");
+    std::thread::sleep(Duration::from_secs(3)); // a few polls of a stage that still says 2
+    assert_eq!(daemon.status()["serving"]["version"], "1");
+
+    // Pin an explicit version (an operator's pin retries a refused one), then unpin.
+    let r = command("pin", "pin-1", json!({"version": "2"}));
+    assert_eq!((r["status"].as_str(), r["result"]["version"].as_str()), (Some("succeeded"), Some("2")), "{r}");
+    assert_eq!(daemon.status()["pinned"], "2");
+    let r = command("pin", "pin-2", json!({"version": "99"}));
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(r["reason"].as_str().is_some_and(|x| x.contains("99")), "{r}");
+    assert_eq!(daemon.chat().1, "phi-3@2", "a failed pin keeps serving");
+    let r = command("unpin", "unpin-1", json!({}));
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert!(daemon.status()["pinned"].is_null());
+    let r = command("set", "set-1", json!({"poll_interval": "10s", "log_level": "debug"}));
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(r["result"]["poll_interval"], "10s", "{r}");
+
+    // A clean stop says offline.
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    sub.wait(|m| m.topic == "edgeflow/dev-d/status" && m.payload.contains("\"shutdown\""), WAIT).expect("offline on shutdown");
+}
+
+fn daemon_log(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
