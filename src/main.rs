@@ -991,11 +991,15 @@ mod daemon_cmd {
         let s = config.serve.resolve().map_err(|p| UsageError(p.join("\n")))?;
         let f = config.fleet.resolve().map_err(|p| UsageError(p.join("\n")))?;
         println!("{}: ok", args.config.display());
-        println!("  registry  {} model {} ({:?}), poll every {}", r.url.as_deref().unwrap_or("-"), r.model.as_deref().unwrap_or("-"), r.target, humantime::format_duration(r.poll_interval));
+        let target = match &r.target {
+            edgeflow::config::Target::Stage(s) => format!("stage {s}"),
+            edgeflow::config::Target::Alias(a) => format!("alias {a}"),
+        };
+        println!("  registry  {} model {} ({target}), poll every {}", r.url.as_deref().unwrap_or("-"), r.model.as_deref().unwrap_or("-"), humantime::format_duration(r.poll_interval));
         println!("  cache     {} (keep {} versions)", c.dir.display(), c.keep_versions);
         println!("  serve     {} (mode {:o}, queue {}, swap {})", s.socket.path.display(), s.socket.mode, s.queue_depth, s.swap.as_str());
         match f {
-            Some(f) => println!("  fleet     {:?} as device {} under {}", f.broker, f.device_id, f.topic_prefix),
+            Some(f) => println!("  fleet     {} as device {} under {}/", f.broker, f.device_id, f.topic_prefix),
             None => println!("  fleet     off (fleet.broker unset)"),
         }
         Ok(())

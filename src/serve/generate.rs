@@ -46,26 +46,22 @@ struct Run {
     deadline: tokio::time::Instant,
     received: Instant,
     first_text: bool,
+    /// An event taken from the channel while coalescing text, handed out next.
+    held: Option<Event>,
     _cancel: CancelOnDrop,
 }
 
 impl Run {
     /// The next event from the worker, or the reason there will be none.
     async fn next(&mut self) -> Result<Event, ApiError> {
+        if let Some(event) = self.held.take() {
+            return Ok(event);
+        }
         let hard_stop = self.app.inner.hard_stop.clone();
         tokio::select! {
             event = self.events.recv() => match event {
                 Some(event) => {
-                    if matches!(event, Event::Text(_)) && !self.first_text {
-                        self.first_text = true;
-                        self.app.inner.metrics.time_to_first_token.observe(self.received.elapsed().as_secs_f64());
-                    }
-                    if let (Event::Finished(g), Some(drift)) = (&event, self.app.inner.drift.get()) {
-                        // Aggregates only: token counts, stop reason, log-probability,
-                        // entropy, latency. No text leaves this function.
-                        let o = Observation::from_generation(g, true, Some(self.received.elapsed()));
-                        drift.observe(&self.version.0, &self.version.1, &o);
-                    }
+                    self.note(&event);
                     Ok(event)
                 }
                 // The worker dropped the job unanswered: it stopped (a panic on another job).
@@ -73,6 +69,40 @@ impl Run {
             },
             () = tokio::time::sleep_until(self.deadline) => Err(ApiError::Timeout { limit: self.app.inner.limits.request_timeout }),
             () = hard_stop.cancelled() => Err(ApiError::ShuttingDown),
+        }
+    }
+
+    /// The next event, with every piece of text the worker has already queued behind it
+    /// joined into one: a client that reads slower than the engine writes gets fewer, larger
+    /// SSE events instead of one per token (less framing, JSON and syscalls per token).
+    async fn next_coalesced(&mut self) -> Result<Event, ApiError> {
+        let mut event = self.next().await?;
+        if let Event::Text(text) = &mut event {
+            while let Ok(more) = self.events.try_recv() {
+                self.note(&more);
+                match more {
+                    Event::Text(t) => text.push_str(&t),
+                    other => {
+                        self.held = Some(other);
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(event)
+    }
+
+    /// Metrics and drift for an event as it leaves the worker's channel.
+    fn note(&mut self, event: &Event) {
+        if matches!(event, Event::Text(_)) && !self.first_text {
+            self.first_text = true;
+            self.app.inner.metrics.time_to_first_token.observe(self.received.elapsed().as_secs_f64());
+        }
+        if let (Event::Finished(g), Some(drift)) = (event, self.app.inner.drift.get()) {
+            // Aggregates only: token counts, stop reason, log-probability, entropy, latency.
+            // No text leaves this function.
+            let o = Observation::from_generation(g, true, Some(self.received.elapsed()));
+            drift.observe(&self.version.0, &self.version.1, &o);
         }
     }
 
@@ -115,7 +145,7 @@ pub async fn generate(app: App, plan: Plan, received: Instant) -> Result<Respons
     // The worker holds the job now; this request must not keep a swapped-out model alive.
     drop(active);
     let deadline = tokio::time::Instant::from_std(received + app.inner.limits.request_timeout);
-    let mut run = Run { app, endpoint: plan.endpoint, header, version, events: rx, deadline, received, first_text: false, _cancel: guard };
+    let mut run = Run { app, endpoint: plan.endpoint, header, version, events: rx, deadline, received, first_text: false, held: None, _cancel: guard };
 
     let prompt_tokens = match run.next().await? {
         Event::Started { prompt_tokens } => prompt_tokens,
@@ -201,7 +231,7 @@ fn stream_response(run: Run, prompt_tokens: usize, include_usage: bool) -> Respo
                 }
                 Phase::Generating => {
                     // `pending` is a stack: push the last event first.
-                    match run.next().await {
+                    match run.next_coalesced().await {
                         Ok(Event::Text(text)) => pending.push(chunk(&run, &text, false, None, include_usage.then_some(None))),
                         Ok(Event::Started { .. }) => {}
                         Ok(Event::Finished(g)) if g.finish_reason != FinishReason::Cancelled => {

@@ -28,6 +28,8 @@ cleanup() {
   set +e
   [[ -n "${DAEMON:-}" ]] && kill -TERM "$DAEMON" 2>/dev/null && wait "$DAEMON" 2>/dev/null
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
+  # Closing the MLflow wrapper's stdin makes it stop the whole server process group.
+  exec 9>&- 2>/dev/null
   wait 2>/dev/null
 }
 trap cleanup EXIT
@@ -46,9 +48,11 @@ serving() { status_json | "$PY" -c 'import json,sys; sys.exit(json.load(sys.stdi
 
 say "1. MLflow server with the tiny Phi-3 in Production"
 MLFLOW_PORT=$(free_port)
-# The wrapper stops the server when its stdin closes: `sleep` holds it open until cleanup.
-sleep infinity | "$PY" tests/mlflow/serve.py --port "$MLFLOW_PORT" --dir "$WORK/mlflow" >"$WORK/mlflow.out" 2>&1 &
-pids+=($!)
+# The wrapper stops the server (and its workers) when its stdin closes; this script holds the
+# write end of a FIFO on fd 9 until cleanup.
+mkfifo "$WORK/mlflow.stdin"
+"$PY" tests/mlflow/serve.py --port "$MLFLOW_PORT" --dir "$WORK/mlflow" <"$WORK/mlflow.stdin" >"$WORK/mlflow.out" 2>&1 &
+exec 9>"$WORK/mlflow.stdin"
 MLFLOW=http://127.0.0.1:$MLFLOW_PORT
 wait_for 120 "the MLflow server" curl -sf "$MLFLOW/health"
 log_model() {
@@ -100,8 +104,11 @@ say "4. A question over the socket (openai SDK, streamed)"
 
 if [[ -n $FLEET ]]; then
   say "5. Health as the fleet console receives it (edgeflow/$DEVICE/health)"
-  wait_for 30 "a health message" grep -q "^edgeflow/$DEVICE/health " "$WORK/mqtt.txt"
-  grep -m1 "^edgeflow/$DEVICE/health " "$WORK/mqtt.txt" | cut -d' ' -f2- | "$PY" -c '
+  # The first report after the question: it carries the model and the request.
+  served_health() { grep "^edgeflow/$DEVICE/health " "$WORK/mqtt.txt" | cut -d' ' -f2- | grep '"model":{' | grep -v '"total":0' | head -1; }
+  has_served_health() { [[ -n $(served_health) ]]; }
+  wait_for 30 "a health message with the request" has_served_health
+  served_health | "$PY" -c '
 import json, sys
 h = json.load(sys.stdin)
 keep = {k: h[k] for k in ("schema", "device", "ts", "model", "host", "requests", "registry") if k in h}
