@@ -460,10 +460,10 @@ fn status_document(status: watch::Receiver<Status>, link: Option<watch::Receiver
 
 /// One line for systemd's STATUS=.
 fn status_line(s: &Status, manager: &Manager, link: Option<&watch::Receiver<LinkState>>) -> String {
-    let model = match (manager.current(), &s.model) {
-        (Some(a), _) => format!("serving {}@{}, queue {}", a.info().name, a.info().version, a.queued()),
-        (None, _) if manager.is_swapping() => "swapping models".to_string(),
-        (None, _) => "no model loaded".to_string(),
+    let model = match manager.current() {
+        Some(a) => format!("serving {}@{}, queue {}", a.info().name, a.info().version, a.queued()),
+        None if manager.is_swapping() => "swapping models".to_string(),
+        None => "no model loaded".to_string(),
     };
     let registry = s.registry.as_ref().map_or_else(|| "registry: not polled yet".to_string(), |r| format!("registry: {}", r.outcome));
     let pinned = s.pinned.as_ref().map(|p| format!(", pinned to {p}")).unwrap_or_default();

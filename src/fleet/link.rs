@@ -85,10 +85,8 @@ enum Control {
 
 /// The daemon's handle on the running link.
 pub struct LinkHandle {
-    events: mpsc::Sender<Event>,
-    control: mpsc::Sender<Control>,
+    sender: LinkSender,
     state: watch::Receiver<LinkState>,
-    events_dropped: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -96,21 +94,17 @@ impl LinkHandle {
     /// Queues an event for the `events` topic; never waits. Returns false (and counts it)
     /// when the queue is full or the link has stopped.
     pub fn event(&self, event: Event) -> bool {
-        let ok = self.events.try_send(event.bounded()).is_ok();
-        if !ok {
-            self.events_dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        ok
+        self.sender.event(event)
     }
 
     /// Publishes a health report now (the `report` command, or the local API).
     pub fn report_now(&self) {
-        let _ = self.control.try_send(Control::ReportNow);
+        self.sender.report_now();
     }
 
     /// A cloneable handle for the tasks that produce events or ask for reports.
     pub fn sender(&self) -> LinkSender {
-        LinkSender { events: self.events.clone(), control: self.control.clone(), events_dropped: self.events_dropped.clone() }
+        self.sender.clone()
     }
 
     pub fn state(&self) -> watch::Receiver<LinkState> {
@@ -135,7 +129,8 @@ pub struct LinkSender {
 }
 
 impl LinkSender {
-    /// As [`LinkHandle::event`].
+    /// Queues an event for the `events` topic; never waits. Returns false (and counts it)
+    /// when the queue is full or the link has stopped.
     pub fn event(&self, event: Event) -> bool {
         let ok = self.events.try_send(event.bounded()).is_ok();
         if !ok {
@@ -144,7 +139,7 @@ impl LinkSender {
         ok
     }
 
-    /// As [`LinkHandle::report_now`].
+    /// Publishes a health report now (the `report` command).
     pub fn report_now(&self) {
         let _ = self.control.try_send(Control::ReportNow);
     }
@@ -242,7 +237,7 @@ impl Link {
             s,
         };
         let task = tokio::spawn(tracing::Instrument::instrument(runner.run(shutdown), span));
-        Ok(LinkHandle { events: events_tx, control: control_tx, state: state_rx, events_dropped, task })
+        Ok(LinkHandle { sender: LinkSender { events: events_tx, control: control_tx, events_dropped }, state: state_rx, task })
     }
 }
 
