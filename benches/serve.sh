@@ -7,7 +7,8 @@
 # Benches the tiny GQA fixture and, when present, the Phi-3-mini-shaped int4 model in
 # .models/phi3-mini-int4 (see benches/run.sh for how to build it). Results: .bench/serve.json
 # and a Markdown report on stdout. Options (see benches/serve_overhead.rs): --runs N,
-# --concurrency 1,4,16, --requests-per-client N, --threads N, --model NAME=DIR:TOKENS:CONC_TOKENS.
+# --concurrency 1,4,16, --requests-per-client N, --threads N, --stream-interval DURATION, --engine-nice N,
+# --model NAME=DIR:TOKENS:CONC_TOKENS.
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -25,9 +26,13 @@ echo "== machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, load 
 if [[ " $* " == *" --model "* ]]; then
   exec "$bench" --bin "$target/release/edgeflow" --out .bench/serve.json "$@"
 fi
-# tiny: 128 new tokens for the overhead runs and the concurrent clients.
-"$bench" --bin "$target/release/edgeflow" --out .bench/serve-tiny.json \
-  --model "phi3-tiny-gqa=tests/fixtures/models/phi3-tiny-gqa:128:128" "$@"
+# tiny: 128 new tokens for the overhead runs and the concurrent clients. With the defaults
+# (text paced at 5 ms, engine threads at nice +5), then each of the two off, then both off.
+tiny="phi3-tiny-gqa=tests/fixtures/models/phi3-tiny-gqa:128:128"
+"$bench" --bin "$target/release/edgeflow" --out .bench/serve-tiny.json --model "$tiny" "$@"
+"$bench" --bin "$target/release/edgeflow" --out .bench/serve-tiny-nice0.json --engine-nice 0 --model "$tiny" "$@"
+"$bench" --bin "$target/release/edgeflow" --out .bench/serve-tiny-unpaced.json --stream-interval 0ms --model "$tiny" "$@"
+"$bench" --bin "$target/release/edgeflow" --out .bench/serve-tiny-unpaced-nice0.json --stream-interval 0ms --engine-nice 0 --model "$tiny" "$@"
 if [[ -f .models/phi3-mini-int4/genai_config.json ]]; then
   # Phi-3-mini int4 makes a few tokens/s on 2 cores: 32 tokens per overhead run, 16 per
   # concurrent request, fewer runs, so the whole bench takes minutes rather than an hour.

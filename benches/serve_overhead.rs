@@ -15,7 +15,8 @@
 //!    requests back to back; per-request latency p50/p99, time to first token, and
 //!    throughput in generated tokens/s.
 //!
-//! Prints a Markdown report and writes JSON to `--out`.
+//! The server runs with its default `serve.stream_interval` and `engine.nice` unless
+//! `--stream-interval` (`0ms`: one SSE event per token) or `--engine-nice` is given. Prints a Markdown report and writes JSON to `--out`.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,10 @@ struct Args {
     requests_per_client: usize,
     threads: usize,
     gap: Duration,
+    /// `serve.stream_interval` for the server; unset: its default.
+    stream_interval: Option<String>,
+    /// `engine.nice` for the server; unset: its default.
+    engine_nice: Option<i32>,
     bin: PathBuf,
     out: PathBuf,
 }
@@ -49,6 +54,8 @@ fn parse_args() -> Args {
         requests_per_client: 4,
         threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         gap: Duration::from_millis(200),
+        stream_interval: None,
+        engine_nice: None,
         bin: PathBuf::from("target/release/edgeflow"),
         out: PathBuf::from(".bench/serve.json"),
     };
@@ -70,6 +77,8 @@ fn parse_args() -> Args {
             "--requests-per-client" => a.requests_per_client = value().parse().expect("N"),
             "--threads" => a.threads = value().parse().expect("N"),
             "--gap-ms" => a.gap = Duration::from_millis(value().parse().expect("--gap-ms N")),
+            "--stream-interval" => a.stream_interval = Some(value()),
+            "--engine-nice" => a.engine_nice = Some(value().parse().expect("--engine-nice N")),
             "--bin" => a.bin = PathBuf::from(value()),
             "--out" => a.out = PathBuf::from(value()),
             other => panic!("unknown flag {other}"),
@@ -162,11 +171,13 @@ struct Server {
 }
 
 impl Server {
-    fn start(bin: &Path, model: &Path, threads: usize, queue_depth: usize) -> Server {
+    fn start(bin: &Path, model: &Path, threads: usize, queue_depth: usize, stream_interval: Option<&str>, nice: Option<i32>) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
         let config = dir.path().join("edgeflow.toml");
-        std::fs::write(&config, format!("[serve]\nqueue_depth = {queue_depth}\nmax_tokens = 4000\n")).unwrap();
+        let interval = stream_interval.map(|i| format!("stream_interval = \"{i}\"\n")).unwrap_or_default();
+        let nice = nice.map(|n| format!("[engine]\nnice = {n}\n")).unwrap_or_default();
+        std::fs::write(&config, format!("{nice}[serve]\nqueue_depth = {queue_depth}\nmax_tokens = 4000\n{interval}")).unwrap();
         let child = Command::new(bin)
             .args(["serve", "--model-dir"])
             .arg(model)
@@ -236,7 +247,7 @@ fn main() {
         let ids = model.encode_chat(&messages()).unwrap();
         let params = GenerateParams { max_new_tokens: *tokens, ignore_eos: true, ..GenerateParams::default() };
         let max_clients = args.concurrency.iter().copied().max().unwrap_or(1);
-        let server = Server::start(&args.bin, dir, args.threads, max_clients * 2);
+        let server = Server::start(&args.bin, dir, args.threads, max_clients * 2, args.stream_interval.as_deref(), args.engine_nice);
 
         // 1. Overhead, alternating direct and served runs (after one warm-up of each).
         let mut direct = Vec::new();
@@ -328,7 +339,13 @@ fn main() {
         }
         drop(server);
 
-        md.push_str(&format!("### {name} — {} prompt tokens, {tokens} new tokens, greedy, EOS ignored, {} threads\n\n", ids.len(), args.threads));
+        let interval = args.stream_interval.as_deref().unwrap_or("5ms (default)");
+        let nice = args.engine_nice.map_or_else(|| "5 (default)".to_string(), |n| n.to_string());
+        md.push_str(&format!(
+            "### {name} — {} prompt tokens, {tokens} new tokens, greedy, EOS ignored, {} threads, serve.stream_interval {interval}, engine.nice {nice}\n\n",
+            ids.len(),
+            args.threads
+        ));
         md.push_str("| | end-to-end (median) | time to first token (median) |\n|---|---:|---:|\n");
         md.push_str(&format!(
             "| engine called directly | {:.2} ms | {:.2} ms |\n",
@@ -369,7 +386,7 @@ fn main() {
             ));
         }
         md.push('\n');
-        report.push(json!({"model": name, "dir": dir, "overhead": overhead, "concurrency": levels}));
+        report.push(json!({"model": name, "dir": dir, "stream_interval": args.stream_interval, "engine_nice": args.engine_nice, "overhead": overhead, "concurrency": levels}));
     }
     md.push_str(&format!("load average at end: {}\n", loadavg()));
     if let Some(parent) = args.out.parent() {

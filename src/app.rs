@@ -92,6 +92,7 @@ pub async fn run(config: Config, config_path: PathBuf, log: LogControl, notifier
             // The poller smoke-tested the version before activating it in the cache.
             smoke_test_tokens: 1,
             swap: serve_settings.swap,
+            nice: config.engine.nice,
         },
         metrics.clone(),
     );
@@ -130,9 +131,9 @@ pub async fn run(config: Config, config_path: PathBuf, log: LogControl, notifier
         .with_status(status_document(status_rx.clone(), link_state.clone(), manager.clone(), serve_settings.queue_depth, socket_path.clone()));
     let stop_http = CancellationToken::new();
     let servers = TaskTracker::new();
-    servers.spawn(log_end("unix socket server", serve::run(listener, app.clone(), stop_http.clone())));
+    servers.spawn(serve::run(listener, app.clone(), stop_http.clone()));
     if let Some(tcp) = tcp {
-        servers.spawn(log_end("tcp server", serve::run_tcp(tcp, app.clone(), stop_http.clone())));
+        servers.spawn(serve::run_tcp(tcp, app.clone(), stop_http.clone()));
     }
     servers.close();
 
@@ -238,12 +239,6 @@ pub async fn run(config: Config, config_path: PathBuf, log: LogControl, notifier
     drop(socket_file);
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn log_end(what: &'static str, f: impl std::future::Future<Output = Result<(), serve::ServeError>>) {
-    if let Err(e) = f.await {
-        tracing::error!(error = %e, source = ?std::error::Error::source(&e), "{what} ended with an error");
-    }
 }
 
 fn target_label(r: &RegistrySettings) -> String {

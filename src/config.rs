@@ -41,11 +41,14 @@ pub struct EngineConfig {
     pub memory_check: bool,
     /// Memory to leave besides the weights and the KV cache, e.g. `"256MiB"`.
     pub memory_reserve: String,
+    /// Added to the daemon's niceness for the engine's threads (as `nice -n`), so request
+    /// handling, the fleet link and other programs preempt inference without delay.
+    pub nice: i32,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { ort_lib: None, threads: None, memory_check: true, memory_reserve: "256MiB".into() }
+        EngineConfig { ort_lib: None, threads: None, memory_check: true, memory_reserve: "256MiB".into(), nice: 5 }
     }
 }
 
@@ -123,6 +126,9 @@ impl Config {
         let mut problems = Vec::new();
         if self.engine.threads == Some(0) {
             problems.push("engine.threads: must be at least 1 (leave unset for the available cores)".to_string());
+        }
+        if !(0..=19).contains(&self.engine.nice) {
+            problems.push(format!("engine.nice: {} must be between 0 and 19", self.engine.nice));
         }
         if parse_size(&self.engine.memory_reserve).is_err() {
             problems.push(format!("engine.memory_reserve: `{}` is not a size such as \"256MiB\"", self.engine.memory_reserve));
@@ -421,6 +427,15 @@ pub struct ServeConfig {
     pub request_timeout: String,
     /// On shutdown, how long in-flight requests may take to finish.
     pub shutdown_grace: String,
+    /// Connections served at once (per listener); more get 503 with `Retry-After`.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers, also the idle limit of a kept-alive
+    /// connection; then the connection is closed.
+    pub header_timeout: String,
+    /// Streams send at most one text event per interval (text produced in between is joined);
+    /// the first text goes out at once, the rest when generation ends. `"0ms"`: one event per
+    /// piece of text.
+    pub stream_interval: String,
     /// How a new model version replaces the active one: `overlap` or `stop-the-world`.
     pub swap: crate::active::SwapMode,
 }
@@ -441,6 +456,9 @@ impl Default for ServeConfig {
             max_tokens: 1024,
             request_timeout: "5m".into(),
             shutdown_grace: "10s".into(),
+            max_connections: 64,
+            header_timeout: "10s".into(),
+            stream_interval: "5ms".into(),
             swap: crate::active::SwapMode::Overlap,
         }
     }
@@ -460,6 +478,9 @@ pub struct ServeSettings {
     pub max_tokens: usize,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+    pub stream_interval: Duration,
     pub swap: crate::active::SwapMode,
 }
 
@@ -548,6 +569,17 @@ impl ServeConfig {
         }
         let request_timeout = duration("serve.request_timeout", &self.request_timeout, &mut p);
         let shutdown_grace = duration("serve.shutdown_grace", &self.shutdown_grace, &mut p);
+        if self.max_connections == 0 || self.max_connections > 65536 {
+            p.push(format!("serve.max_connections: {} must be between 1 and 65536", self.max_connections));
+        }
+        let header_timeout = duration("serve.header_timeout", &self.header_timeout, &mut p);
+        let stream_interval = match humantime::parse_duration(self.stream_interval.trim()) {
+            Ok(d) if d <= Duration::from_secs(1) => d,
+            _ => {
+                p.push(format!("serve.stream_interval: `{}` must be a duration from \"0ms\" to \"1s\"", self.stream_interval));
+                Duration::ZERO
+            }
+        };
         if !p.is_empty() {
             return Err(p);
         }
@@ -563,6 +595,9 @@ impl ServeConfig {
             max_tokens: self.max_tokens,
             request_timeout,
             shutdown_grace,
+            max_connections: self.max_connections,
+            header_timeout,
+            stream_interval,
             swap: self.swap,
         })
     }
@@ -720,6 +755,9 @@ smoke_test_tokens = 0
         assert_eq!(s.swap, crate::active::SwapMode::StopTheWorld);
         let c: Config = toml::from_str("[serve]\nsocket_group = 990\n").unwrap();
         assert_eq!(c.serve.socket_group, Some(crate::serve::GroupSpec::Id(990)));
+        let c: Config = toml::from_str("[serve]\nstream_interval = \"0ms\"\nmax_connections = 2\nheader_timeout = \"1s\"\n").unwrap();
+        let s = c.serve.resolve().unwrap();
+        assert_eq!((s.stream_interval, s.max_connections, s.header_timeout), (Duration::ZERO, 2, Duration::from_secs(1)));
     }
 
     #[test]
@@ -735,13 +773,16 @@ max_prompt_tokens = 0
 max_tokens = 0
 request_timeout = "forever"
 shutdown_grace = "0s"
+max_connections = 0
+header_timeout = "soon"
+stream_interval = "2s"
 "#;
         let c: Config = toml::from_str(text).unwrap();
         let problems = c.validate();
-        for key in ["serve.socket_mode", "serve.token_env", "serve.tcp_listen", "serve.queue_depth", "serve.max_body", "serve.max_prompt_tokens", "serve.max_tokens", "serve.request_timeout", "serve.shutdown_grace"] {
+        for key in ["serve.socket_mode", "serve.token_env", "serve.tcp_listen", "serve.queue_depth", "serve.max_body", "serve.max_prompt_tokens", "serve.max_tokens", "serve.request_timeout", "serve.shutdown_grace", "serve.max_connections", "serve.header_timeout", "serve.stream_interval"] {
             assert!(problems.iter().any(|p| p.starts_with(&format!("{key}:"))), "{key} not reported in {problems:#?}");
         }
-        assert_eq!(problems.len(), 9, "{problems:#?}");
+        assert_eq!(problems.len(), 12, "{problems:#?}");
         let c: Config = toml::from_str("[serve]\ntcp_listen = \"127.0.0.1:8080\"\nallowed_uids = [1000]\n").unwrap();
         assert!(c.validate().iter().any(|p| p.contains("needs serve.token_env")));
         let err = toml::from_str::<Config>("[serve]\nswap = \"sometimes\"\n").unwrap_err().to_string();

@@ -717,6 +717,7 @@ mod serve_cmd {
             max_prompt_tokens: settings.max_prompt_tokens,
             smoke_test_tokens: 1,
             swap: settings.swap,
+            nice: config.engine.nice,
         };
         // The runtime only moves bytes; the engine has its own thread and the cores.
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("edgeflow-io").enable_all().build().context("starting the async runtime")?;
@@ -781,10 +782,8 @@ mod serve_cmd {
         shutdown.cancel();
         tracker.wait().await;
         for server in servers {
-            match server.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "server ended with an error"),
-                Err(e) => tracing::error!(error = %e, "server task failed"),
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "server task failed");
             }
         }
         manager.deactivate().await;

@@ -387,6 +387,112 @@ fn timeouts_and_metrics_that_prometheus_client_parses() {
 }
 
 #[test]
+fn connection_limit_and_header_timeout() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let server = Server::start("phi3-tiny-gqa", "[serve]\nmax_connections = 2\nheader_timeout = \"2s\"\n", &[], &[]);
+    let s = &server.socket;
+    // Two connections that send nothing fill the server. The connection of a request that
+    // just finished (the readiness check) may hold its slot for a moment longer: then one of
+    // the two is refused at once, which a short read shows, and the pair is opened again.
+    let mut refused_while_opening = 0;
+    let (opened, mut idle) = (0..20)
+        .find_map(|_| {
+            let opened = Instant::now();
+            let mut pair: Vec<UnixStream> = (0..2).map(|_| UnixStream::connect(s).unwrap()).collect();
+            let mut held = 0;
+            for c in &mut pair {
+                c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                match c.read(&mut [0u8; 1]) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => held += 1,
+                    _ => refused_while_opening += 1,
+                }
+            }
+            (held == 2).then_some((opened, pair))
+        })
+        .expect("two idle connections held by the server");
+    // ... so the next client is answered 503 with Retry-After, in OpenAI's error shape.
+    let r = server.curl(&["/healthz"]);
+    assert!(opened.elapsed() < Duration::from_secs(2), "the refusal was checked while both idle connections were open");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["error"]["code"], "too_many_connections");
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("limit of 2 connections"));
+    // The header timeout closes connections that send no request, freeing their slots.
+    for conn in &mut idle {
+        conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(conn.read(&mut byte).unwrap(), 0, "an idle connection is closed without an answer");
+    }
+    let waited = opened.elapsed();
+    assert!(waited >= Duration::from_millis(1800) && waited < Duration::from_secs(8), "closed after {waited:?}, header_timeout is 2 s");
+    // A client stuck halfway through its headers is closed the same way.
+    let mut slow = UnixStream::connect(s).unwrap();
+    let started = Instant::now();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: edgeflow\r\n").unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(slow.read_to_end(&mut rest).unwrap(), 0, "no answer to an unfinished request: {:?}", String::from_utf8_lossy(&rest));
+    assert!(started.elapsed() >= Duration::from_millis(1800), "closed after {:?}", started.elapsed());
+    // Slots are free again.
+    assert_eq!(server.curl(&["/healthz"]).status, 200);
+    assert_eq!(server.metric("edgeflow_http_connections_refused_total"), (1 + refused_while_opening) as f64);
+    assert!(server.log().lines().all(|l| !l.contains("panicked")), "{}", server.log());
+}
+
+#[test]
+fn stream_interval_joins_fast_tokens_into_paced_events() {
+    let interval = Duration::from_millis(50);
+    let server = Server::start("phi3-tiny-gqa", "[serve]\nstream_interval = \"50ms\"\n", &[], &[]);
+    // Enough tiny-model tokens (well under a millisecond each) to span several intervals.
+    let n = 1000;
+    let body = format!(r#"{{"model":"m","prompt":"Once upon a time","max_tokens":{n},"ignore_eos":true,"stream":true,"stream_options":{{"include_usage":true}}}}"#);
+    // curl -N passes every event on as it arrives; each is timed here.
+    let mut child = Command::new("curl")
+        .args(["-q", "-sS", "-N", "--max-time", "60", "--unix-socket"])
+        .arg(&server.socket)
+        .args(["--data-binary", &body, "http://edgeflow/v1/completions"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let mut pieces: Vec<(Instant, String)> = Vec::new();
+    let mut usage = None;
+    let mut done = false;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let Some(data) = line.strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        if let Some(text) = chunk["choices"][0]["text"].as_str().filter(|t| !t.is_empty()) {
+            pieces.push((Instant::now(), text.to_string()));
+        }
+        usage = usage.or_else(|| chunk["usage"]["completion_tokens"].as_u64());
+    }
+    let took = started.elapsed();
+    assert!(child.wait().unwrap().success() && done, "the stream ends with [DONE]");
+    assert_eq!(usage, Some(n as u64));
+    let mut model = Model::load(&tiny("phi3-tiny-gqa"), &common::load_options()).unwrap();
+    let ids = model.encode("Once upon a time").unwrap();
+    let params = GenerateParams { max_new_tokens: n, ignore_eos: true, ..GenerateParams::default() };
+    let greedy = model.generate(&ids, &params, &AtomicBool::new(false), |_| std::ops::ControlFlow::Continue(())).unwrap().text;
+    assert_eq!(pieces.iter().map(|p| p.1.as_str()).collect::<String>(), greedy, "joined events carry exactly the engine's text");
+    // The first text goes out at once, then at most one event per interval, then what is left
+    // when generation ends. Half an interval of slack for a late-scheduled curl on a busy
+    // machine (unpaced, events come a fraction of a millisecond apart).
+    assert!(pieces.len() >= 3, "{} text events in {took:?}: the generation spans several intervals", pieces.len());
+    for pair in pieces[..pieces.len() - 1].windows(2) {
+        let gap = pair[1].0 - pair[0].0;
+        assert!(gap >= interval / 2, "text events {gap:?} apart; stream_interval is {interval:?}");
+    }
+    let most = 2 + (took.as_secs_f64() / interval.as_secs_f64()).ceil() as usize;
+    assert!(pieces.len() <= most && pieces.len() < n / 4, "{} text events for {n} tokens in {took:?}", pieces.len());
+}
+
+#[test]
 fn socket_mode_group_and_uid_allow_list() {
     // The socket is created 0660 with the configured group. A user outside the group is
     // refused by the kernel; one inside it but not on the uid allow-list gets 403.
@@ -522,7 +628,7 @@ struct InProcess {
     metrics: Arc<Metrics>,
     socket: PathBuf,
     shutdown: CancellationToken,
-    server: tokio::task::JoinHandle<Result<(), serve::ServeError>>,
+    server: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
     _file: serve::SocketFile,
 }
@@ -530,7 +636,7 @@ struct InProcess {
 async fn in_process(swap: SwapMode) -> InProcess {
     let metrics = Arc::new(Metrics::new());
     let manager =
-        Manager::new(ManagerOptions { load: common::load_options(), queue_depth: 4, max_prompt_tokens: None, smoke_test_tokens: 1, swap }, metrics.clone());
+        Manager::new(ManagerOptions { load: common::load_options(), queue_depth: 4, max_prompt_tokens: None, smoke_test_tokens: 1, swap, nice: 5 }, metrics.clone());
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("api.sock");
     let (listener, file) = serve::bind(&SocketOptions { path: socket.clone(), mode: 0o600, group: None }).unwrap();
@@ -538,7 +644,7 @@ async fn in_process(swap: SwapMode) -> InProcess {
         manager.clone(),
         metrics.clone(),
         Access::default(),
-        Limits { max_body_bytes: 1 << 20, max_tokens: 4000, request_timeout: Duration::from_secs(60) },
+        Limits { max_tokens: 4000, request_timeout: Duration::from_secs(60), ..Limits::default() },
         Duration::from_secs(5),
     );
     let shutdown = CancellationToken::new();
@@ -631,7 +737,7 @@ async fn overlap_swap_during_a_stream() {
     assert!(format!("{err}").contains("version 3"), "{err}");
     assert_eq!(p.manager.current().unwrap().info().version, "2");
     p.shutdown.cancel();
-    p.server.await.unwrap().unwrap();
+    p.server.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -676,7 +782,7 @@ async fn stop_the_world_swap_drains_first_and_answers_503_meanwhile() {
     assert!(p.manager.activate(ModelSource { dir: broken.path().to_path_buf(), name: "edge-chat".into(), version: "3".into(), digest: None }).await.is_err());
     assert_eq!(p.manager.current().map(|a| a.info().version.clone()).as_deref(), Some("2"), "rolled back to version 2");
     p.shutdown.cancel();
-    p.server.await.unwrap().unwrap();
+    p.server.await.unwrap();
     follower.await.unwrap();
     p.manager.deactivate().await;
     assert_eq!(p.metrics.models_loaded.get(), 0);

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
-pub use worker::{Event, Job, JobError, Prompt, StartError, SubmitError, Worker};
+pub use worker::{Event, Job, JobError, Prompt, StartError, SubmitError, TextDelivery, Worker};
 
 use crate::engine::{GenaiConfig, LoadOptions};
 use crate::telemetry::Metrics;
@@ -121,6 +121,8 @@ pub struct ManagerOptions {
     /// Greedy tokens the smoke test generates before a version is published (at least 1).
     pub smoke_test_tokens: usize,
     pub swap: SwapMode,
+    /// Added to the niceness of each engine thread (`engine.nice`).
+    pub nice: i32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -310,7 +312,12 @@ impl Manager {
         let started = worker::start(
             source.dir.clone(),
             options.load.clone(),
-            worker::Limits { queue_depth: options.queue_depth, max_prompt_tokens: options.max_prompt_tokens, smoke_test_tokens: options.smoke_test_tokens },
+            worker::Limits {
+                queue_depth: options.queue_depth,
+                max_prompt_tokens: options.max_prompt_tokens,
+                smoke_test_tokens: options.smoke_test_tokens,
+                nice: options.nice,
+            },
             self.inner.metrics.clone(),
             &label,
         )

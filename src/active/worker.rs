@@ -40,6 +40,24 @@ pub struct Job {
     /// Progress back to the request. Unbounded on purpose: the worker must never block on a
     /// slow client (that would stall every queued request), and `max_new_tokens` bounds it.
     pub events: mpsc::UnboundedSender<Event>,
+    /// Which pieces of text are sent as [`Event::Text`] while generating.
+    pub text: TextDelivery,
+}
+
+/// How a job's text reaches the request side while it is generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextDelivery {
+    /// Only the first piece (it times the first token); the whole text comes with
+    /// [`Event::Finished`]. For requests that answer once, at the end.
+    FirstOnly,
+    /// For streams: the first piece at once, then at most one event per interval, joining the
+    /// text of the decode steps in between; what is left goes out when generation ends, before
+    /// [`Event::Finished`]. A fast engine's tokens thus cost one channel send and wake-up per
+    /// interval instead of one per token; a slow engine's steps, each longer than the
+    /// interval, still go out one by one. Text made within the interval waits for the next
+    /// decode step (the worker has no timer while the model runs), so a step much longer than
+    /// its predecessors delays it by that step. Zero: every piece as it comes.
+    Paced(Duration),
 }
 
 #[derive(Debug)]
@@ -167,6 +185,8 @@ pub(crate) struct Limits {
     /// model's context.
     pub max_prompt_tokens: Option<usize>,
     pub smoke_test_tokens: usize,
+    /// Added to the engine thread's niceness before the model loads.
+    pub nice: i32,
 }
 
 /// Starts a thread that loads `dir`, smoke-tests it and then serves jobs.
@@ -187,11 +207,33 @@ pub(crate) fn start(dir: PathBuf, options: LoadOptions, limits: Limits, metrics:
             // Dropped last of all locals (declared first): its closing tells the manager
             // that the model's memory is released.
             let _drained = drained_tx;
+            lower_priority(limits.nice);
             let mut thread = Thread { jobs: jobs_rx, shared, metrics, limits };
             thread.run(&dir, &options, ready_tx);
         })
         .map_err(StartError::Spawn)?;
     Ok(Started { worker, ready: ready_rx, drained: drained_rx })
+}
+
+/// Lowers the calling thread's scheduling priority by `by` nice steps. On Linux niceness is
+/// per thread, and threads created afterwards inherit it: ONNX Runtime's intra-op pool, made
+/// when the model loads on this thread, runs at the same priority. With the engine's threads
+/// filling every core, this is what lets a woken request handler (or the client reading the
+/// stream) run at once instead of waiting for a scheduler tick. Raising niceness needs no
+/// privilege; a failure is logged and the engine runs at the daemon's priority.
+fn lower_priority(by: i32) {
+    if by == 0 {
+        return;
+    }
+    nix::errno::Errno::clear();
+    // DEVNOTE: nice(2) takes and returns plain integers; -1 is also a valid result, so errno
+    // tells failure apart.
+    let now = unsafe { libc::nice(by) };
+    if now == -1 && nix::errno::Errno::last_raw() != 0 {
+        tracing::warn!(by, error = %std::io::Error::last_os_error(), "could not lower the engine thread's priority; it runs at the daemon's");
+    } else {
+        tracing::debug!(nice = now, "engine thread niceness");
+    }
 }
 
 struct Thread {
@@ -253,7 +295,7 @@ impl Thread {
     }
 
     fn serve(&self, model: &mut Model, job: Job) {
-        let Job { prompt, params, cancel, events } = job;
+        let Job { prompt, params, cancel, events, text } = job;
         if cancel.load(Ordering::Relaxed) || events.is_closed() {
             // The client left (or timed out) while queued.
             self.metrics.generations_cancelled.inc();
@@ -287,17 +329,32 @@ impl Thread {
         // remainder is added from the result.
         let mut counted = 0u64;
         let mut pending = false;
+        let mut held = String::new();
+        let mut last_sent: Option<Instant> = None;
         let result = model.generate(&ids, &params, &cancel, |piece| {
             if pending {
                 self.metrics.generated_tokens.inc();
                 counted += 1;
             }
             pending = true;
-            if events.send(Event::Text(piece.to_string())).is_err() {
+            let out = match (text, last_sent) {
+                (TextDelivery::FirstOnly, Some(_)) => return ControlFlow::Continue(()),
+                (TextDelivery::Paced(interval), Some(t)) if t.elapsed() < interval => {
+                    held.push_str(piece);
+                    return ControlFlow::Continue(());
+                }
+                _ if held.is_empty() => piece.to_string(),
+                _ => std::mem::take(&mut held) + piece,
+            };
+            last_sent = Some(Instant::now());
+            if events.send(Event::Text(out)).is_err() {
                 return ControlFlow::Break(());
             }
             ControlFlow::Continue(())
         });
+        if !held.is_empty() {
+            let _ = events.send(Event::Text(held));
+        }
         self.metrics.generations_in_progress.dec();
         match result {
             Ok(generation) => {

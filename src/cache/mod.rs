@@ -23,4 +23,5 @@ mod store;
 
 pub use error::CacheError;
 pub(crate) use store::unix_now;
+pub(crate) use store::open_sled;
 pub use store::{active_dir, Corruption, FileRecord, GcReport, ModelRecord, State, Store, VersionRecord};

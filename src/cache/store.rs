@@ -160,6 +160,28 @@ pub fn active_dir(root: &Path, model: &str) -> Option<PathBuf> {
     dir.is_dir().then(|| dir.canonicalize().unwrap_or(dir))
 }
 
+/// How long [`open_sled`] waits for a database lock to be released.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens a sled database, waiting up to [`LOCK_WAIT`] for its file lock: a predecessor that is
+/// exiting (a service restart), or a handle dropped a moment ago whose background I/O still
+/// holds the file, releases it shortly. A lock still held after that is the caller's error
+/// (see [`is_locked`]).
+pub(crate) fn open_sled(config: &sled::Config) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match config.open() {
+            Err(e) if is_locked(&e) && std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(50)),
+            result => return result,
+        }
+    }
+}
+
+/// Whether opening failed because another handle holds the database's file lock.
+pub(crate) fn is_locked(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock"))
+}
+
 impl Store {
     /// Opens (creating) the cache at `settings.dir` and sweeps it: staging leftovers, stale
     /// partial downloads, orphan blobs and folders.
@@ -173,8 +195,8 @@ impl Store {
             std::fs::create_dir_all(&p).map_err(CacheError::io("creating", &p))?;
         }
         let index = root.join("index");
-        let db = sled::Config::new().path(&index).mode(sled::Mode::LowSpace).open().map_err(|source| match &source {
-            sled::Error::Io(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("lock") => CacheError::Locked { path: index.clone() },
+        let db = open_sled(&sled::Config::new().path(&index).mode(sled::Mode::LowSpace)).map_err(|source| match &source {
+            source if is_locked(source) => CacheError::Locked { path: index.clone() },
             _ => CacheError::Index { path: index.clone(), source },
         })?;
         let tree = |name: &str| db.open_tree(name).map_err(|source| CacheError::Index { path: index.clone(), source });

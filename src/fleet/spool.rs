@@ -103,7 +103,7 @@ impl Spool {
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
         let open = || -> Result<Spool, sled::Error> {
             std::fs::create_dir_all(dir)?;
-            let db = sled::Config::new().path(dir).cache_capacity(1 << 20).flush_every_ms(None).open()?;
+            let db = crate::cache::open_sled(&sled::Config::new().path(dir).cache_capacity(1 << 20).flush_every_ms(None))?;
             let outbox = db.open_tree("outbox")?;
             let meta = db.open_tree("meta")?;
             let mut bytes = 0;

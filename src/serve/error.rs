@@ -40,6 +40,9 @@ pub enum ApiError {
     #[error("the server is busy: the generation queue is full; retry after {}s", .retry_after.as_secs())]
     QueueFull { retry_after: Duration },
 
+    #[error("the server already serves its limit of {limit} connections; retry after {}s", .retry_after.as_secs())]
+    TooManyConnections { limit: usize, retry_after: Duration },
+
     #[error("{reason}")]
     NoModel { reason: &'static str, retry_after: Duration },
 
@@ -69,7 +72,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::NoModel { .. } | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NoModel { .. } | ApiError::TooManyConnections { .. } | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -86,7 +89,7 @@ impl ApiError {
             ApiError::Unauthorized => "authentication_error",
             ApiError::Forbidden { .. } => "permission_error",
             ApiError::QueueFull { .. } => "rate_limit_error",
-            ApiError::NoModel { .. } | ApiError::ShuttingDown | ApiError::Timeout { .. } => "server_error",
+            ApiError::NoModel { .. } | ApiError::TooManyConnections { .. } | ApiError::ShuttingDown | ApiError::Timeout { .. } => "server_error",
             ApiError::Internal { .. } => "server_error",
         }
     }
@@ -103,6 +106,7 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::NoModel { .. } => "model_not_ready",
+            ApiError::TooManyConnections { .. } => "too_many_connections",
             ApiError::Timeout { .. } => "timeout",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Internal { .. } => "internal_error",
@@ -117,9 +121,9 @@ impl ApiError {
         }
     }
 
-    fn retry_after(&self) -> Option<Duration> {
+    pub(super) fn retry_after(&self) -> Option<Duration> {
         match self {
-            ApiError::QueueFull { retry_after } | ApiError::NoModel { retry_after, .. } => Some(*retry_after),
+            ApiError::QueueFull { retry_after } | ApiError::NoModel { retry_after, .. } | ApiError::TooManyConnections { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -228,6 +232,7 @@ mod tests {
             (ApiError::QueueFull { retry_after: Duration::from_secs(2) }, 429, "rate_limit_error"),
             (ApiError::NoModel { reason: "none", retry_after: Duration::from_secs(1) }, 503, "server_error"),
             (ApiError::ShuttingDown, 503, "server_error"),
+            (ApiError::TooManyConnections { limit: 4, retry_after: Duration::from_secs(1) }, 503, "server_error"),
             (ApiError::Timeout { limit: Duration::from_secs(1) }, 504, "server_error"),
             (ApiError::Internal { request_id: "r".into() }, 500, "server_error"),
         ];

@@ -9,6 +9,7 @@
 //! timeout or the end of the shutdown grace period ends the request the same way.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -18,11 +19,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::stream;
 use tokio::sync::mpsc;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::error::ApiError;
 use super::openai::{self, AssistantMessage, ChatChoice, ChatCompletion, Chunk, Completion, CompletionChoice, Endpoint, Header, Plan, Usage};
 use super::App;
-use crate::active::{Event, Job};
+use crate::active::{Event, Job, TextDelivery};
 use crate::engine::{FinishReason, Generation};
 use crate::telemetry::drift::Observation;
 
@@ -43,7 +45,10 @@ struct Run {
     /// Registry name and version of the model that runs the job, for drift windows.
     version: (String, String),
     events: mpsc::UnboundedReceiver<Event>,
-    deadline: tokio::time::Instant,
+    /// The request timeout and the end of the shutdown grace period, made once per request
+    /// (not per event: the stream's per-token path registers no timer of its own).
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    hard_stop: Pin<Box<WaitForCancellationFutureOwned>>,
     received: Instant,
     first_text: bool,
     /// An event taken from the channel while coalescing text, handed out next.
@@ -52,13 +57,17 @@ struct Run {
 }
 
 impl Run {
-    /// The next event from the worker, or the reason there will be none.
+    /// The next event from the worker, or the reason there will be none. After an error the
+    /// run is over: callers do not ask again.
     async fn next(&mut self) -> Result<Event, ApiError> {
         if let Some(event) = self.held.take() {
             return Ok(event);
         }
-        let hard_stop = self.app.inner.hard_stop.clone();
+        // Limits first, so a worker that always has another event ready cannot outrun them.
         tokio::select! {
+            biased;
+            () = self.hard_stop.as_mut() => Err(ApiError::ShuttingDown),
+            () = self.deadline.as_mut() => Err(ApiError::Timeout { limit: self.app.inner.limits.request_timeout }),
             event = self.events.recv() => match event {
                 Some(event) => {
                     self.note(&event);
@@ -67,14 +76,13 @@ impl Run {
                 // The worker dropped the job unanswered: it stopped (a panic on another job).
                 None => Err(ApiError::NoModel { reason: "the model's engine worker stopped", retry_after: std::time::Duration::from_secs(5) }),
             },
-            () = tokio::time::sleep_until(self.deadline) => Err(ApiError::Timeout { limit: self.app.inner.limits.request_timeout }),
-            () = hard_stop.cancelled() => Err(ApiError::ShuttingDown),
         }
     }
 
     /// The next event, with every piece of text the worker has already queued behind it
     /// joined into one: a client that reads slower than the engine writes gets fewer, larger
-    /// SSE events instead of one per token (less framing, JSON and syscalls per token).
+    /// SSE events instead of one per token. (The worker itself sends at most one piece per
+    /// `stream_interval`; see [`TextDelivery::Paced`].)
     async fn next_coalesced(&mut self) -> Result<Event, ApiError> {
         let mut event = self.next().await?;
         if let Event::Text(text) = &mut event {
@@ -139,13 +147,27 @@ pub async fn generate(app: App, plan: Plan, received: Instant) -> Result<Respons
     tracing::Span::current().record("request_id", header.id.as_str());
     let cancel = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::unbounded_channel();
+    let text = if plan.stream { TextDelivery::Paced(app.inner.limits.stream_interval) } else { TextDelivery::FirstOnly };
     let guard = CancelOnDrop(cancel.clone());
     let version = (info.name.clone(), info.version.clone());
-    active.submit(Job { prompt: plan.prompt, params, cancel, events: tx }).map_err(ApiError::from_submit)?;
+    active.submit(Job { prompt: plan.prompt, params, cancel, events: tx, text }).map_err(ApiError::from_submit)?;
     // The worker holds the job now; this request must not keep a swapped-out model alive.
     drop(active);
-    let deadline = tokio::time::Instant::from_std(received + app.inner.limits.request_timeout);
-    let mut run = Run { app, endpoint: plan.endpoint, header, version, events: rx, deadline, received, first_text: false, held: None, _cancel: guard };
+    let deadline = Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(received + app.inner.limits.request_timeout)));
+    let hard_stop = Box::pin(app.inner.hard_stop.clone().cancelled_owned());
+    let mut run = Run {
+        app,
+        endpoint: plan.endpoint,
+        header,
+        version,
+        events: rx,
+        deadline,
+        hard_stop,
+        received,
+        first_text: false,
+        held: None,
+        _cancel: guard,
+    };
 
     let prompt_tokens = match run.next().await? {
         Event::Started { prompt_tokens } => prompt_tokens,

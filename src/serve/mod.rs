@@ -8,19 +8,17 @@
 //! ([`generate`]), and answered from the engine worker's events. Every error leaves through
 //! [`error::ApiError`], the one mapping to HTTP statuses.
 
+mod connection;
 pub mod error;
 mod generate;
 pub mod openai;
 mod routes;
 pub mod socket;
 
-use std::future::IntoFuture;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +38,26 @@ pub struct Limits {
     pub max_tokens: usize,
     /// From arrival to the last byte, queueing included.
     pub request_timeout: Duration,
+    /// Streams send at most one text event per interval; zero: one per piece of text.
+    pub stream_interval: Duration,
+    /// Connections served at once per listener; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// For a request's headers to arrive, and for a kept-alive connection to sit idle.
+    pub header_timeout: Duration,
+}
+
+impl Default for Limits {
+    /// The `[serve]` defaults.
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1 << 20,
+            max_tokens: 1024,
+            request_timeout: Duration::from_secs(300),
+            stream_interval: Duration::from_millis(5),
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Who may use the API beyond the socket's file permissions.
@@ -146,7 +164,14 @@ impl App {
     /// The app as `[serve]` configures it.
     pub fn from_settings(manager: Manager, metrics: Arc<Metrics>, settings: &ServeSettings) -> Self {
         let access = Access { token: settings.token.clone(), allowed_uids: settings.allowed_uids.clone(), allowed_gids: settings.allowed_gids.clone() };
-        let limits = Limits { max_body_bytes: settings.max_body_bytes, max_tokens: settings.max_tokens, request_timeout: settings.request_timeout };
+        let limits = Limits {
+            max_body_bytes: settings.max_body_bytes,
+            max_tokens: settings.max_tokens,
+            request_timeout: settings.request_timeout,
+            stream_interval: settings.stream_interval,
+            max_connections: settings.max_connections,
+            header_timeout: settings.header_timeout,
+        };
         App::new(manager, metrics, access, limits, settings.shutdown_grace)
     }
 
@@ -197,52 +222,14 @@ impl App {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    #[error("serving HTTP failed")]
-    Http(#[source] std::io::Error),
-}
-
 /// Serves `app` on an already-bound Unix socket until `shutdown` is cancelled, then lets
-/// in-flight requests finish for the configured grace period before ending them.
-///
-/// # Errors
-/// [`ServeError::Http`] if the server fails outright (not for individual connections).
-pub async fn run(listener: UnixListener, app: App, shutdown: CancellationToken) -> Result<(), ServeError> {
-    serve_on(socket::UnixPeers(listener), app, shutdown).await
+/// in-flight requests finish for the configured grace period before ending them. Connection
+/// limits and timeouts: see [`connection`].
+pub async fn run(listener: UnixListener, app: App, shutdown: CancellationToken) {
+    connection::serve(socket::UnixPeers(listener), app, shutdown).await;
 }
 
 /// As [`run`], on a TCP listener (configured loopback only).
-///
-/// # Errors
-/// As [`run`].
-pub async fn run_tcp(listener: TcpListener, app: App, shutdown: CancellationToken) -> Result<(), ServeError> {
-    serve_on(socket::TcpPeers(listener), app, shutdown).await
-}
-
-async fn serve_on<L>(listener: L, app: App, shutdown: CancellationToken) -> Result<(), ServeError>
-where
-    L: axum::serve::Listener<Addr = Peer>,
-    Peer: for<'a> Connected<IncomingStream<'a, L>>,
-{
-    let service = app.router().into_make_service_with_connect_info::<Peer>();
-    let server = axum::serve(listener, service).with_graceful_shutdown(shutdown.clone().cancelled_owned()).into_future();
-    tokio::pin!(server);
-    tokio::select! {
-        result = &mut server => return result.map_err(ServeError::Http),
-        () = shutdown.cancelled() => {}
-    }
-    let grace = app.inner.shutdown_grace;
-    tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: no new connections; letting in-flight requests finish");
-    match tokio::time::timeout(grace, &mut server).await {
-        Ok(result) => result.map_err(ServeError::Http),
-        Err(_) => {
-            tracing::warn!("grace period over: ending the requests still running");
-            app.inner.hard_stop.cancel();
-            match tokio::time::timeout(Duration::from_secs(2), server).await {
-                Ok(result) => result.map_err(ServeError::Http),
-                Err(_) => Ok(()),
-            }
-        }
-    }
+pub async fn run_tcp(listener: TcpListener, app: App, shutdown: CancellationToken) {
+    connection::serve(socket::TcpPeers(listener), app, shutdown).await;
 }

@@ -221,10 +221,10 @@ mod tests {
     fn app(access: Access) -> App {
         let metrics = Arc::new(Metrics::new());
         let manager = Manager::new(
-            ManagerOptions { load: Default::default(), queue_depth: 2, max_prompt_tokens: None, smoke_test_tokens: 1, swap: SwapMode::Overlap },
+            ManagerOptions { load: Default::default(), queue_depth: 2, max_prompt_tokens: None, smoke_test_tokens: 1, swap: SwapMode::Overlap, nice: 0 },
             metrics.clone(),
         );
-        App::new(manager, metrics, access, Limits { max_body_bytes: 1024, max_tokens: 64, request_timeout: Duration::from_secs(5) }, Duration::from_secs(1))
+        App::new(manager, metrics, access, Limits { max_body_bytes: 1024, max_tokens: 64, request_timeout: Duration::from_secs(5), ..Limits::default() }, Duration::from_secs(1))
     }
 
     async fn call(app: &App, method: &str, uri: &str, body: impl Into<Body>, headers: &[(&str, &str)]) -> (StatusCode, Option<String>, serde_json::Value) {

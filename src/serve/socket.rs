@@ -13,8 +13,6 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
 use serde::Deserialize;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
@@ -288,18 +286,6 @@ async fn accept_failed(e: io::Error) {
     }
     tracing::error!(error = %e, "accepting a connection failed");
     tokio::time::sleep(Duration::from_millis(200)).await;
-}
-
-impl Connected<IncomingStream<'_, UnixPeers>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, UnixPeers>) -> Self {
-        *stream.remote_addr()
-    }
-}
-
-impl Connected<IncomingStream<'_, TcpPeers>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, TcpPeers>) -> Self {
-        *stream.remote_addr()
-    }
 }
 
 #[cfg(test)]

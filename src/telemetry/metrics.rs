@@ -18,6 +18,10 @@ pub struct Metrics {
     /// Requests that ended in an error, by route and OpenAI error code (including errors
     /// reported inside an already-started stream).
     pub http_errors: IntCounterVec,
+    /// Connections open on the API's listeners.
+    pub http_connections: IntGauge,
+    /// Connections answered 503 and closed because `serve.max_connections` were open.
+    pub http_connections_refused: IntCounter,
     /// From the request's arrival to the last byte of its response, by route.
     pub request_duration: HistogramVec,
     /// From a generation request's arrival to its first generated text.
@@ -52,6 +56,8 @@ impl Metrics {
         let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).expect("valid metric"));
         let http_requests = counter_vec("http_requests_total", "HTTP requests answered, by route and status.", &["route", "status"]);
         let http_errors = counter_vec("http_request_errors_total", "Requests that ended in an error, by route and error code.", &["route", "code"]);
+        let http_connections = gauge("http_connections", "Connections open on the API's listeners.");
+        let http_connections_refused = counter("http_connections_refused_total", "Connections refused with 503 because serve.max_connections were open.");
         let request_duration = reg(
             &registry,
             HistogramVec::new(
@@ -84,6 +90,8 @@ impl Metrics {
             registry,
             http_requests,
             http_errors,
+            http_connections,
+            http_connections_refused,
             request_duration,
             time_to_first_token,
             prompt_tokens,
