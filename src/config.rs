@@ -41,8 +41,9 @@ pub struct EngineConfig {
     pub memory_check: bool,
     /// Memory to leave besides the weights and the KV cache, e.g. `"256MiB"`.
     pub memory_reserve: String,
-    /// Added to the daemon's niceness for the engine's threads (as `nice -n`), so request
-    /// handling, the fleet link and other programs preempt inference without delay.
+    /// Added to the daemon's niceness for the serving engine's threads (as `nice -n`), so
+    /// request handling, the fleet link and other programs preempt inference without delay.
+    /// (The registry's one-off smoke test of a new version runs at the daemon's priority.)
     pub nice: i32,
 }
 

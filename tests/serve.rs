@@ -390,7 +390,7 @@ fn timeouts_and_metrics_that_prometheus_client_parses() {
 fn connection_limit_and_header_timeout() {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
-    let server = Server::start("phi3-tiny-gqa", "[serve]\nmax_connections = 2\nheader_timeout = \"2s\"\n", &[], &[]);
+    let server = Server::start("phi3-tiny-gqa", "[serve]\nmax_connections = 2\nheader_timeout = \"3s\"\n", &[], &[]);
     let s = &server.socket;
     // Two connections that send nothing fill the server. The connection of a request that
     // just finished (the readiness check) may hold its slot for a moment longer: then one of
@@ -402,7 +402,8 @@ fn connection_limit_and_header_timeout() {
             let mut pair: Vec<UnixStream> = (0..2).map(|_| UnixStream::connect(s).unwrap()).collect();
             let mut held = 0;
             for c in &mut pair {
-                c.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+                // A refusal is written at accept; half a second is ample even on a busy machine.
+                c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
                 match c.read(&mut [0u8; 1]) {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut => held += 1,
                     _ => refused_while_opening += 1,
@@ -413,7 +414,7 @@ fn connection_limit_and_header_timeout() {
         .expect("two idle connections held by the server");
     // ... so the next client is answered 503 with Retry-After, in OpenAI's error shape.
     let r = server.curl(&["/healthz"]);
-    assert!(opened.elapsed() < Duration::from_secs(2), "the refusal was checked while both idle connections were open");
+    assert!(opened.elapsed() < Duration::from_secs(3), "the refusal was checked while both idle connections were open");
     assert_eq!(r.status, 503, "{r:?}");
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.json()["error"]["code"], "too_many_connections");
@@ -425,7 +426,7 @@ fn connection_limit_and_header_timeout() {
         assert_eq!(conn.read(&mut byte).unwrap(), 0, "an idle connection is closed without an answer");
     }
     let waited = opened.elapsed();
-    assert!(waited >= Duration::from_millis(1800) && waited < Duration::from_secs(8), "closed after {waited:?}, header_timeout is 2 s");
+    assert!(waited >= Duration::from_millis(2800) && waited < Duration::from_secs(9), "closed after {waited:?}, header_timeout is 3 s");
     // A client stuck halfway through its headers is closed the same way.
     let mut slow = UnixStream::connect(s).unwrap();
     let started = Instant::now();
@@ -433,7 +434,7 @@ fn connection_limit_and_header_timeout() {
     slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut rest = Vec::new();
     assert_eq!(slow.read_to_end(&mut rest).unwrap(), 0, "no answer to an unfinished request: {:?}", String::from_utf8_lossy(&rest));
-    assert!(started.elapsed() >= Duration::from_millis(1800), "closed after {:?}", started.elapsed());
+    assert!(started.elapsed() >= Duration::from_millis(2800), "closed after {:?}", started.elapsed());
     // Slots are free again.
     assert_eq!(server.curl(&["/healthz"]).status, 200);
     assert_eq!(server.metric("edgeflow_http_connections_refused_total"), (1 + refused_while_opening) as f64);
@@ -481,13 +482,14 @@ fn stream_interval_joins_fast_tokens_into_paced_events() {
     let greedy = model.generate(&ids, &params, &AtomicBool::new(false), |_| std::ops::ControlFlow::Continue(())).unwrap().text;
     assert_eq!(pieces.iter().map(|p| p.1.as_str()).collect::<String>(), greedy, "joined events carry exactly the engine's text");
     // The first text goes out at once, then at most one event per interval, then what is left
-    // when generation ends. Half an interval of slack for a late-scheduled curl on a busy
-    // machine (unpaced, events come a fraction of a millisecond apart).
+    // when generation ends. Gaps are timed where curl's output is read: a stalled reader sees
+    // two events together now and then, so the median gap is checked (unpaced, events come a
+    // fraction of a millisecond apart), with half an interval of slack.
     assert!(pieces.len() >= 3, "{} text events in {took:?}: the generation spans several intervals", pieces.len());
-    for pair in pieces[..pieces.len() - 1].windows(2) {
-        let gap = pair[1].0 - pair[0].0;
-        assert!(gap >= interval / 2, "text events {gap:?} apart; stream_interval is {interval:?}");
-    }
+    let mut gaps: Vec<Duration> = pieces[..pieces.len() - 1].windows(2).map(|pair| pair[1].0 - pair[0].0).collect();
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    assert!(median >= interval / 2, "text events a median {median:?} apart; stream_interval is {interval:?}: {gaps:?}");
     let most = 2 + (took.as_secs_f64() / interval.as_secs_f64()).ceil() as usize;
     assert!(pieces.len() <= most && pieces.len() < n / 4, "{} text events for {n} tokens in {took:?}", pieces.len());
 }
@@ -650,6 +652,48 @@ async fn in_process(swap: SwapMode) -> InProcess {
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(serve::run(listener, app, shutdown.clone()));
     InProcess { manager, metrics, socket, shutdown, server, _dir: dir, _file: file }
+}
+
+/// The daemon probes its own socket for the watchdog: its own connections are not counted
+/// against `max_connections`, so a server full of clients still passes its liveness check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_own_connections_are_not_counted_against_the_limit() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let metrics = Arc::new(Metrics::new());
+    let manager = Manager::new(
+        ManagerOptions { load: common::load_options(), queue_depth: 1, max_prompt_tokens: None, smoke_test_tokens: 1, swap: SwapMode::Overlap, nice: 0 },
+        metrics.clone(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let (listener, _file) = serve::bind(&SocketOptions { path: socket.clone(), mode: 0o600, group: None }).unwrap();
+    let limits = Limits { max_connections: 1, ..Limits::default() };
+    let app = App::new(manager, metrics.clone(), Access::default(), limits, Duration::from_secs(1));
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve::run(listener, app, shutdown.clone()));
+    // Three idle connections from this process, with a limit of one ...
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::UnixStream::connect(&socket).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // ... leave the one slot to another process,
+    let other = blocking({
+        let socket = socket.clone();
+        move || curl(&socket, &["/healthz"], None)
+    })
+    .await;
+    assert_eq!(other.status, 200, "{other:?}");
+    // and are all answered.
+    for conn in &mut held {
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: edgeflow\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    assert_eq!(metrics.http_connections_refused.get(), 0);
+    shutdown.cancel();
+    server.await.unwrap();
 }
 
 fn source(model: &str, version: &str) -> ModelSource {

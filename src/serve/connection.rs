@@ -2,8 +2,10 @@
 //!
 //! Each listener serves at most `max_connections` at once; one more is answered 503 with
 //! `Retry-After` and closed, so a client that leaks connections cannot starve the others or
-//! the device. A client has `header_timeout` to send a request's headers, which is also how
-//! long a kept-alive connection may sit idle. Shutdown stops accepting, lets the requests in
+//! the device. The daemon's own connections (its watchdog health probe) are not counted: a
+//! full server must not fail its own liveness check and be restarted by systemd. A client has
+//! `header_timeout` to send a request's headers, which is also how long a kept-alive
+//! connection may sit idle. Shutdown stops accepting, lets the requests in
 //! flight finish for the grace period, then ends them through the app's hard stop.
 
 use std::sync::Arc;
@@ -54,7 +56,8 @@ where
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
-        match slots.clone().try_acquire_owned() {
+        let slot = if is_own(peer) { Ok(None) } else { slots.clone().try_acquire_owned().map(Some) };
+        match slot {
             Ok(slot) => {
                 connections.spawn(connection(http.clone(), io, peer, router.clone(), app.clone(), closing.clone(), slot));
             }
@@ -88,13 +91,33 @@ where
     }
 }
 
-/// One connection, holding its slot until it closes.
-async fn connection<I>(http: http1::Builder, io: I, peer: Peer, router: axum::Router, app: App, closing: CancellationToken, _slot: OwnedSemaphorePermit)
+/// Whether the peer is this process (the daemon's health probe).
+fn is_own(peer: Peer) -> bool {
+    matches!(peer, Peer::Unix { pid: Some(pid), .. } if u32::try_from(pid).is_ok_and(|p| p == std::process::id()))
+}
+
+/// Counts a connection in `edgeflow_http_connections` while it lives, however its task ends.
+struct Open(prometheus::IntGauge);
+
+impl Open {
+    fn new(gauge: &prometheus::IntGauge) -> Open {
+        gauge.inc();
+        Open(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// One connection, holding its slot (none for the daemon's own) until it closes.
+async fn connection<I>(http: http1::Builder, io: I, peer: Peer, router: axum::Router, app: App, closing: CancellationToken, slot: Option<OwnedSemaphorePermit>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let open = &app.inner.metrics.http_connections;
-    open.inc();
+    let _open = Open::new(&app.inner.metrics.http_connections);
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         request.extensions_mut().insert(ConnectInfo(peer));
         // The router is always ready (axum documents `poll_ready` as always `Ready`).
@@ -110,7 +133,8 @@ where
             conn.await
         }
     };
-    open.dec();
+    // Free the slot as soon as the connection is done, before the socket is dropped.
+    drop(slot);
     match result {
         Ok(()) => {}
         Err(e) if e.is_timeout() => tracing::debug!(?peer, "closed a connection that sent no complete request headers within serve.header_timeout"),
@@ -126,16 +150,18 @@ where
     let err = ApiError::TooManyConnections { limit, retry_after: REFUSAL_RETRY_AFTER };
     let body = serde_json::to_vec(&err.body()).unwrap_or_default();
     let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: {}\r\nconnection: close\r\n\r\n",
+        err.status().as_u16(),
+        err.status().canonical_reason().unwrap_or(""),
         body.len(),
-        REFUSAL_RETRY_AFTER.as_secs()
+        err.retry_after().unwrap_or(REFUSAL_RETRY_AFTER).as_secs().max(1)
     );
     let answer = async {
         io.write_all(head.as_bytes()).await?;
         io.write_all(&body).await?;
         io.shutdown().await?;
-        // Read what the client sent before closing: closing with unread data would reset the
-        // connection, and the client could lose the answer.
+        // Read what the client sent before closing (up to the read buffer's size): closing
+        // with unread data can reset the connection, and the client could lose the answer.
         let mut sink = [0u8; 4096];
         let mut total = 0;
         while total < MAX_BUF {

@@ -5,8 +5,8 @@
 //! Cancellation is by ownership: the request side holds a [`CancelOnDrop`]. When the
 //! client disconnects, hyper drops the handler future (non-streaming) or the response body
 //! (streaming), the guard sets the job's cancel flag, and the engine stops before its next
-//! decode step; the worker also stops as soon as it fails to hand over a piece of text. A
-//! timeout or the end of the shutdown grace period ends the request the same way.
+//! decode step; a streaming job's worker also stops as soon as it fails to hand over a piece
+//! of text. A timeout or the end of the shutdown grace period ends the request the same way.
 
 use std::convert::Infallible;
 use std::pin::Pin;

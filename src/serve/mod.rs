@@ -223,8 +223,8 @@ impl App {
 }
 
 /// Serves `app` on an already-bound Unix socket until `shutdown` is cancelled, then lets
-/// in-flight requests finish for the configured grace period before ending them. Connection
-/// limits and timeouts: see [`connection`].
+/// in-flight requests finish for the configured grace period before ending them, holding every
+/// connection to `serve.max_connections` and `serve.header_timeout`.
 pub async fn run(listener: UnixListener, app: App, shutdown: CancellationToken) {
     connection::serve(socket::UnixPeers(listener), app, shutdown).await;
 }
