@@ -13,7 +13,7 @@ VENV_BENCH := .venv/bench
 # local API tests' real clients: the openai SDK and prometheus_client (tests/serve/).
 VENV_TEST := .venv/test
 
-.PHONY: all build ort venv test demo bench models clean
+.PHONY: all build ort venv test demo bench bench-serve bench-pull bench-fleet models clean
 
 all: build
 
@@ -42,6 +42,14 @@ demo: build venv
 # Side-by-side with onnxruntime-genai; see BENCHMARKS.md. Builds the Phi-3-mini-shaped model on first use.
 bench: build
 	benches/run.sh
+
+# The other benchmarks, each against its anchor in the same run (see benches/README.md).
+bench-serve: build
+	benches/serve.sh --runs 31
+bench-pull: build venv
+	benches/pull_bench.sh --rounds 5
+bench-fleet: build
+	python3 benches/fleet_link.py --minutes 16
 
 # Regenerate the committed fixtures (needs torch; several GB, never part of `make test`).
 models:
