@@ -750,6 +750,7 @@ smoke_test_tokens = 0
         assert_eq!(s.request_timeout, Duration::from_secs(300));
         assert_eq!(s.tcp_listen, None, "TCP is off by default");
         assert_eq!(s.swap, crate::active::SwapMode::Overlap);
+        assert_eq!(crate::serve::Limits::from(&s), crate::serve::Limits::default(), "the API's default limits are the [serve] defaults");
         let c: Config = toml::from_str("[serve]\nsocket = \"/tmp/x.sock\"\nsocket_group = \"edgeflow\"\nswap = \"stop-the-world\"\nsocket_mode = 0o600\n").unwrap();
         let s = c.serve.resolve().unwrap();
         assert_eq!(s.socket.group, Some(crate::serve::GroupSpec::Name("edgeflow".into())));

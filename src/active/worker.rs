@@ -326,17 +326,16 @@ impl Thread {
         self.metrics.generations_in_progress.inc();
         // `on_text` runs at most once per decode step plus once for a final flush, so the
         // token counter is advanced for the previous piece when the next arrives; the exact
-        // remainder is added from the result.
+        // remainder is added from the result. The first piece is always sent, so `last_sent`
+        // also tells whether a piece came before.
         let mut counted = 0u64;
-        let mut pending = false;
         let mut held = String::new();
         let mut last_sent: Option<Instant> = None;
         let result = model.generate(&ids, &params, &cancel, |piece| {
-            if pending {
+            if last_sent.is_some() {
                 self.metrics.generated_tokens.inc();
                 counted += 1;
             }
-            pending = true;
             let out = match (text, last_sent) {
                 (TextDelivery::FirstOnly, Some(_)) => return ControlFlow::Continue(()),
                 (TextDelivery::Paced(interval), Some(t)) if t.elapsed() < interval => {

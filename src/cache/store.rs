@@ -195,9 +195,12 @@ impl Store {
             std::fs::create_dir_all(&p).map_err(CacheError::io("creating", &p))?;
         }
         let index = root.join("index");
-        let db = open_sled(&sled::Config::new().path(&index).mode(sled::Mode::LowSpace)).map_err(|source| match &source {
-            source if is_locked(source) => CacheError::Locked { path: index.clone() },
-            _ => CacheError::Index { path: index.clone(), source },
+        let db = open_sled(&sled::Config::new().path(&index).mode(sled::Mode::LowSpace)).map_err(|source| {
+            if is_locked(&source) {
+                CacheError::Locked { path: index.clone() }
+            } else {
+                CacheError::Index { path: index.clone(), source }
+            }
         })?;
         let tree = |name: &str| db.open_tree(name).map_err(|source| CacheError::Index { path: index.clone(), source });
         let mut store = Store { versions: tree("versions")?, models: tree("models")?, db, root, settings: settings.clone(), swept_at_open: GcReport::default() };

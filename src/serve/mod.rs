@@ -31,7 +31,7 @@ use openai::Endpoint;
 pub use socket::{bind, from_systemd, GroupSpec, Peer, SocketError, SocketFile, SocketOptions};
 
 /// Request limits enforced before and during generation.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     pub max_body_bytes: usize,
     /// Largest `max_tokens` a request may ask for; also the default for chat requests.
@@ -46,8 +46,21 @@ pub struct Limits {
     pub header_timeout: Duration,
 }
 
+impl From<&ServeSettings> for Limits {
+    fn from(settings: &ServeSettings) -> Self {
+        Limits {
+            max_body_bytes: settings.max_body_bytes,
+            max_tokens: settings.max_tokens,
+            request_timeout: settings.request_timeout,
+            stream_interval: settings.stream_interval,
+            max_connections: settings.max_connections,
+            header_timeout: settings.header_timeout,
+        }
+    }
+}
+
 impl Default for Limits {
-    /// The `[serve]` defaults.
+    /// The `[serve]` defaults (a unit test keeps them equal to `ServeConfig::default()`).
     fn default() -> Self {
         Limits {
             max_body_bytes: 1 << 20,
@@ -164,15 +177,7 @@ impl App {
     /// The app as `[serve]` configures it.
     pub fn from_settings(manager: Manager, metrics: Arc<Metrics>, settings: &ServeSettings) -> Self {
         let access = Access { token: settings.token.clone(), allowed_uids: settings.allowed_uids.clone(), allowed_gids: settings.allowed_gids.clone() };
-        let limits = Limits {
-            max_body_bytes: settings.max_body_bytes,
-            max_tokens: settings.max_tokens,
-            request_timeout: settings.request_timeout,
-            stream_interval: settings.stream_interval,
-            max_connections: settings.max_connections,
-            header_timeout: settings.header_timeout,
-        };
-        App::new(manager, metrics, access, limits, settings.shutdown_grace)
+        App::new(manager, metrics, access, Limits::from(settings), settings.shutdown_grace)
     }
 
     /// Feeds every finished generation's aggregates to `recorder`, and asks the engine for
