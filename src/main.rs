@@ -969,7 +969,7 @@ mod daemon_cmd {
     }
 
     /// Loads the config and lists every problem `edgeflow run` would have with it.
-    fn load(path: &PathBuf) -> anyhow::Result<Config> {
+    fn load(path: &std::path::Path) -> anyhow::Result<Config> {
         Ok(Config::load_for_daemon(path)?)
     }
 

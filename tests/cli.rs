@@ -93,9 +93,20 @@ fn malformed_chat_file_is_a_usage_error() {
     assert!(stderr(&out).contains("chat.json"), "{}", stderr(&out));
 }
 
+/// A copy of the binary in a folder of its own, outside the source tree, so no `.ort` is above it.
+fn lone_binary() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin").join("edgeflow");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_edgeflow"), &bin).unwrap();
+    (dir, bin)
+}
+
 #[test]
 fn missing_runtime_names_every_place_searched() {
-    let out = edgeflow()
+    let (_dir, bin) = lone_binary();
+    let out = Command::new(&bin)
+        .env_remove("EDGEFLOW_LOG")
         .env("ORT_DYLIB_PATH", "/nonexistent/ort/libonnxruntime.so")
         .env("LD_LIBRARY_PATH", "/nonexistent")
         .args(["generate", "--model-dir", &tiny(), "--prompt", "x", "--ort-lib", "/nope/libonnxruntime.so"])
@@ -103,10 +114,40 @@ fn missing_runtime_names_every_place_searched() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    for needle in ["/nope/libonnxruntime.so", "/nonexistent/ort/libonnxruntime.so", "ORT_DYLIB_PATH", "lib/libonnxruntime.so", "lib/edgeflow/libonnxruntime.so", "system library path"] {
+    for needle in ["/nope/libonnxruntime.so", "/nonexistent/ort/libonnxruntime.so", "ORT_DYLIB_PATH", "lib/libonnxruntime.so", "lib/edgeflow/libonnxruntime.so", "system library path", "make build"] {
         assert!(err.contains(needle), "missing {needle:?} in: {err}");
     }
     assert_eq!(err.lines().count(), 1, "one clear error line: {err}");
+}
+
+#[test]
+fn the_built_binary_finds_the_source_trees_runtime_unaided() {
+    // No flag, no ORT_DYLIB_PATH: target/release/edgeflow finds .ort/<arch>/ (make build).
+    let out = Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+        .env_remove("ORT_DYLIB_PATH")
+        .env_remove("EDGEFLOW_LOG")
+        .args(["generate", "--model-dir", &tiny(), "--prompt", "Hello", "--max-tokens", "4", "--greedy", "--ignore-eos", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(v["token_ids"].as_array().map(Vec::len), Some(4), "{v}");
+}
+
+#[test]
+fn a_missing_model_folder_is_reported_before_a_missing_runtime() {
+    let (dir, bin) = lone_binary();
+    let missing = dir.path().join("no-such-model");
+    let out = Command::new(&bin)
+        .env_remove("ORT_DYLIB_PATH")
+        .env_remove("EDGEFLOW_LOG")
+        .args(["generate", "--model-dir", missing.to_str().unwrap(), "--prompt", "x"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = stderr(&out);
+    assert!(err.contains("no-such-model") && err.contains("genai_config.json"), "names the model folder: {err}");
+    assert!(!err.contains("ONNX Runtime"), "the runtime is not the first problem: {err}");
 }
 
 #[test]

@@ -148,7 +148,10 @@ fn mib(b: u64) -> String {
 mod tests {
     use super::*;
 
-    fn fixture(meminfo_kib: u64, cgroup: Option<(&str, &[(&str, &str, &str)])>) -> (tempfile::TempDir, MemoryBudget) {
+    /// A cgroup-v2 fixture: the process's own cgroup path and, per ancestor, (path, memory.max, memory.current).
+    type CgroupTree<'a> = (&'a str, &'a [(&'a str, &'a str, &'a str)]);
+
+    fn fixture(meminfo_kib: u64, cgroup: Option<CgroupTree>) -> (tempfile::TempDir, MemoryBudget) {
         let t = tempfile::tempdir().unwrap();
         let proc_root = t.path().join("proc");
         std::fs::create_dir_all(proc_root.join("self")).unwrap();

@@ -177,7 +177,7 @@ impl GenaiConfig {
                 return Err(bad(field, "must be greater than zero".into()));
             }
         }
-        if d.num_attention_heads % d.num_key_value_heads != 0 {
+        if !d.num_attention_heads.is_multiple_of(d.num_key_value_heads) {
             return Err(bad(
                 "model.decoder.num_key_value_heads",
                 format!("{} does not divide num_attention_heads {}", d.num_key_value_heads, d.num_attention_heads),

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("could not find the ONNX Runtime library (libonnxruntime.so); looked in: {}", format_tried(.tried))]
+    #[error("could not find the ONNX Runtime library (libonnxruntime.so); looked in: {}. In a source tree, `make build` fetches it (cross/fetch-ort.sh); elsewhere pass --ort-lib or set engine.ort_lib", format_tried(.tried))]
     RuntimeNotFound { tried: Vec<(String, String)> },
 
     #[error("could not load the ONNX Runtime library from {path}: {message}")]

@@ -125,7 +125,8 @@ impl Model {
     /// files, malformed `genai_config.json`, a tokenizer larger than the model's vocabulary,
     /// or a graph whose inputs/outputs do not match the config.
     pub fn load(dir: &Path, options: &LoadOptions) -> Result<Self, EngineError> {
-        let rt = runtime::load(options.ort_lib.as_deref())?;
+        // The folder is checked before the runtime is looked for: a mistyped model path is the
+        // problem a user can act on first, and it needs no ONNX Runtime to report.
         let config = GenaiConfig::load(dir)?;
         if let Some(budget) = &options.memory {
             super::budget::admit(dir, &config, budget).map_err(|message| EngineError::Memory { message })?;
@@ -141,6 +142,7 @@ impl Model {
                 ),
             });
         }
+        let rt = runtime::load(options.ort_lib.as_deref())?;
         let threads = options.threads.unwrap_or_else(runtime::default_threads).max(1);
         let decoder = Decoder::load(dir, &config, rt.environment(), threads)?;
         let eos = config.eos_token_ids();

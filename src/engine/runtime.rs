@@ -8,7 +8,11 @@
 //! 3. `lib/libonnxruntime.so` next to the executable (a tarball or a build tree),
 //! 4. `../lib/edgeflow/libonnxruntime.so` from the executable's folder (the .deb's layout:
 //!    `/usr/bin/edgeflow` and `/usr/lib/edgeflow/libonnxruntime.so`),
-//! 5. the system library path (`ld.so` search: `LD_LIBRARY_PATH`, `/etc/ld.so.cache`).
+//! 5. `.ort/<arch>/libonnxruntime.so` in the nearest of the executable's first four ancestor
+//!    folders that has one: where `make build` (`cross/fetch-ort.sh`) puts it, so
+//!    `target/release/edgeflow` and `target/<triple>/release/edgeflow` run from a source
+//!    tree with no configuration,
+//! 6. the system library path (`ld.so` search: `LD_LIBRARY_PATH`, `/etc/ld.so.cache`).
 //!
 //! Loading happens once per process; later calls return the same environment.
 
@@ -18,6 +22,8 @@ use std::sync::OnceLock;
 use super::EngineError;
 
 const LIB_NAME: &str = "libonnxruntime.so";
+/// How many folders above the executable's own are searched for a build tree's `.ort`.
+const BUILD_TREE_DEPTH: usize = 4;
 
 /// The loaded runtime: which file it came from and its version.
 #[derive(Debug, Clone)]
@@ -68,9 +74,19 @@ fn candidates(explicit: Option<&Path>) -> Vec<(String, Option<PathBuf>)> {
         if let Some(prefix) = dir.parent() {
             out.push(("packaged beside the executable".to_string(), Some(prefix.join("lib").join("edgeflow").join(LIB_NAME))));
         }
+        if let Some(lib) = build_tree_lib(&dir) {
+            out.push(("the source tree's .ort (make build)".to_string(), Some(lib)));
+        }
     }
     out.push(("system library path".to_string(), None));
     out
+}
+
+/// `.ort/<arch>/libonnxruntime.so` in `exe_dir` or the nearest of its ancestors that has one.
+/// The architecture is the one this binary was built for, so a cross-built binary in
+/// `target/aarch64-unknown-linux-gnu/release/` finds `.ort/aarch64/`.
+fn build_tree_lib(exe_dir: &Path) -> Option<PathBuf> {
+    exe_dir.ancestors().take(BUILD_TREE_DEPTH + 1).map(|d| d.join(".ort").join(std::env::consts::ARCH).join(LIB_NAME)).find(|p| p.is_file())
 }
 
 fn locate_and_load(explicit: Option<&Path>) -> Result<Runtime, EngineError> {
@@ -155,8 +171,28 @@ mod tests {
         }
         expected.push(("next to the executable", Some(exe_dir.join("lib/libonnxruntime.so"))));
         expected.push(("packaged beside the executable", Some(exe_dir.parent().unwrap().join("lib/edgeflow/libonnxruntime.so"))));
+        if let Some(lib) = build_tree_lib(&exe_dir) {
+            expected.push(("the source tree's .ort (make build)", Some(lib)));
+        }
         expected.push(("system library path", None));
         let found: Vec<(&str, Option<PathBuf>)> = found.iter().map(|(s, p)| (s.as_str(), p.clone())).collect();
         assert_eq!(found, expected);
+    }
+
+    #[test]
+    fn the_build_trees_ort_is_found_from_the_executables_folder_or_above() {
+        let tree = tempfile::tempdir().unwrap();
+        let lib_dir = tree.path().join(".ort").join(std::env::consts::ARCH);
+        let release = tree.path().join("target/aarch64-unknown-linux-gnu/release");
+        std::fs::create_dir_all(&release).unwrap();
+        assert_eq!(build_tree_lib(&release), None, "no .ort yet");
+        std::fs::create_dir_all(&lib_dir).unwrap();
+        std::fs::write(lib_dir.join(LIB_NAME), b"").unwrap();
+        assert_eq!(build_tree_lib(&release), Some(lib_dir.join(LIB_NAME)));
+        assert_eq!(build_tree_lib(&tree.path().join("target/release")), Some(lib_dir.join(LIB_NAME)));
+        // Further than four folders up is not a build tree of this binary.
+        let deep = tree.path().join("a/b/c/d/e");
+        std::fs::create_dir_all(&deep).unwrap();
+        assert_eq!(build_tree_lib(&deep), None);
     }
 }
