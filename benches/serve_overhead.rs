@@ -347,16 +347,8 @@ fn main() {
             args.threads
         ));
         md.push_str("| | end-to-end (median) | time to first token (median) |\n|---|---:|---:|\n");
-        md.push_str(&format!(
-            "| engine called directly | {:.2} ms | {:.2} ms |\n",
-            overhead["direct_ms"].as_f64().unwrap(),
-            overhead["direct_ttft_ms"].as_f64().unwrap()
-        ));
-        md.push_str(&format!(
-            "| streamed over the socket | {:.2} ms | {:.2} ms |\n",
-            overhead["served_ms"].as_f64().unwrap(),
-            overhead["served_ttft_ms"].as_f64().unwrap()
-        ));
+        md.push_str(&format!("| engine called directly | {:.2} ms | {:.2} ms |\n", overhead["direct_ms"].as_f64().unwrap(), overhead["direct_ttft_ms"].as_f64().unwrap()));
+        md.push_str(&format!("| streamed over the socket | {:.2} ms | {:.2} ms |\n", overhead["served_ms"].as_f64().unwrap(), overhead["served_ttft_ms"].as_f64().unwrap()));
         md.push_str(&format!(
             "| **overhead** (difference of medians) | **{:+.2} ms ({:+.2} %)** | |\n",
             overhead["overhead_ms"].as_f64().unwrap(),
@@ -369,9 +361,7 @@ fn main() {
             overhead["io_cpu_us_per_token"].as_f64().unwrap()
         ));
         md.push_str(&format!("Concurrent streamed clients, {conc_tokens} new tokens each, {} requests per client:\n\n", args.requests_per_client));
-        md.push_str(
-            "| clients | requests | tokens/s | requests/s | latency p50 | latency p99 | TTFT p50 | TTFT p99 |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-        );
+        md.push_str("| clients | requests | tokens/s | requests/s | latency p50 | latency p99 | TTFT p50 | TTFT p99 |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for l in &levels {
             md.push_str(&format!(
                 "| {} | {} | {:.1} | {:.2} | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms |\n",

@@ -120,15 +120,26 @@ pub async fn run(config: Config, config_path: PathBuf, log: LogControl, notifier
     let stop_link = CancellationToken::new();
     let device_id = fleet.as_ref().map(|f| f.device_id.clone());
     let link = match fleet {
-        Some(settings) => Some(Link::new(settings).metrics(metrics.clone()).drift(drift.clone()).cache_dir(cache.dir.clone()).spawn(status_rx.clone(), bus.clone(), stop_link.clone()).context("starting the fleet link")?),
+        Some(settings) => Some(
+            Link::new(settings)
+                .metrics(metrics.clone())
+                .drift(drift.clone())
+                .cache_dir(cache.dir.clone())
+                .spawn(status_rx.clone(), bus.clone(), stop_link.clone())
+                .context("starting the fleet link")?,
+        ),
         None => None,
     };
     let link_state = link.as_ref().map(|l| l.state());
     let link_sender = link.as_ref().map(|l| l.sender());
 
-    let app = App::from_settings(manager.clone(), metrics.clone(), &serve_settings)
-        .with_drift(drift.clone())
-        .with_status(status_document(status_rx.clone(), link_state.clone(), manager.clone(), serve_settings.queue_depth, socket_path.clone()));
+    let app = App::from_settings(manager.clone(), metrics.clone(), &serve_settings).with_drift(drift.clone()).with_status(status_document(
+        status_rx.clone(),
+        link_state.clone(),
+        manager.clone(),
+        serve_settings.queue_depth,
+        socket_path.clone(),
+    ));
     let stop_http = CancellationToken::new();
     let servers = TaskTracker::new();
     servers.spawn(serve::run(listener, app.clone(), stop_http.clone()));
@@ -156,9 +167,19 @@ pub async fn run(config: Config, config_path: PathBuf, log: LogControl, notifier
     let stop_background = CancellationToken::new();
     let background = TaskTracker::new();
     let (poller_task, polls) = poller.spawn(stop_background.clone());
-    let supervisor = Supervisor { model: model.clone(), target: target_label(&registry), store: store.clone(), manager: manager.clone(), control: control.clone(), publisher: publisher.clone(), events: link_sender.clone(), notifier: notifier.clone() };
+    let supervisor = Supervisor {
+        model: model.clone(),
+        target: target_label(&registry),
+        store: store.clone(),
+        manager: manager.clone(),
+        control: control.clone(),
+        publisher: publisher.clone(),
+        events: link_sender.clone(),
+        notifier: notifier.clone(),
+    };
     background.spawn(supervisor.run(polls, stop_background.clone()));
-    let handler = Handler { control: control.clone(), manager: manager.clone(), store: store.clone(), model: model.clone(), publisher: publisher.clone(), link: link_sender.clone(), log };
+    let handler =
+        Handler { control: control.clone(), manager: manager.clone(), store: store.clone(), model: model.clone(), publisher: publisher.clone(), link: link_sender.clone(), log };
     {
         let stop = stop_background.clone();
         let tracker = background.clone();
@@ -549,7 +570,8 @@ async fn probe(socket: &Path, limit: Duration) -> Result<(), String> {
 /// The socket cannot be reached or the answer is not a status document.
 pub fn fetch_status(socket: &Path, token: Option<&str>, timeout: Duration) -> anyhow::Result<Value> {
     use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(socket).with_context(|| format!("connecting to {} (is `edgeflow run` running, and may this user use its socket?)", socket.display()))?;
+    let mut s = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to {} (is `edgeflow run` running, and may this user use its socket?)", socket.display()))?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();

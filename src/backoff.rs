@@ -172,13 +172,35 @@ mod tests {
         // Succeeds on the third attempt.
         let calls = AtomicU32::new(0);
         let r: Result<u32, &str> = b
-            .retry(|n| { calls.fetch_add(1, Ordering::SeqCst); async move { if n < 2 { Err("transient") } else { Ok(n) } } }, |_| true, |_, _| {})
+            .retry(
+                |n| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        if n < 2 {
+                            Err("transient")
+                        } else {
+                            Ok(n)
+                        }
+                    }
+                },
+                |_| true,
+                |_, _| {},
+            )
             .await;
         assert_eq!(r, Ok(2));
         assert_eq!(calls.load(Ordering::SeqCst), 3);
         // A permanent error is returned at once.
         let calls = AtomicU32::new(0);
-        let r: Result<(), &str> = b.retry(|_| { calls.fetch_add(1, Ordering::SeqCst); async { Err("permanent") } }, |e| *e != "permanent", |_, _| {}).await;
+        let r: Result<(), &str> = b
+            .retry(
+                |_| {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    async { Err("permanent") }
+                },
+                |e| *e != "permanent",
+                |_, _| {},
+            )
+            .await;
         assert_eq!(r, Err("permanent"));
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         // Always transient: max_attempts calls, then the last error; the delays respect the ceilings.

@@ -120,18 +120,26 @@ impl Command {
                 let mut problems = Vec::new();
                 let mut interval = |key: &str| -> Option<Duration> {
                     let v = obj.get(key)?;
-                    let parsed = v.as_str().ok_or_else(|| format!("{key}: expected a duration string such as \"2m\", not {}", kind(v))).and_then(|s| {
-                        humantime::parse_duration(s.trim()).map_err(|e| format!("{key}: `{s}` is not a duration ({e})"))
-                    });
+                    let parsed = v
+                        .as_str()
+                        .ok_or_else(|| format!("{key}: expected a duration string such as \"2m\", not {}", kind(v)))
+                        .and_then(|s| humantime::parse_duration(s.trim()).map_err(|e| format!("{key}: `{s}` is not a duration ({e})")));
                     match parsed {
-                        Ok(d) if d < MIN_INTERVAL => problems.push(format!("{key}: {} is shorter than the minimum of {}", humantime::format_duration(d), humantime::format_duration(MIN_INTERVAL))),
+                        Ok(d) if d < MIN_INTERVAL => {
+                            problems.push(format!("{key}: {} is shorter than the minimum of {}", humantime::format_duration(d), humantime::format_duration(MIN_INTERVAL)))
+                        }
                         Ok(d) if d > Duration::from_secs(7 * 86400) => problems.push(format!("{key}: longer than 7 days")),
                         Ok(d) => return Some(d),
                         Err(e) => problems.push(e),
                     }
                     None
                 };
-                let settings = Settings { poll_interval: interval("poll_interval"), report_interval: interval("report_interval"), drift_interval: interval("drift_interval"), log_level: None };
+                let settings = Settings {
+                    poll_interval: interval("poll_interval"),
+                    report_interval: interval("report_interval"),
+                    drift_interval: interval("drift_interval"),
+                    log_level: None,
+                };
                 let log_level = match obj.get("log_level") {
                     None => None,
                     Some(Value::String(s)) if valid_log_filter(s) => Some(s.trim().to_string()),

@@ -59,11 +59,7 @@ impl EngineConfig {
     pub fn load_options(&self, serve: &ServeConfig) -> crate::engine::LoadOptions {
         let reserve = parse_size(&self.memory_reserve).unwrap_or(256 << 20);
         let kv_tokens = serve.max_prompt_tokens.map(|p| p + serve.max_tokens);
-        crate::engine::LoadOptions {
-            threads: self.threads,
-            ort_lib: self.ort_lib.clone(),
-            memory: self.memory_check.then(|| crate::engine::MemoryBudget::new(reserve, kv_tokens)),
-        }
+        crate::engine::LoadOptions { threads: self.threads, ort_lib: self.ort_lib.clone(), memory: self.memory_check.then(|| crate::engine::MemoryBudget::new(reserve, kv_tokens)) }
     }
 }
 
@@ -781,7 +777,20 @@ stream_interval = "2s"
 "#;
         let c: Config = toml::from_str(text).unwrap();
         let problems = c.validate();
-        for key in ["serve.socket_mode", "serve.token_env", "serve.tcp_listen", "serve.queue_depth", "serve.max_body", "serve.max_prompt_tokens", "serve.max_tokens", "serve.request_timeout", "serve.shutdown_grace", "serve.max_connections", "serve.header_timeout", "serve.stream_interval"] {
+        for key in [
+            "serve.socket_mode",
+            "serve.token_env",
+            "serve.tcp_listen",
+            "serve.queue_depth",
+            "serve.max_body",
+            "serve.max_prompt_tokens",
+            "serve.max_tokens",
+            "serve.request_timeout",
+            "serve.shutdown_grace",
+            "serve.max_connections",
+            "serve.header_timeout",
+            "serve.stream_interval",
+        ] {
             assert!(problems.iter().any(|p| p.starts_with(&format!("{key}:"))), "{key} not reported in {problems:#?}");
         }
         assert_eq!(problems.len(), 12, "{problems:#?}");

@@ -312,12 +312,8 @@ impl Downloader {
                 return Err(FetchError::SizeMismatch { name: job.name.clone(), expected: job.size, actual: *have + len });
             }
         }
-        let new_validator = resp
-            .headers()
-            .get(reqwest::header::ETAG)
-            .or_else(|| resp.headers().get(reqwest::header::LAST_MODIFIED))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let new_validator =
+            resp.headers().get(reqwest::header::ETAG).or_else(|| resp.headers().get(reqwest::header::LAST_MODIFIED)).and_then(|v| v.to_str().ok()).map(str::to_string);
         if new_validator != *validator || *have == 0 {
             *validator = new_validator;
             let state = PartState { url: job.url.to_string(), size: job.size, validator: validator.clone() };
@@ -480,7 +476,8 @@ mod tests {
         let a = job_key("m", "1", "models:/m-1", "model.onnx.data");
         assert_eq!(a, job_key("m", "1", "models:/m-1", "model.onnx.data"));
         assert_eq!(a.len(), 32);
-        for other in [job_key("m", "2", "models:/m-1", "model.onnx.data"), job_key("m", "1", "models:/m-2", "model.onnx.data"), job_key("m1", "", "models:/m-1", "model.onnx.data")] {
+        for other in [job_key("m", "2", "models:/m-1", "model.onnx.data"), job_key("m", "1", "models:/m-2", "model.onnx.data"), job_key("m1", "", "models:/m-1", "model.onnx.data")]
+        {
             assert_ne!(a, other);
         }
     }

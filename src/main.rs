@@ -176,8 +176,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         (Some(text), _) => model.encode(text)?,
         (None, Some(file)) => {
             let text = std::fs::read_to_string(file).with_context(|| format!("reading chat file {}", file.display()))?;
-            let messages: Vec<ChatMessage> = serde_json::from_str(&text)
-                .map_err(|e| UsageError(format!("{}: expected a JSON array of {{\"role\", \"content\"}} objects: {e}", file.display())))?;
+            let messages: Vec<ChatMessage> =
+                serde_json::from_str(&text).map_err(|e| UsageError(format!("{}: expected a JSON array of {{\"role\", \"content\"}} objects: {e}", file.display())))?;
             if messages.is_empty() {
                 return Err(UsageError(format!("{}: the chat has no messages", file.display())).into());
             }
@@ -393,8 +393,12 @@ mod pull {
     fn report(e: &PullEvent, terminal: bool) {
         let line = match e {
             PullEvent::Resolved { version } => format!("registry: {} version {} (status {}, source {})", version.name, version.version, version.status, version.source),
-            PullEvent::Planned { flavor, files, bytes, to_download } => format!("plan: {files} files, {} ({flavor} flavor), {} to download", human_bytes(*bytes), human_bytes(*to_download)),
-            PullEvent::Fetch(fetch::Event::Started { name, resume_from, size }) if *resume_from > 0 => format!("resuming {name} at {} of {}", human_bytes(*resume_from), human_bytes(*size)),
+            PullEvent::Planned { flavor, files, bytes, to_download } => {
+                format!("plan: {files} files, {} ({flavor} flavor), {} to download", human_bytes(*bytes), human_bytes(*to_download))
+            }
+            PullEvent::Fetch(fetch::Event::Started { name, resume_from, size }) if *resume_from > 0 => {
+                format!("resuming {name} at {} of {}", human_bytes(*resume_from), human_bytes(*size))
+            }
             PullEvent::Fetch(fetch::Event::Started { .. }) => return,
             PullEvent::Fetch(fetch::Event::Retrying { name, error, delay, at }) => format!("{name}: {error}; resuming at byte {at} in {:.1}s", delay.as_secs_f64()),
             PullEvent::Fetch(fetch::Event::Finished { name, size, sha256 }) => {
@@ -508,7 +512,11 @@ mod pull {
                 match actives.len() {
                     1 => actives.remove(0),
                     0 => anyhow::bail!("no model in {} has an active version", root.display()),
-                    _ => return Err(UsageError(format!("several models are cached ({}); pass --model", actives.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join(", "))).into()),
+                    _ => {
+                        return Err(
+                            UsageError(format!("several models are cached ({}); pass --model", actives.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join(", "))).into()
+                        )
+                    }
                 }
             }
         };
@@ -549,7 +557,13 @@ mod pull {
                 r["model"].as_str().unwrap_or(""),
                 r["version"].as_str().unwrap_or(""),
                 r["state"].as_str().unwrap_or(""),
-                if r["active"] == true { "*" } else if r["pinned"] == true { "pinned" } else { "" },
+                if r["active"] == true {
+                    "*"
+                } else if r["pinned"] == true {
+                    "pinned"
+                } else {
+                    ""
+                },
                 human_bytes(r["bytes"].as_u64().unwrap_or(0)),
                 r["flavor"].as_str().unwrap_or(""),
                 r["reason"].as_str().map(|s| format!("  ({s})")).unwrap_or_default(),
@@ -575,14 +589,7 @@ mod pull {
                     println!("ok       {} version {} ({} files)", r.model, r.version, r.files.len());
                 }
                 for c in &corrupt {
-                    println!(
-                        "DAMAGED  {} version {}: {} expected sha256 {} found {}",
-                        r.model,
-                        r.version,
-                        c.path,
-                        c.expected,
-                        c.actual.as_deref().unwrap_or("(missing)")
-                    );
+                    println!("DAMAGED  {} version {}: {} expected sha256 {} found {}", r.model, r.version, c.path, c.expected, c.actual.as_deref().unwrap_or("(missing)"));
                 }
             }
             report.push(serde_json::json!({ "model": r.model, "version": r.version, "ok": corrupt.is_empty(), "files": r.files.len(), "damaged": corrupt }));
@@ -616,7 +623,6 @@ mod pull {
         }
         Ok(())
     }
-
 }
 
 #[derive(Args)]
@@ -873,7 +879,10 @@ mod fleet_cmd {
             }
             FleetCommand::Sign(a) => {
                 let text = std::fs::read_to_string(&a.key).with_context(|| format!("reading {}", a.key.display()))?;
-                let seed: [u8; 32] = hex::decode(text.trim()).ok().and_then(|b| b.try_into().ok()).ok_or_else(|| UsageError(format!("{}: not a key written by `edgeflow fleet keygen`", a.key.display())))?;
+                let seed: [u8; 32] = hex::decode(text.trim())
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(|| UsageError(format!("{}: not a key written by `edgeflow fleet keygen`", a.key.display())))?;
                 let args: serde_json::Value = serde_json::from_str(&a.args).map_err(|e| UsageError(format!("--args: {e}")))?;
                 edgeflow::command::Command::parse(&a.command, &args).map_err(UsageError)?;
                 let ttl = humantime::parse_duration(&a.ttl).map_err(|e| UsageError(format!("--ttl: {e}")))?;
@@ -994,7 +1003,12 @@ mod daemon_cmd {
             edgeflow::config::Target::Stage(s) => format!("stage {s}"),
             edgeflow::config::Target::Alias(a) => format!("alias {a}"),
         };
-        println!("  registry  {} model {} ({target}), poll every {}", r.url.as_deref().unwrap_or("-"), r.model.as_deref().unwrap_or("-"), humantime::format_duration(r.poll_interval));
+        println!(
+            "  registry  {} model {} ({target}), poll every {}",
+            r.url.as_deref().unwrap_or("-"),
+            r.model.as_deref().unwrap_or("-"),
+            humantime::format_duration(r.poll_interval)
+        );
         println!("  cache     {} (keep {} versions)", c.dir.display(), c.keep_versions);
         println!("  serve     {} (mode {:o}, queue {}, swap {})", s.socket.path.display(), s.socket.mode, s.queue_depth, s.swap.as_str());
         match f {
@@ -1023,7 +1037,9 @@ mod daemon_cmd {
         };
         println!("edgeflow {} (pid {}, up {}s) on {}", field(&doc["agent_version"]), field(&doc["pid"]), field(&doc["uptime_s"]), field(&doc["socket"]));
         match doc["serving"].as_object() {
-            Some(m) => println!("model     {}@{} ({}), queue {}/{}", field(&m["name"]), field(&m["version"]), field(&m["digest"]), field(&m["queued"]), field(&doc["queue_capacity"])),
+            Some(m) => {
+                println!("model     {}@{} ({}), queue {}/{}", field(&m["name"]), field(&m["version"]), field(&m["digest"]), field(&m["queued"]), field(&doc["queue_capacity"]))
+            }
             None => println!("model     none loaded"),
         }
         if let Some(t) = doc["model"]["target"].as_str() {
@@ -1035,7 +1051,12 @@ mod daemon_cmd {
             println!("refused   version {}: {}", field(&f["version"]), field(&f["reason"]));
         }
         match doc["fleet"].as_object() {
-            Some(f) => println!("fleet     {} (spool {}, reconnects {})", if f["connected"].as_bool() == Some(true) { "connected" } else { "offline" }, field(&f["spool_depth"]), field(&f["reconnects"])),
+            Some(f) => println!(
+                "fleet     {} (spool {}, reconnects {})",
+                if f["connected"].as_bool() == Some(true) { "connected" } else { "offline" },
+                field(&f["spool_depth"]),
+                field(&f["reconnects"])
+            ),
             None => println!("fleet     off"),
         }
         Ok(())

@@ -123,7 +123,16 @@ mod tests {
 
     #[test]
     fn poll_outcomes_are_named_for_reports() {
-        let base = RegistryStatus { model: "m".into(), target: "stage Production".into(), active: None, condition: Condition::UpToDate, checked_at: Some(5), polls: 2, pinned: None, cache_read: true };
+        let base = RegistryStatus {
+            model: "m".into(),
+            target: "stage Production".into(),
+            active: None,
+            condition: Condition::UpToDate,
+            checked_at: Some(5),
+            polls: 2,
+            pinned: None,
+            cache_read: true,
+        };
         let table = [
             (Condition::UpToDate, "up_to_date", None),
             (Condition::Updated { from: None, to: "3".into() }, "updated", Some("none -> 3")),

@@ -20,10 +20,8 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn generate_json_reports_ids_text_and_timings() {
-    let out = edgeflow()
-        .args(["generate", "--model-dir", &tiny(), "--prompt", "<|user|>\nHello<|end|>\n<|assistant|>\n", "--max-tokens", "8", "--greedy", "--json"])
-        .output()
-        .unwrap();
+    let out =
+        edgeflow().args(["generate", "--model-dir", &tiny(), "--prompt", "<|user|>\nHello<|end|>\n<|assistant|>\n", "--max-tokens", "8", "--greedy", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
     assert_eq!(v["prompt_token_ids"], serde_json::json!([32010, 15043, 32007, 32001]));
@@ -49,7 +47,25 @@ fn streamed_text_equals_json_text() {
 
 #[test]
 fn seeded_sampling_from_the_cli_is_reproducible() {
-    let args = ["generate", "--model-dir", &tiny(), "--prompt", "Once", "--max-tokens", "12", "--temperature", "0.9", "--top-p", "0.9", "--top-k", "40", "--seed", "11", "--json", "--ignore-eos"];
+    let args = [
+        "generate",
+        "--model-dir",
+        &tiny(),
+        "--prompt",
+        "Once",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "40",
+        "--seed",
+        "11",
+        "--json",
+        "--ignore-eos",
+    ];
     let a = edgeflow().args(args).output().unwrap();
     let b = edgeflow().args(args).output().unwrap();
     assert!(a.status.success(), "{}", stderr(&a));
@@ -60,8 +76,8 @@ fn seeded_sampling_from_the_cli_is_reproducible() {
 #[test]
 fn usage_errors_exit_64() {
     let cases: Vec<Vec<&str>> = vec![
-        vec!["generate", "--prompt", "x"],                                         // no --model-dir
-        vec!["generate", "--model-dir", "/tmp"],                                  // neither --prompt nor --chat
+        vec!["generate", "--prompt", "x"],                                                   // no --model-dir
+        vec!["generate", "--model-dir", "/tmp"],                                             // neither --prompt nor --chat
         vec!["generate", "--model-dir", "/tmp", "--prompt", "x", "--greedy", "--seed", "1"], // conflicting
         vec!["generate", "--model-dir", "/tmp", "--prompt", "x", "--max-tokens", "-3"],
         vec!["frobnicate"],
@@ -114,7 +130,15 @@ fn missing_runtime_names_every_place_searched() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = stderr(&out);
-    for needle in ["/nope/libonnxruntime.so", "/nonexistent/ort/libonnxruntime.so", "ORT_DYLIB_PATH", "lib/libonnxruntime.so", "lib/edgeflow/libonnxruntime.so", "system library path", "make build"] {
+    for needle in [
+        "/nope/libonnxruntime.so",
+        "/nonexistent/ort/libonnxruntime.so",
+        "ORT_DYLIB_PATH",
+        "lib/libonnxruntime.so",
+        "lib/edgeflow/libonnxruntime.so",
+        "system library path",
+        "make build",
+    ] {
         assert!(err.contains(needle), "missing {needle:?} in: {err}");
     }
     assert_eq!(err.lines().count(), 1, "one clear error line: {err}");
@@ -138,12 +162,8 @@ fn the_built_binary_finds_the_source_trees_runtime_unaided() {
 fn a_missing_model_folder_is_reported_before_a_missing_runtime() {
     let (dir, bin) = lone_binary();
     let missing = dir.path().join("no-such-model");
-    let out = Command::new(&bin)
-        .env_remove("ORT_DYLIB_PATH")
-        .env_remove("EDGEFLOW_LOG")
-        .args(["generate", "--model-dir", missing.to_str().unwrap(), "--prompt", "x"])
-        .output()
-        .unwrap();
+    let out =
+        Command::new(&bin).env_remove("ORT_DYLIB_PATH").env_remove("EDGEFLOW_LOG").args(["generate", "--model-dir", missing.to_str().unwrap(), "--prompt", "x"]).output().unwrap();
     assert_ne!(out.status.code(), Some(0));
     let err = stderr(&out);
     assert!(err.contains("no-such-model") && err.contains("genai_config.json"), "names the model folder: {err}");

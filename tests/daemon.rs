@@ -193,7 +193,8 @@ fn first_start_pulls_serves_swaps_and_a_sigterm_lets_the_stream_finish() {
     let dir = tempfile::tempdir().unwrap();
     let notify = Notifications::listen();
     // Long enough a stream that SIGTERM lands in its middle.
-    let mut daemon = Daemon::start(dir.path(), &config(&mlflow.url, dir.path(), "max_tokens = 2000").replace("shutdown_grace = \"20s\"", "shutdown_grace = \"90s\""), Some(&notify));
+    let mut daemon =
+        Daemon::start(dir.path(), &config(&mlflow.url, dir.path(), "max_tokens = 2000").replace("shutdown_grace = \"20s\"", "shutdown_grace = \"90s\""), Some(&notify));
 
     // Empty cache: READY comes at once (waiting for the registry) or once v1 serves.
     let ready = notify.wait(|m| m.starts_with("READY=1"), "READY=1");
@@ -214,7 +215,13 @@ fn first_start_pulls_serves_swaps_and_a_sigterm_lets_the_stream_finish() {
 
     // SIGTERM in the middle of a stream: the stream completes, then the daemon exits 0.
     let body = r#"{"model":"phi-3","prompt":"A long story","max_tokens":2000,"ignore_eos":true,"stream":true}"#;
-    let mut stream = Command::new("curl").args(["-q", "-sS", "-N", "--max-time", "120", "--unix-socket"]).arg(&daemon.socket).args(["--data-binary", body, "http://edgeflow/v1/completions"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stream = Command::new("curl")
+        .args(["-q", "-sS", "-N", "--max-time", "120", "--unix-socket"])
+        .arg(&daemon.socket)
+        .args(["--data-binary", body, "http://edgeflow/v1/completions"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut reader = BufReader::new(stream.stdout.take().unwrap());
     let mut first = String::new();
     while reader.read_line(&mut first).unwrap() > 0 && !first.contains("\"text\":\"") {
@@ -289,7 +296,16 @@ broker = "ftp://broker"
         let out = Command::new(env!("CARGO_BIN_EXE_edgeflow")).args([sub, "--config"]).arg(&path).env("NO_COLOR", "1").output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{sub}: {err}");
-        for key in ["engine.threads", "engine.memory_reserve", "registry.stage, registry.alias", "registry.poll_interval", "serve.queue_depth", "fleet.broker", "registry.url", "registry.model"] {
+        for key in [
+            "engine.threads",
+            "engine.memory_reserve",
+            "registry.stage, registry.alias",
+            "registry.poll_interval",
+            "serve.queue_depth",
+            "fleet.broker",
+            "registry.url",
+            "registry.model",
+        ] {
             assert!(err.contains(&format!("{key}:")), "{sub}: {key} not reported in:\n{err}");
         }
     }
@@ -302,7 +318,8 @@ broker = "ftp://broker"
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
     // The shipped example, completed with the two keys it leaves to the user, is valid.
     let example = std::fs::read_to_string(common::repo().join("config.example.toml")).unwrap();
-    let filled = example.replace("# url = \"https://mlflow.example.internal\"", "url = \"https://mlflow.example.internal\"").replace("# model = \"phi3-mini\"", "model = \"phi3-mini\"");
+    let filled =
+        example.replace("# url = \"https://mlflow.example.internal\"", "url = \"https://mlflow.example.internal\"").replace("# model = \"phi3-mini\"", "model = \"phi3-mini\"");
     std::fs::write(&path, filled).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_edgeflow")).args(["check-config", "--config"]).arg(&path).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -333,7 +350,11 @@ fn fleet_commands_roll_back_pin_and_unpin_with_acknowledgements() {
     let port = broker.port;
     let sub = Sub::start(port, &["edgeflow/dev-d/#"]);
     let dir = tempfile::tempdir().unwrap();
-    let fleet = format!("[fleet]\nbroker = \"{}\"\ndevice_id = \"dev-d\"\nspool_dir = \"{}\"\nreport_interval = \"2s\"\ndrift_interval = \"3s\"\ndrift_min_samples = 1\n", broker.url(), dir.path().join("spool").display());
+    let fleet = format!(
+        "[fleet]\nbroker = \"{}\"\ndevice_id = \"dev-d\"\nspool_dir = \"{}\"\nreport_interval = \"2s\"\ndrift_interval = \"3s\"\ndrift_min_samples = 1\n",
+        broker.url(),
+        dir.path().join("spool").display()
+    );
     let mut daemon = Daemon::start(dir.path(), &config(&mlflow.url, dir.path(), &fleet), None);
     daemon.wait_serving("1");
     mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-mha"), "onnx", Some("Production"), None);

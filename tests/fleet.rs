@@ -164,7 +164,11 @@ async fn birth_then_last_will_when_the_agent_is_killed_and_goodbye_on_a_clean_st
     let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/+/status"])).await);
     let spool = tempfile::tempdir().unwrap();
     let config = spool.path().join("edgeflow.toml");
-    std::fs::write(&config, format!("[fleet]\nbroker = \"{}\"\ndevice_id = \"killed\"\nkeep_alive = \"5s\"\nspool_dir = \"{}\"\n", broker.url(), spool.path().join("spool").display())).unwrap();
+    std::fs::write(
+        &config,
+        format!("[fleet]\nbroker = \"{}\"\ndevice_id = \"killed\"\nkeep_alive = \"5s\"\nspool_dir = \"{}\"\n", broker.url(), spool.path().join("spool").display()),
+    )
+    .unwrap();
     let mut agent = Process::new(env!("CARGO_BIN_EXE_edgeflow")).args(["fleet", "run", "--config"]).arg(&config).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let s2 = sub.clone();
     let online = blocking(move || s2.wait(|m| m.topic == "edgeflow/killed/status" && m.payload.contains("\"online\""), WAIT)).await;
@@ -220,7 +224,14 @@ async fn health_and_drift_arrive_and_match_their_schema() {
     let recorder = Recorder::new();
     let (publisher, status) = edgeflow::status::channel();
     publisher.update(|s| {
-        s.model = Some(edgeflow::status::ModelStatus { name: "tiny".into(), version: "3".into(), digest: Some("sha256:ab".into()), target: Some("stage:Production".into()), activated_at: Some(1), dir: None });
+        s.model = Some(edgeflow::status::ModelStatus {
+            name: "tiny".into(),
+            version: "3".into(),
+            digest: Some("sha256:ab".into()),
+            target: Some("stage:Production".into()),
+            activated_at: Some(1),
+            dir: None,
+        });
         s.registry = Some(edgeflow::status::PollStatus { checked_at: Some(2), outcome: "up_to_date".into(), detail: None, polls: 4 });
     });
     let mut rng = fastrand::Rng::with_seed(3);
@@ -262,7 +273,10 @@ async fn health_and_drift_arrive_and_match_their_schema() {
     .await
     .expect("a compared drift window")
     .json();
-    assert_schema(&second, &[("divergence.prompt_tokens.psi", "n"), ("divergence.prompt_tokens.js", "n"), ("divergence.prompt_tokens.n", "u"), ("divergence.prompt_tokens.alert", "b")]);
+    assert_schema(
+        &second,
+        &[("divergence.prompt_tokens.psi", "n"), ("divergence.prompt_tokens.js", "n"), ("divergence.prompt_tokens.n", "u"), ("divergence.prompt_tokens.alert", "b")],
+    );
     // Health sequence numbers are increasing: one spool, one order.
     let seqs: Vec<u64> = sub.json_on("edgeflow/dev-h/health").iter().map(|v| v["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
@@ -333,10 +347,26 @@ async fn every_command_round_trips_with_a_correlated_reply() {
     assert!(health.is_some(), "the report's health message arrives");
     // The daemon saw exactly the commands that need it, with their request ids; `report` and
     // an interval-only `set` are the link's own.
-    let seen: Vec<(String, String)> = log.lock().unwrap().iter().map(|(c, o)| (c.name().to_string(), match o { Origin::Fleet { request_id } => request_id.clone(), Origin::Local => String::new() })).collect();
+    let seen: Vec<(String, String)> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(c, o)| {
+            (
+                c.name().to_string(),
+                match o {
+                    Origin::Fleet { request_id } => request_id.clone(),
+                    Origin::Local => String::new(),
+                },
+            )
+        })
+        .collect();
     assert_eq!(
         seen,
-        vec![("sync", "req-0"), ("pin", "req-1"), ("unpin", "req-2"), ("rollback", "req-3"), ("reload", "req-4"), ("set", "req-6"), ("pin", "req-8")].into_iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>()
+        vec![("sync", "req-0"), ("pin", "req-1"), ("unpin", "req-2"), ("rollback", "req-3"), ("reload", "req-4"), ("set", "req-6"), ("pin", "req-8")]
+            .into_iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect::<Vec<_>>()
     );
 
     // Unknown commands and malformed payloads get a failed reply, and the link carries on.
@@ -516,7 +546,8 @@ async fn a_broker_outage_loses_nothing_and_replays_in_order() {
     let reasons = blocking(move || {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
-            let reasons: std::collections::HashSet<String> = s2.all().iter().filter(|m| m.topic.ends_with("/events")).map(|m| m.json()["reason"].as_str().unwrap().to_string()).collect();
+            let reasons: std::collections::HashSet<String> =
+                s2.all().iter().filter(|m| m.topic.ends_with("/events")).map(|m| m.json()["reason"].as_str().unwrap().to_string()).collect();
             if reasons.len() >= total || std::time::Instant::now() > deadline {
                 return reasons;
             }
@@ -657,7 +688,8 @@ async fn drift_flags_a_shifted_prompt_distribution_and_stays_quiet_on_an_unshift
     let spool = tempfile::tempdir().unwrap();
     let (bus, _log) = handler();
     let recorder = Recorder::new();
-    let running = spawn(settings(&broker.url(), "dev-drift", spool.path(), "drift_interval = \"1s\"\ndrift_min_samples = 100\nreport_interval = \"1h\""), bus, Some(recorder.clone()));
+    let running =
+        spawn(settings(&broker.url(), "dev-drift", spool.path(), "drift_interval = \"1s\"\ndrift_min_samples = 100\nreport_interval = \"1h\""), bus, Some(recorder.clone()));
     let mut reports = Vec::new();
     for (i, batch) in [&baseline, &unshifted, &shifted].into_iter().enumerate() {
         for o in batch {
@@ -694,9 +726,16 @@ async fn a_drift_baseline_logged_with_the_version_is_the_reference() {
     let (bus, _log) = handler();
     let (publisher, status) = edgeflow::status::channel();
     let dir = version_dir.path().to_path_buf();
-    publisher.update(move |s| s.model = Some(edgeflow::status::ModelStatus { name: "tiny".into(), version: "5".into(), digest: None, target: None, activated_at: None, dir: Some(dir) }));
+    publisher.update(move |s| {
+        s.model = Some(edgeflow::status::ModelStatus { name: "tiny".into(), version: "5".into(), digest: None, target: None, activated_at: None, dir: Some(dir) })
+    });
     let recorder = Recorder::new();
-    let running = spawn_with_status(settings(&broker.url(), "dev-art", spool.path(), "drift_interval = \"1s\"\ndrift_min_samples = 100\nreport_interval = \"1h\""), bus, Some(recorder.clone()), status);
+    let running = spawn_with_status(
+        settings(&broker.url(), "dev-art", spool.path(), "drift_interval = \"1s\"\ndrift_min_samples = 100\nreport_interval = \"1h\""),
+        bus,
+        Some(recorder.clone()),
+        status,
+    );
     // Short prompts from the first request on: compared with the artifact at once, no
     // first-window baseline needed.
     for _ in 0..150 {
@@ -713,7 +752,14 @@ async fn a_drift_baseline_logged_with_the_version_is_the_reference() {
 fn populated_status() -> (edgeflow::status::Publisher, watch::Receiver<edgeflow::status::Status>) {
     let (publisher, status) = edgeflow::status::channel();
     publisher.update(|s| {
-        s.model = Some(edgeflow::status::ModelStatus { name: "phi3-mini-support".into(), version: "12".into(), digest: Some(format!("sha256:{}", "ab".repeat(32))), target: Some("alias:champion".into()), activated_at: Some(1_795_000_000), dir: None });
+        s.model = Some(edgeflow::status::ModelStatus {
+            name: "phi3-mini-support".into(),
+            version: "12".into(),
+            digest: Some(format!("sha256:{}", "ab".repeat(32))),
+            target: Some("alias:champion".into()),
+            activated_at: Some(1_795_000_000),
+            dir: None,
+        });
         s.registry = Some(edgeflow::status::PollStatus { checked_at: Some(1_795_000_100), outcome: "up_to_date".into(), detail: None, polls: 321 });
     });
     (publisher, status)
@@ -750,7 +796,11 @@ async fn bench_spool_replay_rate() {
     let got = blocking(move || s2.wait_count(|_| true, N, WAIT)).await;
     assert!(got.len() >= N, "all {N} arrived ({})", got.len());
     let kib = bytes as f64 / 1024.0 * replayed as f64 / N as f64;
-    println!("spool replay: {replayed} of {N} messages ({kib:.0} KiB) in {secs:.3} s = {:.0} msg/s, {:.0} KiB/s (QoS 1, window 16, plain TCP, loopback)", replayed as f64 / secs, kib / secs);
+    println!(
+        "spool replay: {replayed} of {N} messages ({kib:.0} KiB) in {secs:.3} s = {:.0} msg/s, {:.0} KiB/s (QoS 1, window 16, plain TCP, loopback)",
+        replayed as f64 / secs,
+        kib / secs
+    );
     running.stop().await;
     drop(broker);
 }

@@ -188,9 +188,7 @@ async fn the_poller_follows_the_stage_and_keeps_serving_when_it_empties_or_the_m
     let (task, mut rx) = Poller::new(p.clone(), name.into(), stage("Production"), jitter).spawn(cancel.clone());
     let wait = |rx: &mut tokio::sync::watch::Receiver<edgeflow::registry::Status>, what: &'static str, f: fn(&edgeflow::registry::Status) -> bool| {
         let mut rx = rx.clone();
-        async move {
-            tokio::time::timeout(Duration::from_secs(60), rx.wait_for(f)).await.unwrap_or_else(|_| panic!("poller never reached: {what}")).unwrap().clone()
-        }
+        async move { tokio::time::timeout(Duration::from_secs(60), rx.wait_for(f)).await.unwrap_or_else(|_| panic!("poller never reached: {what}")).unwrap().clone() }
     };
     let st = wait(&mut rx, "version 1 active", |s| s.active.as_ref().is_some_and(|a| a.version == "1")).await;
     assert!(matches!(st.condition, Condition::Updated { ref to, .. } if to == "1"), "{st:?}");
@@ -308,7 +306,12 @@ async fn a_killed_pull_resumes_after_restart_from_what_is_on_disk() {
     let mut child = args(Some(&slow)).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
     // Wait until a good part of the weights is on disk, then kill the process outright.
     let part_of_data = || -> Option<(PathBuf, u64)> {
-        std::fs::read_dir(cache.path().join("tmp")).ok()?.filter_map(|e| e.ok()).map(|e| (e.path(), e.metadata().map(|m| m.len()).unwrap_or(0))).filter(|(p, _)| p.extension().is_some_and(|x| x == "part")).max_by_key(|(_, n)| *n)
+        std::fs::read_dir(cache.path().join("tmp"))
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| (e.path(), e.metadata().map(|m| m.len()).unwrap_or(0)))
+            .filter(|(p, _)| p.extension().is_some_and(|x| x == "part"))
+            .max_by_key(|(_, n)| *n)
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while part_of_data().is_none_or(|(_, n)| n < 2_500_000) {
@@ -398,7 +401,8 @@ async fn with_the_registry_down_at_start_the_cache_serves() {
     let cancel = CancellationToken::new();
     let (_task, rx) = Poller::new(p.clone(), name.into(), alias("champion"), jitter).spawn(cancel.clone());
     let mut rx2 = rx.clone();
-    let st = tokio::time::timeout(Duration::from_secs(30), rx2.wait_for(|s| matches!(s.condition, Condition::Unreachable { .. }))).await.expect("reports unreachable").unwrap().clone();
+    let st =
+        tokio::time::timeout(Duration::from_secs(30), rx2.wait_for(|s| matches!(s.condition, Condition::Unreachable { .. }))).await.expect("reports unreachable").unwrap().clone();
     assert_eq!(st.active.unwrap().version, "1");
     cancel.cancel();
     drop(p);
@@ -519,7 +523,10 @@ async fn the_cli_pulls_and_cache_path_feeds_generate() {
     assert!(out.status.success());
     let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
     assert_eq!(PathBuf::from(&path), PathBuf::from(&pulled).canonicalize().unwrap());
-    let out = edgeflow().args(["generate", "--model-dir", &path, "--prompt", "<|user|>\nHello<|end|>\n<|assistant|>\n", "--max-tokens", "8", "--greedy", "--ignore-eos", "--json"]).output().unwrap();
+    let out = edgeflow()
+        .args(["generate", "--model-dir", &path, "--prompt", "<|user|>\nHello<|end|>\n<|assistant|>\n", "--max-tokens", "8", "--greedy", "--ignore-eos", "--json"])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ids: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap();
@@ -552,9 +559,9 @@ fn cli_usage_and_config_errors_exit_64() {
     let bad_cfg = cfg.path().to_str().unwrap();
     let cases: Vec<Vec<&str>> = vec![
         vec!["pull", "--stage", "Production", "--alias", "champion", "--model", "m", "--registry-url", "http://127.0.0.1:9"],
-        vec!["pull", "--model", "m"],                                      // no registry
-        vec!["pull", "--registry-url", "http://127.0.0.1:9"],              // no model
-        vec!["pull", "--registry-url", "ftp://x", "--model", "m"],         // bad URL
+        vec!["pull", "--model", "m"],                              // no registry
+        vec!["pull", "--registry-url", "http://127.0.0.1:9"],      // no model
+        vec!["pull", "--registry-url", "ftp://x", "--model", "m"], // bad URL
         vec!["pull", "--config", bad_cfg, "--registry-url", "http://127.0.0.1:9", "--model", "m"],
         vec!["pull", "--config", "/nonexistent/edgeflow.toml"],
         vec!["cache", "ls", "--cache-dir", "/nonexistent/cache"],

@@ -15,13 +15,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::http::{curl, curl_post, parse_curl, terminate, Http};
 use edgeflow::active::{Manager, ManagerOptions, ModelSource, SwapMode};
 use edgeflow::engine::{ChatMessage, GenerateParams, Model};
 use edgeflow::serve::{self, Access, App, Limits, SocketOptions};
 use edgeflow::telemetry::Metrics;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-use common::http::{curl, curl_post, parse_curl, terminate, Http};
 
 const TOKEN_ENV: &str = "EDGEFLOW_SERVE_TEST_TOKEN";
 
@@ -153,12 +153,8 @@ fn engine_greedy(model: &str, prompt: &Value, max_tokens: usize) -> (String, usi
 
 #[test]
 fn openai_sdk_streams_the_engines_greedy_output() {
-    let server = Server::start(
-        "phi3-tiny-gqa",
-        &format!("[serve]\ntoken_env = \"{TOKEN_ENV}\"\n"),
-        &["--name", "tiny-chat", "--model-version", "7"],
-        &[(TOKEN_ENV, "local-secret")],
-    );
+    let server =
+        Server::start("phi3-tiny-gqa", &format!("[serve]\ntoken_env = \"{TOKEN_ENV}\"\n"), &["--name", "tiny-chat", "--model-version", "7"], &[(TOKEN_ENV, "local-secret")]);
     let messages = json!([{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]);
     let prompt = "Once upon a time";
     let n = 24;
@@ -175,10 +171,7 @@ fn openai_sdk_streams_the_engines_greedy_output() {
     assert!(!chat_text.is_empty());
     let chat = &r["chat"];
     assert_eq!(chat["text"], chat_text.as_str(), "non-streamed chat = the engine's greedy output");
-    assert_eq!(
-        (chat["role"].as_str(), chat["finish_reason"].as_str(), chat["object"].as_str()),
-        (Some("assistant"), Some(chat_finish), Some("chat.completion"))
-    );
+    assert_eq!((chat["role"].as_str(), chat["finish_reason"].as_str(), chat["object"].as_str()), (Some("assistant"), Some(chat_finish), Some("chat.completion")));
     assert_eq!(chat["usage"], json!({"prompt_tokens": chat_prompt_tokens, "completion_tokens": chat_tokens, "total_tokens": chat_prompt_tokens + chat_tokens}));
     assert_eq!((chat["model"].as_str(), chat["system_fingerprint"].as_str()), (Some("tiny-chat"), Some("tiny-chat@7")));
 
@@ -215,11 +208,8 @@ fn curl_sees_sse_framing_and_openai_error_shapes() {
     let over_tcp = Command::new("curl").args(["-q", "-sS", "--max-time", "30", &format!("http://{tcp}/v1/models")]).output().unwrap();
     let models: Value = serde_json::from_slice(&over_tcp.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&over_tcp.stderr)));
     assert_eq!(models["data"][0]["id"], "phi3-tiny-gqa");
-    let stream = curl_post(
-        s,
-        "/v1/chat/completions",
-        r#"{"model":"m","messages":[{"role":"user","content":"Hi"}],"max_tokens":12,"stream":true,"stream_options":{"include_usage":true}}"#,
-    );
+    let stream =
+        curl_post(s, "/v1/chat/completions", r#"{"model":"m","messages":[{"role":"user","content":"Hi"}],"max_tokens":12,"stream":true,"stream_options":{"include_usage":true}}"#);
     assert_eq!(stream.status, 200, "{stream:?}");
     assert!(stream.header("content-type").is_some_and(|c| c.starts_with("text/event-stream")), "{stream:?}");
     assert!(stream.header("x-edgeflow-model").is_some_and(|v| v.ends_with("@local")));
@@ -537,11 +527,7 @@ fn socket_mode_group_and_uid_allow_list() {
     assert_eq!(forbidden.status, 403, "{forbidden:?}");
     assert_eq!(forbidden.json()["error"]["code"], "permission_denied");
     assert!(forbidden.json()["error"]["message"].as_str().unwrap().contains(&format!("uid {IN_GROUP_NOT_ALLOWED}")));
-    let allowed = curl(
-        &s,
-        &["-H", "content-type: application/json", "--data-binary", r#"{"model":"m","prompt":"Hi","max_tokens":3}"#, "/v1/completions"],
-        Some((ALLOWED, GROUP)),
-    );
+    let allowed = curl(&s, &["-H", "content-type: application/json", "--data-binary", r#"{"model":"m","prompt":"Hi","max_tokens":3}"#, "/v1/completions"], Some((ALLOWED, GROUP)));
     assert_eq!(allowed.status, 200, "{allowed:?}");
     assert!(server.log().contains(&format!("uid={IN_GROUP_NOT_ALLOWED}")), "the refused peer's uid is logged:\n{}", server.log());
 
@@ -637,8 +623,7 @@ struct InProcess {
 
 async fn in_process(swap: SwapMode) -> InProcess {
     let metrics = Arc::new(Metrics::new());
-    let manager =
-        Manager::new(ManagerOptions { load: common::load_options(), queue_depth: 4, max_prompt_tokens: None, smoke_test_tokens: 1, swap, nice: 5 }, metrics.clone());
+    let manager = Manager::new(ManagerOptions { load: common::load_options(), queue_depth: 4, max_prompt_tokens: None, smoke_test_tokens: 1, swap, nice: 5 }, metrics.clone());
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("api.sock");
     let (listener, file) = serve::bind(&SocketOptions { path: socket.clone(), mode: 0o600, group: None }).unwrap();
@@ -702,9 +687,7 @@ fn source(model: &str, version: &str) -> ModelSource {
 
 /// Starts a long stream (curl) and returns once its first token has arrived.
 fn start_stream(socket: &Path, tokens: usize) -> (Child, BufReader<std::process::ChildStdout>) {
-    let body = format!(
-        r#"{{"model":"edge-chat","prompt":"A long story","max_tokens":{tokens},"ignore_eos":true,"stream":true,"stream_options":{{"include_usage":true}}}}"#
-    );
+    let body = format!(r#"{{"model":"edge-chat","prompt":"A long story","max_tokens":{tokens},"ignore_eos":true,"stream":true,"stream_options":{{"include_usage":true}}}}"#);
     let mut child = Command::new("curl")
         .args(["-q", "-sS", "-N", "--max-time", "120", "--unix-socket"])
         .arg(socket)
@@ -751,8 +734,7 @@ async fn overlap_swap_during_a_stream() {
     assert_eq!(info.version, "2");
     // The new version answers while the old one is still streaming: both are in memory.
     let socket = p.socket.clone();
-    let r = blocking(move || curl_post(&socket, "/v1/chat/completions", r#"{"model":"edge-chat","messages":[{"role":"user","content":"Hi"}],"max_tokens":3}"#))
-        .await;
+    let r = blocking(move || curl_post(&socket, "/v1/chat/completions", r#"{"model":"edge-chat","messages":[{"role":"user","content":"Hi"}],"max_tokens":3}"#)).await;
     assert_eq!(r.json()["system_fingerprint"], "edge-chat@2", "{r:?}");
     assert_eq!(p.metrics.models_loaded.get(), 2, "the old version is still draining its stream");
 
@@ -769,15 +751,11 @@ async fn overlap_swap_during_a_stream() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let text = p.metrics.render();
-    assert!(
-        text.contains(r#"edgeflow_active_model_info{digest="sha256:phi3-tiny-mha-2",name="edge-chat",version="2"} 1"#) && !text.contains(r#"version="1""#),
-        "{text}"
-    );
+    assert!(text.contains(r#"edgeflow_active_model_info{digest="sha256:phi3-tiny-mha-2",name="edge-chat",version="2"} 1"#) && !text.contains(r#"version="1""#), "{text}");
 
     // A version that fails to load leaves the current one serving.
     let broken = tempfile::tempdir().unwrap();
-    let err =
-        p.manager.activate(ModelSource { dir: broken.path().to_path_buf(), name: "edge-chat".into(), version: "3".into(), digest: None }).await.unwrap_err();
+    let err = p.manager.activate(ModelSource { dir: broken.path().to_path_buf(), name: "edge-chat".into(), version: "3".into(), digest: None }).await.unwrap_err();
     assert!(format!("{err}").contains("version 3"), "{err}");
     assert_eq!(p.manager.current().unwrap().info().version, "2");
     p.shutdown.cancel();
@@ -802,8 +780,7 @@ async fn stop_the_world_swap_drains_first_and_answers_503_meanwhile() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let socket = p.socket.clone();
-    let (ready, busy) =
-        blocking(move || (curl(&socket, &["/readyz"], None), curl_post(&socket, "/v1/completions", r#"{"model":"m","prompt":"Hi","max_tokens":2}"#))).await;
+    let (ready, busy) = blocking(move || (curl(&socket, &["/readyz"], None), curl_post(&socket, "/v1/completions", r#"{"model":"m","prompt":"Hi","max_tokens":2}"#))).await;
     assert_eq!(ready.status, 503);
     assert_eq!((busy.status, busy.json()["error"]["code"].as_str()), (503, Some("model_not_ready")), "{busy:?}");
     assert!(busy.header("retry-after").is_some());

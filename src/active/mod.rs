@@ -302,22 +302,12 @@ impl Manager {
 
     async fn load(&self, source: &ModelSource) -> Result<Active, ActivateError> {
         let options = &self.inner.options;
-        let fail = |source_err: StartError| ActivateError::Start {
-            name: source.name.clone(),
-            version: source.version.clone(),
-            dir: source.dir.clone(),
-            source: source_err,
-        };
+        let fail = |source_err: StartError| ActivateError::Start { name: source.name.clone(), version: source.version.clone(), dir: source.dir.clone(), source: source_err };
         let label = format!("{}@{}", source.name, source.version);
         let started = worker::start(
             source.dir.clone(),
             options.load.clone(),
-            worker::Limits {
-                queue_depth: options.queue_depth,
-                max_prompt_tokens: options.max_prompt_tokens,
-                smoke_test_tokens: options.smoke_test_tokens,
-                nice: options.nice,
-            },
+            worker::Limits { queue_depth: options.queue_depth, max_prompt_tokens: options.max_prompt_tokens, smoke_test_tokens: options.smoke_test_tokens, nice: options.nice },
             self.inner.metrics.clone(),
             &label,
         )

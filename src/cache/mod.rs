@@ -22,6 +22,6 @@ mod error;
 mod store;
 
 pub use error::CacheError;
-pub(crate) use store::unix_now;
 pub(crate) use store::open_sled;
+pub(crate) use store::unix_now;
 pub use store::{active_dir, Corruption, FileRecord, GcReport, ModelRecord, State, Store, VersionRecord};

@@ -813,7 +813,15 @@ mod tests {
     use super::*;
 
     fn settings(dir: &Path) -> CacheSettings {
-        CacheSettings { dir: dir.to_path_buf(), keep_versions: 2, pinned: vec![], quota: None, partial_max_age: Duration::from_secs(3600), verify_on_load: true, smoke_test_tokens: 4 }
+        CacheSettings {
+            dir: dir.to_path_buf(),
+            keep_versions: 2,
+            pinned: vec![],
+            quota: None,
+            partial_max_age: Duration::from_secs(3600),
+            verify_on_load: true,
+            smoke_test_tokens: 4,
+        }
     }
 
     /// Puts `files` in as a version, the way a pull does: temp file → blob → folder.

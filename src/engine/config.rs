@@ -99,11 +99,7 @@ pub struct DecoderOutputs {
 
 impl Default for DecoderOutputs {
     fn default() -> Self {
-        DecoderOutputs {
-            logits: "logits".into(),
-            present_key_names: "present.%d.key".into(),
-            present_value_names: "present.%d.value".into(),
-        }
+        DecoderOutputs { logits: "logits".into(), present_key_names: "present.%d.key".into(), present_value_names: "present.%d.value".into() }
     }
 }
 
@@ -122,15 +118,7 @@ pub struct SearchSection {
 
 impl Default for SearchSection {
     fn default() -> Self {
-        SearchSection {
-            do_sample: false,
-            max_length: None,
-            past_present_share_buffer: false,
-            repetition_penalty: 1.0,
-            temperature: 1.0,
-            top_k: 50,
-            top_p: 1.0,
-        }
+        SearchSection { do_sample: false, max_length: None, past_present_share_buffer: false, repetition_penalty: 1.0, temperature: 1.0, top_k: 50, top_p: 1.0 }
     }
 }
 
@@ -143,21 +131,13 @@ impl GenaiConfig {
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
         let path = dir.join(FILE_NAME);
         let text = std::fs::read_to_string(&path).map_err(|source| EngineError::read(&path, source))?;
-        let config: GenaiConfig = serde_json::from_str(&text).map_err(|e| EngineError::Config {
-            path: path.clone(),
-            field: json_error_field(&e),
-            message: e.to_string(),
-        })?;
+        let config: GenaiConfig = serde_json::from_str(&text).map_err(|e| EngineError::Config { path: path.clone(), field: json_error_field(&e), message: e.to_string() })?;
         config.validate(&path)?;
         Ok(config)
     }
 
     fn validate(&self, path: &Path) -> Result<(), EngineError> {
-        let bad = |field: &str, message: String| EngineError::Config {
-            path: path.to_path_buf(),
-            field: field.to_string(),
-            message,
-        };
+        let bad = |field: &str, message: String| EngineError::Config { path: path.to_path_buf(), field: field.to_string(), message };
         let d = &self.model.decoder;
         if self.model.model_type.contains("vision") || self.model.model_type.contains("whisper") {
             return Err(bad("model.type", format!("`{}` is not a decoder-only text model", self.model.model_type)));
@@ -178,10 +158,7 @@ impl GenaiConfig {
             }
         }
         if !d.num_attention_heads.is_multiple_of(d.num_key_value_heads) {
-            return Err(bad(
-                "model.decoder.num_key_value_heads",
-                format!("{} does not divide num_attention_heads {}", d.num_key_value_heads, d.num_attention_heads),
-            ));
+            return Err(bad("model.decoder.num_key_value_heads", format!("{} does not divide num_attention_heads {}", d.num_key_value_heads, d.num_attention_heads)));
         }
         let eos = self.model.eos_token_id.to_vec();
         if eos.is_empty() {

@@ -89,12 +89,8 @@ impl Decoder {
             input_ids: d.inputs.input_ids.clone(),
             attention_mask: d.inputs.attention_mask.clone(),
             position_ids: d.inputs.position_ids.clone(),
-            past: (0..d.num_hidden_layers)
-                .map(|l| (layer_name(&d.inputs.past_key_names, l), layer_name(&d.inputs.past_value_names, l)))
-                .collect(),
-            present: (0..d.num_hidden_layers)
-                .map(|l| (layer_name(&d.outputs.present_key_names, l), layer_name(&d.outputs.present_value_names, l)))
-                .collect(),
+            past: (0..d.num_hidden_layers).map(|l| (layer_name(&d.inputs.past_key_names, l), layer_name(&d.inputs.past_value_names, l))).collect(),
+            present: (0..d.num_hidden_layers).map(|l| (layer_name(&d.outputs.present_key_names, l), layer_name(&d.outputs.present_value_names, l))).collect(),
             logits: d.outputs.logits.clone(),
         };
         let mut decoder = Decoder {

@@ -14,8 +14,8 @@ pub mod runtime;
 mod sampling;
 mod tokenizer;
 
-pub use config::{GenaiConfig, FILE_NAME as GENAI_CONFIG};
 pub use budget::MemoryBudget;
+pub use config::{GenaiConfig, FILE_NAME as GENAI_CONFIG};
 pub use error::EngineError;
 pub use model::{FinishReason, GenerateParams, Generation, LoadOptions, Model, StepStats};
 pub use sampling::{argmax, SamplingParams};

@@ -135,11 +135,7 @@ impl Model {
         if tokenizer.vocab_size() > config.model.vocab_size {
             return Err(EngineError::Tokenizer {
                 path: tokenizer.path().to_path_buf(),
-                message: format!(
-                    "has {} tokens but the model's vocabulary (genai_config.json model.vocab_size) is {}",
-                    tokenizer.vocab_size(),
-                    config.model.vocab_size
-                ),
+                message: format!("has {} tokens but the model's vocabulary (genai_config.json model.vocab_size) is {}", tokenizer.vocab_size(), config.model.vocab_size),
             });
         }
         let rt = runtime::load(options.ort_lib.as_deref())?;
@@ -147,9 +143,7 @@ impl Model {
         let decoder = Decoder::load(dir, &config, rt.environment(), threads)?;
         let eos = config.eos_token_ids();
         let vocab = decoder.vocab();
-        let byte_fallback = (0..vocab as u32)
-            .map(|id| tokenizer.id_to_token(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>')))
-            .collect();
+        let byte_fallback = (0..vocab as u32).map(|id| tokenizer.id_to_token(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))).collect();
         tracing::info!(dir = %dir.display(), model_type = %config.model.model_type, layers = config.model.decoder.num_hidden_layers, threads, "model loaded");
         Ok(Model { dir: dir.to_path_buf(), config, tokenizer, decoder, eos, byte_fallback, threads })
     }
@@ -299,16 +293,7 @@ impl Model {
         if text.len() > emitted && finish != FinishReason::Cancelled {
             let _ = on_text(&text[emitted..]);
         }
-        Ok(Generation {
-            prompt_token_ids: prompt_ids.to_vec(),
-            token_ids,
-            text,
-            finish_reason: finish,
-            time_to_first_token,
-            total_time: started.elapsed(),
-            top_logits,
-            stats,
-        })
+        Ok(Generation { prompt_token_ids: prompt_ids.to_vec(), token_ids, text, finish_reason: finish, time_to_first_token, total_time: started.elapsed(), top_logits, stats })
     }
 }
 

@@ -74,24 +74,19 @@ impl Tokenizer {
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
         let path = dir.join("tokenizer.json");
         let bytes = std::fs::read(&path).map_err(|e| EngineError::read(&path, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| EngineError::Tokenizer { path: path.clone(), message: e.to_string() })?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| EngineError::Tokenizer { path: path.clone(), message: e.to_string() })?;
 
         let config_path = dir.join("tokenizer_config.json");
         let config: TokenizerConfig = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| EngineError::Tokenizer { path: config_path.clone(), message: e.to_string() })?,
+            Ok(text) => serde_json::from_str(&text).map_err(|e| EngineError::Tokenizer { path: config_path.clone(), message: e.to_string() })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => TokenizerConfig::default(),
             Err(e) => return Err(EngineError::read(&config_path, e)),
         };
         let chat_template = match config.chat_template {
             Some(ChatTemplateField::One(t)) => t,
-            Some(ChatTemplateField::Named(list)) => list
-                .iter()
-                .find(|t| t.name == "default")
-                .or(list.first())
-                .map(|t| t.template.clone())
-                .unwrap_or_else(|| PHI3_CHAT_TEMPLATE.to_string()),
+            Some(ChatTemplateField::Named(list)) => {
+                list.iter().find(|t| t.name == "default").or(list.first()).map(|t| t.template.clone()).unwrap_or_else(|| PHI3_CHAT_TEMPLATE.to_string())
+            }
             None => PHI3_CHAT_TEMPLATE.to_string(),
         };
         Ok(Tokenizer {
@@ -126,10 +121,7 @@ impl Tokenizer {
     /// # Errors
     /// [`EngineError::Tokenizer`] if the tokenizer rejects the text.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
-        self.inner
-            .encode(text, true)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| EngineError::Tokenizer { path: self.path.clone(), message: e.to_string() })
+        self.inner.encode(text, true).map(|e| e.get_ids().to_vec()).map_err(|e| EngineError::Tokenizer { path: self.path.clone(), message: e.to_string() })
     }
 
     /// Decodes ids to text, dropping special tokens.
@@ -137,9 +129,7 @@ impl Tokenizer {
     /// # Errors
     /// [`EngineError::Tokenizer`] for ids outside the vocabulary.
     pub fn decode(&self, ids: &[u32]) -> Result<String, EngineError> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| EngineError::Tokenizer { path: self.path.clone(), message: e.to_string() })
+        self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer { path: self.path.clone(), message: e.to_string() })
     }
 
     /// Renders a conversation with the model's chat template, ending with the generation prompt.
@@ -151,11 +141,8 @@ impl Tokenizer {
         let mut env = minijinja::Environment::new();
         // Hugging Face templates call Python string methods (`.strip()`, `.startswith()`).
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
-        env.add_template("chat", &self.chat_template)
-            .map_err(|e| EngineError::Template { message: e.to_string() })?;
+        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> { Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg)) });
+        env.add_template("chat", &self.chat_template).map_err(|e| EngineError::Template { message: e.to_string() })?;
         let template = env.get_template("chat").map_err(|e| EngineError::Template { message: e.to_string() })?;
         template
             .render(minijinja::context! {

@@ -140,7 +140,8 @@ pub fn open(payload: &[u8], device_id: &str, name: &str, policy: &Policy, now: u
             .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
             .map(|b| Signature::from_bytes(&b))
             .ok_or_else(|| refuse(rid.as_deref(), Refusal::BadSignature, "`signature` must be 64 bytes in hex"))?;
-        key.verify_strict(signing_input(device_id, name, &env.signed).as_bytes(), &sig).map_err(|_| refuse(rid.as_deref(), Refusal::BadSignature, "the signature does not match the fleet key, this device and this command"))?;
+        key.verify_strict(signing_input(device_id, name, &env.signed).as_bytes(), &sig)
+            .map_err(|_| refuse(rid.as_deref(), Refusal::BadSignature, "the signature does not match the fleet key, this device and this command"))?;
         (inner, true)
     } else {
         (value, false)
@@ -380,7 +381,8 @@ mod tests {
 
     #[test]
     fn malformed_payloads_are_refused_with_a_reason() {
-        let cases: &[&[u8]] = &[b"", b"not json", b"[1,2]", b"{\"args\":{}}", b"{\"request_id\":\"\"}", b"{\"request_id\":\"x\",\"extra\":1}", b"{\"signed\":1,\"signature\":\"00\"}", &[0xff, 0xfe]];
+        let cases: &[&[u8]] =
+            &[b"", b"not json", b"[1,2]", b"{\"args\":{}}", b"{\"request_id\":\"\"}", b"{\"request_id\":\"x\",\"extra\":1}", b"{\"signed\":1,\"signature\":\"00\"}", &[0xff, 0xfe]];
         for c in cases {
             let e = open(c, "dev", "sync", &policy(false), NOW).unwrap_err();
             assert_eq!(e.refusal, Refusal::Malformed, "{:?}", String::from_utf8_lossy(c));

@@ -14,7 +14,12 @@ const MAX_TEXT: usize = 512;
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// A version's files were downloaded and verified.
-    VersionPulled { model: String, version: String, #[serde(skip_serializing_if = "Option::is_none")] digest: Option<String> },
+    VersionPulled {
+        model: String,
+        version: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        digest: Option<String>,
+    },
     /// A version serves new requests.
     Activated { model: String, version: String, previous: Option<String> },
     /// A version failed its smoke test and was not activated.

@@ -156,7 +156,9 @@ impl RequestWindow {
             None => (Snapshot::default(), None),
         };
         let secs = since.map_or(0.0, |t| now.duration_since(t).as_secs_f64());
-        let delta = |a: &[(f64, u64)], b: &[(f64, u64)]| -> Vec<(f64, u64)> { a.iter().map(|(le, c)| (*le, c.saturating_sub(b.iter().find(|(l, _)| l == le).map_or(0, |x| x.1)))).collect() };
+        let delta = |a: &[(f64, u64)], b: &[(f64, u64)]| -> Vec<(f64, u64)> {
+            a.iter().map(|(le, c)| (*le, c.saturating_sub(b.iter().find(|(l, _)| l == le).map_or(0, |x| x.1)))).collect()
+        };
         let lat = delta(&snap.latency, &prev.latency);
         let ttft = delta(&snap.ttft, &prev.ttft);
         let ms = |q: Option<f64>| q.map(|s| (s * 1e4).round() / 10.0);

@@ -1,8 +1,8 @@
 //! The link task: connect, say hello, publish from the spool, answer commands, reconnect
 //! with backoff, say goodbye.
 
-use std::collections::{HashSet, VecDeque};
 use std::collections::HashMap;
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -450,7 +450,15 @@ impl Runner {
         }
         let version = self.reconnect.version;
         tracing::debug!(protocol = version.as_str(), "connecting");
-        self.conn = Some(Conn { connection: wire::connect(version, &options), version, up: false, awaiting: VecDeque::new(), inflight: HashMap::new(), last_sent: None, goodbye_pkid: None });
+        self.conn = Some(Conn {
+            connection: wire::connect(version, &options),
+            version,
+            up: false,
+            awaiting: VecDeque::new(),
+            inflight: HashMap::new(),
+            last_sent: None,
+            goodbye_pkid: None,
+        });
     }
 
     fn on_wire(&mut self, ev: WireEvent) {
@@ -704,7 +712,9 @@ impl Runner {
             self.check_artifact(&w.key).await;
             let assessment = self.baselines.assess(&w, &self.s.drift);
             let (baseline, divergence, alert) = match &assessment {
-                Assessment::Compared { baseline, baseline_n, comparison } => (json!({"source": baseline, "n": baseline_n}), serde_json::to_value(&comparison.features).unwrap_or(Value::Null), comparison.alert),
+                Assessment::Compared { baseline, baseline_n, comparison } => {
+                    (json!({"source": baseline, "n": baseline_n}), serde_json::to_value(&comparison.features).unwrap_or(Value::Null), comparison.alert)
+                }
                 Assessment::Baseline { n, established } => {
                     if *established {
                         self.persist_baseline(&w.key);
@@ -743,7 +753,17 @@ impl Runner {
 
     // One flat call per reply shape reads better at the call sites than a builder here.
     #[allow(clippy::too_many_arguments)]
-    fn reply(&mut self, reply_to: &str, correlation: Option<Bytes>, request_id: Option<&str>, command: &str, status: &str, reason: Option<&str>, result: Option<&Value>, duplicate: bool) {
+    fn reply(
+        &mut self,
+        reply_to: &str,
+        correlation: Option<Bytes>,
+        request_id: Option<&str>,
+        command: &str,
+        status: &str,
+        reason: Option<&str>,
+        result: Option<&Value>,
+        duplicate: bool,
+    ) {
         let Some(c) = &mut self.conn else { return };
         if !c.up {
             return;

@@ -80,9 +80,7 @@ pub fn client_config(ca_file: Option<&Path>, client: Option<(&Path, &Path)>) -> 
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|source| TlsError::Pem { path: path.to_path_buf(), source })?;
+    let certs = CertificateDer::pem_file_iter(path).and_then(|it| it.collect::<Result<Vec<_>, _>>()).map_err(|source| TlsError::Pem { path: path.to_path_buf(), source })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate { path: path.to_path_buf() });
     }

@@ -248,7 +248,9 @@ async fn drive_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<WireEv
                             matches!(code, C::RefusedProtocolVersion | C::UnsupportedProtocolVersion | C::ProtocolError | C::MalformedPacket)
                         }
                         ConnectionError::MqttState(_) | ConnectionError::NotConnAck(_) => true,
-                        ConnectionError::Io(io) => matches!(io.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted),
+                        ConnectionError::Io(io) => {
+                            matches!(io.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted)
+                        }
                         _ => false,
                     };
                 let refused = matches!(&e, ConnectionError::ConnectionRefused(_)) && !protocol_refused;

@@ -34,7 +34,10 @@ pub enum Auth {
     #[default]
     None,
     Bearer(String),
-    Basic { username: String, password: String },
+    Basic {
+        username: String,
+        password: String,
+    },
 }
 
 impl std::fmt::Debug for Auth {
@@ -165,8 +168,7 @@ impl Client {
         let http = match &ca_bundle {
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|source| RegistryError::CaBundle { path: path.clone(), source })?;
-                let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                    .map_err(|e| RegistryError::Setup { message: format!("CA bundle {}: {e}", path.display()) })?;
+                let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| RegistryError::Setup { message: format!("CA bundle {}: {e}", path.display()) })?;
                 if certs.is_empty() {
                     return Err(RegistryError::Setup { message: format!("CA bundle {} holds no PEM certificate", path.display()) });
                 }
@@ -215,10 +217,7 @@ impl Client {
             #[serde(default)]
             model_versions: Vec<ModelVersion>,
         }
-        let a: Answer = self
-            .api_get("registered-models/get-latest-versions", &[("name", name), ("stages", stage)])
-            .await
-            .map_err(|e| not_found_as_model(e, name))?;
+        let a: Answer = self.api_get("registered-models/get-latest-versions", &[("name", name), ("stages", stage)]).await.map_err(|e| not_found_as_model(e, name))?;
         Ok(a.model_versions.into_iter().filter(|v| v.current_stage.as_deref().is_none_or(|s| s.eq_ignore_ascii_case(stage))).max_by_key(ModelVersion::number))
     }
 
@@ -265,10 +264,7 @@ impl Client {
         struct Answer {
             artifact_uri: String,
         }
-        let a: Answer = self
-            .api_get("model-versions/get-download-uri", &[("name", &mv.name), ("version", &mv.version)])
-            .await
-            .map_err(|e| not_found_as_model(e, &mv.name))?;
+        let a: Answer = self.api_get("model-versions/get-download-uri", &[("name", &mv.name), ("version", &mv.version)]).await.map_err(|e| not_found_as_model(e, &mv.name))?;
         proxy_path(&a.artifact_uri).ok_or_else(|| RegistryError::UnsupportedLocation { name: mv.name.clone(), version: mv.version.clone(), uri: a.artifact_uri.clone() })
     }
 
@@ -322,10 +318,8 @@ impl Client {
     pub async fn read_text(&self, path: &str, limit: usize) -> Result<String, RegistryError> {
         let url = self.artifact_url(path);
         let shown = url.to_string();
-        let resp = self
-            .backoff
-            .retry(|_| async { self.send(self.request(Method::GET, url.clone()).timeout(self.request_timeout)).await }, RegistryError::is_retryable, retry_log)
-            .await?;
+        let resp =
+            self.backoff.retry(|_| async { self.send(self.request(Method::GET, url.clone()).timeout(self.request_timeout)).await }, RegistryError::is_retryable, retry_log).await?;
         let body = read_bounded(resp, limit).await.map_err(|source| RegistryError::Request { url: shown.clone(), source })?;
         match body {
             Some(b) => String::from_utf8(b).map_err(|_| RegistryError::Decode { url: shown, message: "not UTF-8 text".into() }),

@@ -261,7 +261,8 @@ flavors:
     fn pyfunc_folder_is_found_and_flattened() {
         let layout = parse(PYFUNC, "m", "1").unwrap();
         assert_eq!(layout, Layout::Pyfunc { artifacts: vec![("phi3-mini-onnx".into(), "artifacts/gqa-b".into())] });
-        let tree = [f("MLmodel", 1), f("python_model.pkl", 2), f("artifacts/gqa-b/genai_config.json", 3), f("artifacts/gqa-b/model.onnx", 4), f("artifacts/gqa-b/model.onnx.data", 5)];
+        let tree =
+            [f("MLmodel", 1), f("python_model.pkl", 2), f("artifacts/gqa-b/genai_config.json", 3), f("artifacts/gqa-b/model.onnx", 4), f("artifacts/gqa-b/model.onnx.data", 5)];
         let plan = plan(&layout, &tree, None, "m", "1").unwrap();
         let locals: Vec<(&str, u64)> = plan.iter().map(|p| (p.local.as_str(), p.size)).collect();
         assert_eq!(locals, vec![("genai_config.json", 3), ("model.onnx", 4), ("model.onnx.data", 5)]);

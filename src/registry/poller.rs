@@ -278,7 +278,11 @@ impl Poller {
                     match o.change {
                         Change::Repaired { files } => status.condition = Condition::Repaired { files },
                         Change::Activated { previous: from, .. } => {
-                            status.condition = Condition::RolledBack { from: from.unwrap_or_default(), to: o.version.clone(), reason: "the active version was damaged and could not be repaired".into() };
+                            status.condition = Condition::RolledBack {
+                                from: from.unwrap_or_default(),
+                                to: o.version.clone(),
+                                reason: "the active version was damaged and could not be repaired".into(),
+                            };
                         }
                         Change::Unchanged => {}
                     }

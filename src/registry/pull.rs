@@ -276,17 +276,19 @@ impl Puller {
         self.blocking(move || store.make_room(needed, (&m, &v))).await?.map_err(cache_err("making room in the cache"))?;
         let jobs = to_fetch
             .iter()
-            .map(|p| fetch::Job { url: self.client.artifact_url(&format!("{root}/{}", p.remote)), name: p.local.clone(), size: p.size, key: fetch::job_key(&model, &version, &mv.source, &p.remote) })
+            .map(|p| fetch::Job {
+                url: self.client.artifact_url(&format!("{root}/{}", p.remote)),
+                name: p.local.clone(),
+                size: p.size,
+                key: fetch::job_key(&model, &version, &mv.source, &p.remote),
+            })
             .collect();
         let fetch_observer: fetch::Observer = {
             let o = observer.clone();
             Arc::new(move |e: &fetch::Event| o(&PullEvent::Fetch(e.clone())))
         };
-        let fetched = self
-            .downloader
-            .fetch_all(jobs, progress, fetch_observer)
-            .await
-            .map_err(|source| PullError::Fetch { model: model.clone(), version: version.clone(), source })?;
+        let fetched =
+            self.downloader.fetch_all(jobs, progress, fetch_observer).await.map_err(|source| PullError::Fetch { model: model.clone(), version: version.clone(), source })?;
         for f in &fetched {
             if let Some(expected) = known_digest(&f.name) {
                 if expected != f.sha256 {
@@ -372,7 +374,15 @@ impl Puller {
             return Ok(Some(PullOutcome { model: rec.model, version: rec.version, dir, change: Change::Unchanged }));
         }
         tracing::warn!(%model, version = %rec.version, files = ?corrupt.iter().map(|c| &c.path).collect::<Vec<_>>(), "the active version is damaged");
-        let mv = ModelVersion { name: rec.model.clone(), version: rec.version.clone(), source: rec.source.clone(), status: "READY".into(), run_id: rec.run_id.clone(), current_stage: None, aliases: Vec::new() };
+        let mv = ModelVersion {
+            name: rec.model.clone(),
+            version: rec.version.clone(),
+            source: rec.source.clone(),
+            status: "READY".into(),
+            run_id: rec.run_id.clone(),
+            current_stage: None,
+            aliases: Vec::new(),
+        };
         match self.install(&mv, observer.clone(), Arc::new(Progress::default()), false).await {
             Ok(outcome) => Ok(Some(outcome)),
             Err(e) => {
@@ -419,10 +429,12 @@ impl Puller {
     async fn activate(&self, rec: &VersionRecord, observer: &PullObserver) -> Result<PathBuf, PullError> {
         let store = self.store.clone();
         let (m, v) = (rec.model.clone(), rec.version.clone());
-        let dir = self
-            .blocking(move || store.activate(&m, &v))
-            .await?
-            .map_err(|source| PullError::Cache { step: "activating", model: rec.model.clone(), version: rec.version.clone(), source })?;
+        let dir = self.blocking(move || store.activate(&m, &v)).await?.map_err(|source| PullError::Cache {
+            step: "activating",
+            model: rec.model.clone(),
+            version: rec.version.clone(),
+            source,
+        })?;
         tracing::info!(model = %rec.model, version = %rec.version, dir = %dir.display(), "version active");
         observer(&PullEvent::Activated { version: rec.version.clone(), dir: dir.clone() });
         Ok(dir)

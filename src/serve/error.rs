@@ -150,9 +150,7 @@ impl ApiError {
     pub fn from_submit(err: SubmitError) -> Self {
         match err {
             SubmitError::Full { retry_after } => ApiError::QueueFull { retry_after },
-            SubmitError::Stopped => {
-                ApiError::NoModel { reason: "the model's engine worker has stopped; the model is being replaced", retry_after: Duration::from_secs(5) }
-            }
+            SubmitError::Stopped => ApiError::NoModel { reason: "the model's engine worker has stopped; the model is being replaced", retry_after: Duration::from_secs(5) },
         }
     }
 }
@@ -256,15 +254,10 @@ mod tests {
 
     #[test]
     fn engine_faults_are_not_leaked_to_clients() {
-        let err = ApiError::from_job(
-            JobError::Engine(EngineError::Inference { during: "decode", message: "/secret/path/model.onnx: boom".into() }),
-            "req-1",
-            "prompt",
-        );
+        let err = ApiError::from_job(JobError::Engine(EngineError::Inference { during: "decode", message: "/secret/path/model.onnx: boom".into() }), "req-1", "prompt");
         assert_eq!(err.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(!err.to_string().contains("secret"), "{err}");
-        let err =
-            ApiError::from_job(JobError::Engine(EngineError::InvalidParameter { name: "top_p", message: "2 is not in (0, 1]".into() }), "req-2", "prompt");
+        let err = ApiError::from_job(JobError::Engine(EngineError::InvalidParameter { name: "top_p", message: "2 is not in (0, 1]".into() }), "req-2", "prompt");
         assert_eq!(err.status(), StatusCode::BAD_REQUEST);
         assert_eq!(serde_json::to_value(err.body()).unwrap()["error"]["param"], "top_p");
     }

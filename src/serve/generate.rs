@@ -155,19 +155,7 @@ pub async fn generate(app: App, plan: Plan, received: Instant) -> Result<Respons
     drop(active);
     let deadline = Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(received + app.inner.limits.request_timeout)));
     let hard_stop = Box::pin(app.inner.hard_stop.clone().cancelled_owned());
-    let mut run = Run {
-        app,
-        endpoint: plan.endpoint,
-        header,
-        version,
-        events: rx,
-        deadline,
-        hard_stop,
-        received,
-        first_text: false,
-        held: None,
-        _cancel: guard,
-    };
+    let mut run = Run { app, endpoint: plan.endpoint, header, version, events: rx, deadline, hard_stop, received, first_text: false, held: None, _cancel: guard };
 
     let prompt_tokens = match run.next().await? {
         Event::Started { prompt_tokens } => prompt_tokens,
@@ -194,12 +182,7 @@ async fn collect(mut run: Run) -> Result<Response, ApiError> {
         Endpoint::Chat => serde_json::to_value(ChatCompletion {
             header: &run.header,
             object: "chat.completion",
-            choices: [ChatChoice {
-                index: 0,
-                message: AssistantMessage { role: "assistant", content: &generation.text },
-                logprobs: None,
-                finish_reason: finish,
-            }],
+            choices: [ChatChoice { index: 0, message: AssistantMessage { role: "assistant", content: &generation.text }, logprobs: None, finish_reason: finish }],
             usage,
         }),
         Endpoint::Completions => serde_json::to_value(Completion {

@@ -207,9 +207,7 @@ impl Request {
         };
         let max_tokens = match max_tokens {
             Some(0) => return Err(bad(format!("`{max_param}` must be at least 1"), max_param)),
-            Some(m) if m > max_tokens_limit as u64 => {
-                return Err(bad(format!("`{max_param}` = {m} exceeds this server's limit of {max_tokens_limit}"), max_param))
-            }
+            Some(m) if m > max_tokens_limit as u64 => return Err(bad(format!("`{max_param}` = {m} exceeds this server's limit of {max_tokens_limit}"), max_param)),
             Some(m) => Some(m as usize),
             None if endpoint == Endpoint::Completions => Some(COMPLETIONS_DEFAULT_MAX_TOKENS.min(max_tokens_limit)),
             None => None,
@@ -283,12 +281,7 @@ fn chat_messages(messages: Vec<Message>) -> Result<Vec<ChatMessage>, ApiError> {
                 "system" | "developer" => "system",
                 "user" => "user",
                 "assistant" => "assistant",
-                other => {
-                    return Err(bad(
-                        format!("messages[{i}].role: `{other}` is not supported (system, developer, user, assistant)"),
-                        &format!("messages[{i}].role"),
-                    ))
-                }
+                other => return Err(bad(format!("messages[{i}].role: `{other}` is not supported (system, developer, user, assistant)"), &format!("messages[{i}].role"))),
             };
             let content = match m.content {
                 Value::String(s) => s,
@@ -336,9 +329,7 @@ fn stops(stop: Option<Value>) -> Result<Vec<String>, ApiError> {
     let stops = match stop {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s],
-        Some(Value::Array(items)) => {
-            items.into_iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(|| bad(expected, "stop"))?
-        }
+        Some(Value::Array(items)) => items.into_iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>().ok_or_else(|| bad(expected, "stop"))?,
         Some(_) => return Err(bad(expected, "stop")),
     };
     if stops.len() > MAX_STOPS {
@@ -590,15 +581,10 @@ mod tests {
         let greedy = plan(Endpoint::Chat, r#"{"model":"x","messages":[{"role":"user","content":"hi"}]}"#).unwrap().params(&config, 512).unwrap();
         assert!(greedy.sampling.is_greedy());
         assert_eq!(greedy.max_new_tokens, 512, "unset max_tokens: up to the server limit");
-        let sampled = plan(Endpoint::Chat, r#"{"model":"x","messages":[{"role":"user","content":"hi"}],"temperature":0.7,"top_p":0.9,"seed":-1}"#)
-            .unwrap()
-            .params(&config, 512)
-            .unwrap();
+        let sampled =
+            plan(Endpoint::Chat, r#"{"model":"x","messages":[{"role":"user","content":"hi"}],"temperature":0.7,"top_p":0.9,"seed":-1}"#).unwrap().params(&config, 512).unwrap();
         assert_eq!((sampled.sampling.temperature, sampled.sampling.top_p, sampled.sampling.seed), (0.7, 0.9, Some(u64::MAX)));
-        let zero = plan(Endpoint::Chat, r#"{"model":"x","messages":[{"role":"user","content":"hi"}],"temperature":0,"seed":3}"#)
-            .unwrap()
-            .params(&config, 512)
-            .unwrap();
+        let zero = plan(Endpoint::Chat, r#"{"model":"x","messages":[{"role":"user","content":"hi"}],"temperature":0,"seed":3}"#).unwrap().params(&config, 512).unwrap();
         assert!(zero.sampling.is_greedy(), "temperature 0 is greedy whatever else is set");
         let err = plan(Endpoint::Chat, r#"{"model":"x","messages":[{"role":"user","content":"hi"}],"top_p":1.5}"#).unwrap().params(&config, 512).unwrap_err();
         assert_eq!(message(err).1.as_deref(), Some("top_p"));
@@ -607,33 +593,19 @@ mod tests {
     #[test]
     fn chunks_have_the_openai_shape() {
         let header = Header { id: "chatcmpl-1".into(), created: 1, model: "m".into(), system_fingerprint: "m@1".into() };
-        let first = serde_json::to_value(Chunk {
-            header: &header,
-            object: "chat.completion.chunk",
-            choices: vec![Endpoint::Chat.chunk_choice("", true, None)],
-            usage: Some(None),
-        })
-        .unwrap();
+        let first = serde_json::to_value(Chunk { header: &header, object: "chat.completion.chunk", choices: vec![Endpoint::Chat.chunk_choice("", true, None)], usage: Some(None) })
+            .unwrap();
         assert_eq!(first["choices"][0]["delta"], serde_json::json!({"role": "assistant", "content": ""}));
         assert_eq!(first["usage"], Value::Null);
         assert_eq!(first["id"], "chatcmpl-1");
-        let last = serde_json::to_value(Chunk {
-            header: &header,
-            object: "chat.completion.chunk",
-            choices: vec![Endpoint::Chat.chunk_choice("", false, Some("stop"))],
-            usage: None,
-        })
-        .unwrap();
+        let last =
+            serde_json::to_value(Chunk { header: &header, object: "chat.completion.chunk", choices: vec![Endpoint::Chat.chunk_choice("", false, Some("stop"))], usage: None })
+                .unwrap();
         assert_eq!(last["choices"][0]["delta"], serde_json::json!({}));
         assert_eq!(last["choices"][0]["finish_reason"], "stop");
         assert!(last.get("usage").is_none());
-        let text = serde_json::to_value(Chunk {
-            header: &header,
-            object: "text_completion",
-            choices: vec![Endpoint::Completions.chunk_choice("hi", false, None)],
-            usage: None,
-        })
-        .unwrap();
+        let text =
+            serde_json::to_value(Chunk { header: &header, object: "text_completion", choices: vec![Endpoint::Completions.chunk_choice("hi", false, None)], usage: None }).unwrap();
         assert_eq!(text["choices"][0]["text"], "hi");
     }
 }

@@ -69,8 +69,7 @@ impl Metrics {
         let time_to_first_token = reg(
             &registry,
             Histogram::with_opts(
-                HistogramOpts::new("time_to_first_token_seconds", "From a generation request's arrival to its first generated text.")
-                    .buckets(TTFT_BUCKETS.to_vec()),
+                HistogramOpts::new("time_to_first_token_seconds", "From a generation request's arrival to its first generated text.").buckets(TTFT_BUCKETS.to_vec()),
             )
             .expect("valid metric"),
         );
@@ -81,8 +80,7 @@ impl Metrics {
         let generations_cancelled = counter("generations_cancelled_total", "Generations stopped early (client gone, timeout, shutdown).");
         let active_model = reg(
             &registry,
-            IntGaugeVec::new(Opts::new("active_model_info", "1 for the model version serving new requests."), &["name", "version", "digest"])
-                .expect("valid metric"),
+            IntGaugeVec::new(Opts::new("active_model_info", "1 for the model version serving new requests."), &["name", "version", "digest"]).expect("valid metric"),
         );
         let model_swaps = counter_vec("model_activations_total", "Model activations, by result.", &["result"]);
         let models_loaded = gauge("models_loaded", "Models held in memory, including ones draining after a swap.");

@@ -1,7 +1,7 @@
 //! HTTP over the API socket with curl, and stopping child processes the way systemd does.
 
-use std::path::Path;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
@@ -80,4 +80,3 @@ pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
-

@@ -119,14 +119,22 @@ impl Certs {
             assert!(out.status.success(), "openssl failed: {}", String::from_utf8_lossy(&out.stderr));
         };
         let key = |name: &str| format!("openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out {name}.key");
-        let ca = |name: &str| format!("{}\nopenssl req -x509 -new -key {name}.key -out {name}.pem -days 2 -subj /CN={name} -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign", key(name));
+        let ca = |name: &str| {
+            format!("{}\nopenssl req -x509 -new -key {name}.key -out {name}.pem -days 2 -subj /CN={name} -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign", key(name))
+        };
         let leaf = |name: &str, cn: &str, ext: &str| {
             format!(
                 "{}\nopenssl req -new -key {name}.key -out {name}.csr -subj /CN={cn}\nprintf '{ext}\\nbasicConstraints=CA:FALSE\\nkeyUsage=critical,digitalSignature\\n' > {name}.ext\nopenssl x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out {name}.pem -days 2 -extfile {name}.ext",
                 key(name)
             )
         };
-        sh(&[ca("ca"), ca("other-ca"), leaf("server", "localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth"), leaf("client", "device-tls", "extendedKeyUsage=clientAuth")].join("\n"));
+        sh(&[
+            ca("ca"),
+            ca("other-ca"),
+            leaf("server", "localhost", "subjectAltName=IP:127.0.0.1,DNS:localhost\\nextendedKeyUsage=serverAuth"),
+            leaf("client", "device-tls", "extendedKeyUsage=clientAuth"),
+        ]
+        .join("\n"));
         Certs { dir }
     }
 
@@ -288,9 +296,11 @@ impl Proxy {
                     let mut head = Vec::new();
                     let mut byte = [0u8; 1];
                     let mut read = |n: usize, head: &mut Vec<u8>| -> bool {
-                        (0..n).all(|_| client.read_exact(&mut byte).is_ok() && {
-                            head.push(byte[0]);
-                            true
+                        (0..n).all(|_| {
+                            client.read_exact(&mut byte).is_ok() && {
+                                head.push(byte[0]);
+                                true
+                            }
                         })
                     };
                     if !read(1, &mut head) {
