@@ -2,6 +2,7 @@
 //! plain, TLS and mutual TLS with certificates made by openssl), observed and driven with
 //! `mosquitto_sub`/`mosquitto_pub`.
 
+mod common;
 #[path = "fleet/support.rs"]
 mod support;
 
@@ -707,6 +708,160 @@ async fn drift_flags_a_shifted_prompt_distribution_and_stays_quiet_on_an_unshift
     assert!(p["alert"] == true && p["psi"].as_f64().unwrap() >= 0.25, "{p}");
     assert!(reports[1]["divergence"]["prompt_tokens"]["psi"].as_f64().unwrap() < 0.25);
     running.stop().await;
+}
+
+/// Chat questions for the trained-model drift test: English ones make the baseline and the
+/// unshifted window, French ones of the same shape and length the shifted window.
+const EN_TEMPLATES: [&str; 12] = [
+    "What is {}?",
+    "Can you explain {} in simple terms?",
+    "Why is {} important?",
+    "Tell me an interesting fact about {}.",
+    "How does {} work?",
+    "What should a beginner know about {}?",
+    "Describe {} in two sentences.",
+    "What are the main uses of {}?",
+    "Give me a quick overview of {}.",
+    "What do people often get wrong about {}?",
+    "Where can I learn more about {}?",
+    "What is the history of {}?",
+];
+const EN_TOPICS: &str = "the ocean, photosynthesis, the moon, volcanoes, electricity, honey bees, the internet, rain, music, gravity, chess, coffee, the human heart, recycling, a rainbow, the weather, bicycles, bread, the desert, glaciers, the piano, tea, earthquakes, the sun, solar panels, the printing press, vaccines, trains, forests, batteries";
+const FR_TEMPLATES: [&str; 12] = [
+    "Qu'est-ce que {} ?",
+    "Peux-tu expliquer {} simplement ?",
+    "Dis-moi un fait intéressant sur {}.",
+    "Comment fonctionne {} ?",
+    "Que doit savoir un débutant sur {} ?",
+    "Décris {} en deux phrases.",
+    "Donne-moi un aperçu rapide sur {}.",
+    "Quelles idées reçues existe-t-il sur {} ?",
+    "Où puis-je en apprendre plus sur {} ?",
+    "Que sais-tu sur {} ?",
+    "Explique-moi {} comme à un enfant.",
+    "Quels sont les points essentiels sur {} ?",
+];
+const FR_TOPICS: &str = "l'océan, la photosynthèse, la lune, les volcans, l'électricité, les abeilles, internet, la pluie, la musique, la gravité, les échecs, le café, le cœur humain, le recyclage, l'arc-en-ciel, la météo, le vélo, le pain, le désert, les glaciers, le piano, le thé, les séismes, le soleil, les panneaux solaires, l'imprimerie, les vaccins, les trains, les forêts, les batteries";
+
+/// Every template × topic (`topics` separated by ", "), shuffled.
+fn questions(templates: &[&str], topics: &str, rng: &mut fastrand::Rng) -> Vec<String> {
+    let mut all: Vec<String> = templates.iter().flat_map(|t| topics.split(", ").map(move |w| t.replace("{}", w))).collect();
+    rng.shuffle(&mut all);
+    all
+}
+
+/// The SmolLM2 folder of `make smollm2` (or `SMOLLM2_DIR`), as tests/smollm2.rs finds it.
+fn smollm2_dir() -> std::path::PathBuf {
+    let dir = std::env::var_os("SMOLLM2_DIR").filter(|d| !d.is_empty()).map_or_else(|| common::repo().join(".models/smollm2-135m-instruct"), std::path::PathBuf::from);
+    assert!(
+        dir.join("genai_config.json").is_file(),
+        "{} has no genai_config.json: run `make smollm2` (exports SmolLM2-135M-Instruct there), or point SMOLLM2_DIR at an exported folder",
+        dir.display()
+    );
+    dir
+}
+
+/// Every feature's divergence in a drift report, one line each.
+fn divergence_table(report: &Value) -> String {
+    let mut lines = Vec::new();
+    if let Some(features) = report["divergence"].as_object() {
+        for (name, d) in features {
+            lines.push(format!(
+                "  {name:<20} psi {:>7.4}  js {:>6.4}  n {:>4}  alert {}",
+                d["psi"].as_f64().unwrap_or(f64::NAN),
+                d["js"].as_f64().unwrap_or(f64::NAN),
+                d["n"],
+                d["alert"]
+            ));
+        }
+    }
+    lines.join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_on_the_trained_model_flags_a_language_shift_and_not_an_unshifted_stream() {
+    use edgeflow::engine::{ChatMessage, GenerateParams, Model};
+    use edgeflow::telemetry::drift::Feature;
+
+    let dir = smollm2_dir();
+    let started = std::time::Instant::now();
+    let (baseline, unshifted, shifted) = blocking(move || {
+        let mut model = Model::load(&dir, &common::load_options()).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
+        let mut rng = fastrand::Rng::with_seed(17);
+        // 360 English questions split about 4:3 between the baseline and the unshifted
+        // window, so both come from one generator but never share a question; 100 French
+        // ones. All three are interleaved, so they share the machine's load (latency and
+        // time to first token are drift features too).
+        let english = questions(&EN_TEMPLATES, EN_TOPICS, &mut rng);
+        let mut french = questions(&FR_TEMPLATES, FR_TOPICS, &mut rng);
+        french.truncate(100);
+        let mut observe = |question: &str| {
+            let ids = model.encode_chat(&[ChatMessage { role: "user".into(), content: question.into() }]).expect("encode_chat");
+            // A few greedy tokens: the start of the answer is where the model shows how sure it is.
+            let params = GenerateParams { max_new_tokens: 3, collect_stats: true, ..GenerateParams::default() };
+            let g = model.generate(&ids, &params, &std::sync::atomic::AtomicBool::new(false), |_| std::ops::ControlFlow::Continue(())).expect("generate");
+            Observation::from_generation(&g, true, None)
+        };
+        let (mut baseline, mut unshifted, mut shifted) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, q) in english.iter().enumerate() {
+            let o = observe(q);
+            if i % 7 < 4 {
+                baseline.push(o);
+            } else {
+                unshifted.push(o);
+            }
+            while shifted.len() * english.len() < (i + 1) * french.len() {
+                shifted.push(observe(&french[shifted.len()]));
+            }
+        }
+        (baseline, unshifted, shifted)
+    })
+    .await;
+    let generation_time = started.elapsed();
+    let mean = |batch: &[Observation], f: fn(&Observation) -> Option<f64>| batch.iter().filter_map(f).sum::<f64>() / batch.len() as f64;
+    println!("{} English (baseline), {} English (unshifted), {} French generations in {:.1} s", baseline.len(), unshifted.len(), shifted.len(), generation_time.as_secs_f64());
+    for (name, batch) in [("baseline", &baseline), ("unshifted", &unshifted), ("shifted", &shifted)] {
+        println!(
+            "  {name:<9} mean prompt tokens {:>5.1}  mean logprob {:>6.3}  mean entropy {:>5.3} nats  byte-fallback share {:.3}",
+            mean(batch, |o| Some(o.prompt_tokens as f64)),
+            mean(batch, |o| o.mean_logprob),
+            mean(batch, |o| o.mean_entropy),
+            mean(batch, |o| o.byte_fallback_share)
+        );
+    }
+    assert!(baseline.iter().chain(&shifted).all(|o| o.mean_logprob.is_some() && o.mean_entropy.is_some()), "the engine's statistics are recorded");
+
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/dev-smol/drift"])).await);
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, _log) = handler();
+    let recorder = Recorder::new();
+    let running =
+        spawn(settings(&broker.url(), "dev-smol", spool.path(), "drift_interval = \"1s\"\ndrift_min_samples = 100\nreport_interval = \"1h\""), bus, Some(recorder.clone()));
+    let mut reports = Vec::new();
+    for (i, batch) in [&baseline, &unshifted, &shifted].into_iter().enumerate() {
+        for o in batch {
+            recorder.observe("smollm2-135m-instruct", "1", o);
+        }
+        let s2 = sub.clone();
+        let msg = blocking(move || s2.wait_count(|m| m.json()["n"].as_u64().unwrap_or(0) > 0, i + 1, WAIT)).await;
+        assert!(msg.len() > i, "drift report {i} arrives");
+        reports.push(msg[i].json());
+    }
+    running.stop().await;
+    let (same, french) = (divergence_table(&reports[1]), divergence_table(&reports[2]));
+    println!("unshifted English window vs the English baseline (alert {}):\n{same}", reports[1]["alert"]);
+    println!("French window vs the English baseline (alert {}):\n{french}", reports[2]["alert"]);
+
+    assert_eq!(reports[0]["baseline"]["established"], true, "{}", reports[0]);
+    assert_eq!(reports[1]["alert"], false, "questions from the same generator:\n{same}");
+    assert_eq!(reports[2]["alert"], true, "French questions:\n{french}");
+    // The alert comes from how the model answers, not from the shape of the requests: the
+    // French questions were written to be as long as the English ones.
+    let model_alert = [Feature::MeanLogprob, Feature::MeanEntropy, Feature::ByteFallbackShare].iter().filter(|f| reports[2]["divergence"][f.name()]["alert"] == true).count();
+    assert!(model_alert >= 1, "no statistic of the model's own alerts:\n{french}");
+    assert_eq!(reports[2]["divergence"]["prompt_tokens"]["alert"], false, "prompt lengths were meant to match:\n{french}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
