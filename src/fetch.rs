@@ -9,7 +9,9 @@
 //! there is then no hash state to persist or trust).
 //!
 //! The size must match the registry's listing exactly. Files download a few at a time
-//! (`parallel_downloads`), optionally under a shared bandwidth cap.
+//! (`parallel_downloads`), optionally under a shared bandwidth cap. The HTTP requests go
+//! through a [`Source`] (the registry's client implements it), so this module knows nothing
+//! of MLflow.
 
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -25,7 +28,6 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::registry::{Client, RegistryError};
 
 /// Batches queued between the network and the writer thread.
 const WRITE_QUEUE: usize = 16;
@@ -36,6 +38,46 @@ const WRITE_BUFFER: usize = 1 << 20;
 /// Writeback of this many new bytes is started while downloading, so the fsync before the
 /// file is published has little left to do.
 const WRITEBACK_STEP: u64 = 64 << 20;
+
+/// Where the bytes come from: one ranged GET, and an answer that is not 200/206/416 turned
+/// into an error. The registry's client implements it with its auth, TLS and timeouts.
+pub trait Source: Send + Sync {
+    /// Starts a GET of `url` at byte `from`; `if_range` (an ETag or Last-Modified value from
+    /// an earlier answer) asks for the whole file if it changed since. Status handling is the
+    /// caller's.
+    fn get<'a>(&'a self, url: &'a Url, from: u64, if_range: Option<&'a str>) -> BoxFuture<'a, Result<reqwest::Response, SourceError>>;
+    /// Reads an unexpected answer (status, error body) into an error.
+    fn error_for(&self, resp: reqwest::Response) -> BoxFuture<'static, SourceError>;
+}
+
+/// A [`Source`]'s error, with what the downloader and its callers must know about it; shows
+/// (and chains) as the error it wraps.
+#[derive(Debug)]
+pub struct SourceError {
+    inner: Box<dyn std::error::Error + Send + Sync>,
+    /// Worth another attempt (a timeout, a 5xx, a reset).
+    pub retryable: bool,
+    /// The server could not be reached at all.
+    pub unreachable: bool,
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl std::error::Error for SourceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner.source()
+    }
+}
+
+impl SourceError {
+    pub fn new(inner: impl std::error::Error + Send + Sync + 'static, retryable: bool, unreachable: bool) -> Self {
+        Self { inner: Box::new(inner), retryable, unreachable }
+    }
+}
 
 /// One file to download.
 #[derive(Debug, Clone)]
@@ -82,10 +124,10 @@ pub struct Progress {
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     #[error("downloading {name}")]
-    Registry {
+    Source {
         name: String,
         #[source]
-        source: RegistryError,
+        source: SourceError,
     },
     #[error("downloading {name}: the connection broke after {at} of {size} bytes")]
     Body {
@@ -114,7 +156,7 @@ pub enum FetchError {
 impl FetchError {
     pub fn is_retryable(&self) -> bool {
         match self {
-            FetchError::Registry { source, .. } => source.is_retryable(),
+            FetchError::Source { source, .. } => source.retryable,
             FetchError::Body { .. } | FetchError::Truncated { .. } | FetchError::RangeRefused { .. } => true,
             FetchError::SizeMismatch { .. } | FetchError::Io { .. } | FetchError::WriterGone { .. } => false,
         }
@@ -179,7 +221,7 @@ impl RateLimiter {
 /// Downloads files into one temp folder.
 #[derive(Clone)]
 pub struct Downloader {
-    client: Client,
+    source: Arc<dyn Source>,
     tmp: PathBuf,
     parallel: usize,
     backoff: Backoff,
@@ -187,9 +229,9 @@ pub struct Downloader {
 }
 
 impl Downloader {
-    pub fn new(client: Client, tmp: PathBuf, parallel: usize, bandwidth_limit: Option<u64>) -> Downloader {
-        let backoff = client.backoff();
-        Downloader { client, tmp, parallel: parallel.max(1), backoff, limiter: bandwidth_limit.map(|b| Arc::new(RateLimiter::new(b))) }
+    /// Downloads from `source` into `tmp`, `parallel` files at a time, retrying with `backoff`.
+    pub fn new(source: Arc<dyn Source>, backoff: Backoff, tmp: PathBuf, parallel: usize, bandwidth_limit: Option<u64>) -> Downloader {
+        Downloader { source, tmp, parallel: parallel.max(1), backoff, limiter: bandwidth_limit.map(|b| Arc::new(RateLimiter::new(b))) }
     }
 
     /// Downloads every job, `parallel` at a time; stops at the first error that retries
@@ -251,8 +293,8 @@ impl Downloader {
                         retry = 0;
                     }
                     let delay = self.backoff.delay(retry);
-                    tracing::warn!(file = %job.name, at = have, error = %crate::registry::chain(&e), ?delay, "download interrupted; resuming");
-                    observer(&Event::Retrying { name: job.name.clone(), error: crate::registry::chain(&e), delay, at: have });
+                    tracing::warn!(file = %job.name, at = have, error = %crate::util::chain(&e), ?delay, "download interrupted; resuming");
+                    observer(&Event::Retrying { name: job.name.clone(), error: crate::util::chain(&e), delay, at: have });
                     tokio::time::sleep(delay).await;
                     retry += 1;
                 }
@@ -282,8 +324,8 @@ impl Downloader {
         validator: &mut Option<String>,
         progress: &Progress,
     ) -> Result<(), FetchError> {
-        let reg = |source| FetchError::Registry { name: job.name.clone(), source };
-        let mut resp = self.client.download(&job.url, *have, validator.as_deref()).await.map_err(reg)?;
+        let reg = |source| FetchError::Source { name: job.name.clone(), source };
+        let mut resp = self.source.get(&job.url, *have, validator.as_deref()).await.map_err(reg)?;
         let status = resp.status();
         let mut truncate = false;
         match status {
@@ -299,7 +341,7 @@ impl Downloader {
                 reset(part, hasher, have, progress)?;
                 return Err(FetchError::RangeRefused { name: job.name.clone(), from: *have });
             }
-            _ => return Err(reg(Client::error_for(resp).await)),
+            _ => return Err(reg(self.source.error_for(resp).await)),
         }
         if truncate {
             reset(part, hasher, have, progress)?;
@@ -327,7 +369,23 @@ impl Downloader {
         let path = part.to_path_buf();
         let base = *have;
         let writer = tokio::task::spawn_blocking(move || write_loop(file, base, taken, rx, &path));
-        let mut received = *have;
+        let stream_result = self.receive(job, &mut resp, &tx, base, progress).await;
+        drop(tx);
+        let (back, written) = writer.await.map_err(|_| FetchError::WriterGone { name: job.name.clone() })??;
+        *hasher = back;
+        *have += written;
+        stream_result?;
+        if *have < job.size {
+            return Err(FetchError::Truncated { name: job.name.clone(), at: *have, size: job.size });
+        }
+        Ok(())
+    }
+
+    /// Streams the body of `resp` (which starts at byte `from`) to the writer in batches,
+    /// under the bandwidth cap, counting progress. What arrived before a failure is handed
+    /// over too: the next attempt resumes after it.
+    async fn receive(&self, job: &Job, resp: &mut reqwest::Response, tx: &mpsc::Sender<Vec<Bytes>>, from: u64, progress: &Progress) -> Result<(), FetchError> {
+        let mut received = from;
         let mut stream_result = Ok(());
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batch_bytes = 0usize;
@@ -363,15 +421,7 @@ impl Downloader {
         if !batch.is_empty() && tx.send(batch).await.is_ok() {
             progress.done.fetch_add(batch_bytes as u64, Ordering::Relaxed);
         }
-        drop(tx);
-        let (back, written) = writer.await.map_err(|_| FetchError::WriterGone { name: job.name.clone() })??;
-        *hasher = back;
-        *have += written;
-        stream_result?;
-        if *have < job.size {
-            return Err(FetchError::Truncated { name: job.name.clone(), at: *have, size: job.size });
-        }
-        Ok(())
+        stream_result
     }
 }
 

@@ -1,19 +1,23 @@
 //! edgeflow: a self-updating, fleet-managed LLM endpoint for Linux edge devices.
 //!
 //! The data flows registry → fetch → cache → engine → serve, with fleet reporting beside it.
-//! This crate is the library; `main.rs` is a thin CLI over it.
+//! This crate is the library; `cli` is the command line over it and `main.rs` only calls `cli::main`.
 
 pub mod active;
 pub mod app;
 pub mod backoff;
 pub mod cache;
+pub mod cli;
 pub mod command;
 pub mod config;
 pub mod engine;
 pub mod fetch;
 pub mod fleet;
+pub mod lifecycle;
 pub mod notify;
+pub mod pipeline;
 pub mod registry;
 pub mod serve;
 pub mod status;
 pub mod telemetry;
+pub mod util;

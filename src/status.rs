@@ -1,10 +1,9 @@
 //! The daemon's status, published on a `tokio::sync::watch`: the one source the fleet link's
-//! health reports (and, later, `edgeflow status`) read. The task that owns each piece (the
+//! health reports, the `/status` document (`edgeflow status`) and systemd's STATUS= read. The task that owns each piece (the
 //! registry poller, the model manager) updates its part with [`Publisher::update`]; readers
 //! take a snapshot whenever they report, so nothing here is ever waited on.
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -27,7 +26,7 @@ pub struct Status {
 
 impl Default for Status {
     fn default() -> Self {
-        Status { started_at: unix_now(), model: None, registry: None, pinned: None, load_failure: None }
+        Status { started_at: crate::util::unix_now(), model: None, registry: None, pinned: None, load_failure: None }
     }
 }
 
@@ -70,9 +69,9 @@ pub struct PollStatus {
     pub polls: u64,
 }
 
-impl From<&crate::registry::Status> for PollStatus {
-    fn from(s: &crate::registry::Status) -> Self {
-        use crate::registry::Condition as C;
+impl From<&crate::pipeline::Status> for PollStatus {
+    fn from(s: &crate::pipeline::Status) -> Self {
+        use crate::pipeline::Condition as C;
         let (outcome, detail) = match &s.condition {
             C::Starting => ("starting", None),
             C::UpToDate => ("up_to_date", None),
@@ -112,14 +111,10 @@ pub fn channel() -> (Publisher, watch::Receiver<Status>) {
     (Publisher { tx: std::sync::Arc::new(tx) }, rx)
 }
 
-pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{Condition, Status as RegistryStatus};
+    use crate::pipeline::{Condition, Status as RegistryStatus};
 
     #[test]
     fn poll_outcomes_are_named_for_reports() {

@@ -4,11 +4,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-fn edgeflow() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
-    c.env("ORT_DYLIB_PATH", common::ort_lib()).env_remove("EDGEFLOW_LOG");
-    c
-}
+use common::edgeflow;
 
 fn tiny() -> String {
     common::fixture_model("phi3-tiny-gqa").display().to_string()
@@ -147,9 +143,8 @@ fn missing_runtime_names_every_place_searched() {
 #[test]
 fn the_built_binary_finds_the_source_trees_runtime_unaided() {
     // No flag, no ORT_DYLIB_PATH: target/release/edgeflow finds .ort/<arch>/ (make build).
-    let out = Command::new(env!("CARGO_BIN_EXE_edgeflow"))
+    let out = edgeflow()
         .env_remove("ORT_DYLIB_PATH")
-        .env_remove("EDGEFLOW_LOG")
         .args(["generate", "--model-dir", &tiny(), "--prompt", "Hello", "--max-tokens", "4", "--greedy", "--ignore-eos", "--json"])
         .output()
         .unwrap();

@@ -3,9 +3,6 @@
 //! `NOTIFY_SOCKET` standing in for systemd.
 
 mod common;
-#[path = "fleet/support.rs"]
-mod fleet_support;
-mod registry_support;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
@@ -15,8 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::http::{curl, curl_post, terminate};
-use fleet_support::{publish, Mosquitto, Sub};
-use registry_support::Mlflow;
+use common::mlflow::Mlflow;
+use common::mqtt::{publish, Mosquitto, Sub};
+use common::{edgeflow, free_port};
 use serde_json::{json, Value};
 
 const MODEL: &str = "phi-3";
@@ -73,14 +71,9 @@ impl Daemon {
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = dir.join(format!("daemon-{}.log", fastrand::u32(..)));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
-        cmd.args(["--log", "info,edgeflow=debug", "run", "--config"])
-            .arg(&config_path)
-            .env("ORT_DYLIB_PATH", common::ort_lib())
-            .env("NO_COLOR", "1")
-            .env_remove("NOTIFY_SOCKET")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+        // No NOTIFY_SOCKET unless `notify` (edgeflow() clears the one the tests may run under).
+        let mut cmd = edgeflow();
+        cmd.args(["--log", "info,edgeflow=debug", "run", "--config"]).arg(&config_path).env("NO_COLOR", "1").stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap());
         if let Some(n) = notify {
             cmd.env("NOTIFY_SOCKET", &n.path).env("WATCHDOG_USEC", "1000000");
         }
@@ -258,7 +251,7 @@ fn a_restart_with_the_registry_down_serves_from_the_cache() {
         assert!(daemon.stop().success(), "{}", daemon.log());
     } // the MLflow server is gone from here on
 
-    let url = format!("http://127.0.0.1:{}", registry_support::free_port());
+    let url = format!("http://127.0.0.1:{}", free_port());
     let notify = Notifications::listen();
     let mut daemon = Daemon::start(dir.path(), &config(&url, dir.path(), ""), Some(&notify));
     let ready = notify.wait(|m| m.starts_with("READY=1"), "READY=1 with the registry down");
@@ -268,7 +261,7 @@ fn a_restart_with_the_registry_down_serves_from_the_cache() {
     let s = daemon.wait_status(|s| s["registry"]["outcome"] == "unreachable", "registry unreachable");
     assert_eq!(s["serving"]["version"], "1");
     // `edgeflow status` reads the same over the socket.
-    let out = Command::new(env!("CARGO_BIN_EXE_edgeflow")).args(["status", "--socket"]).arg(&daemon.socket).output().unwrap();
+    let out = edgeflow().args(["status", "--socket"]).arg(&daemon.socket).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("phi-3@1") && text.contains("unreachable"), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(daemon.stop().success());
@@ -293,7 +286,7 @@ broker = "ftp://broker"
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, bad).unwrap();
     for sub in ["run", "check-config"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_edgeflow")).args([sub, "--config"]).arg(&path).env("NO_COLOR", "1").output().unwrap();
+        let out = edgeflow().args([sub, "--config"]).arg(&path).env("NO_COLOR", "1").output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{sub}: {err}");
         for key in [
@@ -311,17 +304,17 @@ broker = "ftp://broker"
     }
     // A key that does not exist, and a file that does not parse, are usage errors too.
     std::fs::write(&path, "[registry]\nmodle = \"x\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_edgeflow")).args(["run", "--config"]).arg(&path).output().unwrap();
+    let out = edgeflow().args(["run", "--config"]).arg(&path).output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("modle"));
-    let out = Command::new(env!("CARGO_BIN_EXE_edgeflow")).args(["run", "--config"]).arg(dir.path().join("missing.toml")).output().unwrap();
+    let out = edgeflow().args(["run", "--config"]).arg(dir.path().join("missing.toml")).output().unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
     // The shipped example, completed with the two keys it leaves to the user, is valid.
     let example = std::fs::read_to_string(common::repo().join("config.example.toml")).unwrap();
     let filled =
         example.replace("# url = \"https://mlflow.example.internal\"", "url = \"https://mlflow.example.internal\"").replace("# model = \"phi3-mini\"", "model = \"phi3-mini\"");
     std::fs::write(&path, filled).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_edgeflow")).args(["check-config", "--config"]).arg(&path).output().unwrap();
+    let out = edgeflow().args(["check-config", "--config"]).arg(&path).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 

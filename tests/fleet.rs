@@ -3,18 +3,17 @@
 //! `mosquitto_sub`/`mosquitto_pub`.
 
 mod common;
-#[path = "fleet/support.rs"]
-mod support;
 
-use std::process::{Command as Process, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::free_port;
+use common::mqtt::{assert_schema, publish, publish_v5_command, settings, Certs, Mosquitto, Proxy, Sub};
 use edgeflow::command::{Bus, Command, Origin};
 use edgeflow::fleet::{Event, Link, LinkHandle, LinkState};
 use edgeflow::telemetry::drift::{Observation, Recorder};
 use serde_json::{json, Value};
-use support::{assert_schema, publish, publish_v5_command, settings, Certs, Mosquitto, Proxy, Sub};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -170,7 +169,7 @@ async fn birth_then_last_will_when_the_agent_is_killed_and_goodbye_on_a_clean_st
         format!("[fleet]\nbroker = \"{}\"\ndevice_id = \"killed\"\nkeep_alive = \"5s\"\nspool_dir = \"{}\"\n", broker.url(), spool.path().join("spool").display()),
     )
     .unwrap();
-    let mut agent = Process::new(env!("CARGO_BIN_EXE_edgeflow")).args(["fleet", "run", "--config"]).arg(&config).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut agent = common::edgeflow().args(["fleet", "run", "--config"]).arg(&config).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let s2 = sub.clone();
     let online = blocking(move || s2.wait(|m| m.topic == "edgeflow/killed/status" && m.payload.contains("\"online\""), WAIT)).await;
     let online = online.expect("the birth message arrives").json();
@@ -439,7 +438,7 @@ async fn signed_unsigned_expired_and_replayed_commands() {
     let running = spawn(settings(&broker.url(), "dev-s", spool.path(), &extra), bus, None);
     wait_state(&running.handle, "connected", |s| s.connected).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let now = edgeflow::status::unix_now();
+    let now = edgeflow::util::unix_now();
     let body = |id: &str, issued: u64, ttl: u64| json!({"request_id": id, "args": {}, "issued_at": issued, "expires_at": issued + ttl});
 
     // Signed and fresh: runs.
@@ -512,7 +511,7 @@ async fn mqtt_3_1_1_replies_on_the_reply_topic_and_auto_falls_back_to_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_loses_nothing_and_replays_in_order() {
-    let port = support::free_port();
+    let port = free_port();
     let mut broker = Mosquitto::start_on(port, &format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {{dir}}/\n"));
     // A persistent subscriber session: it survives the broker's restart.
     let sub = Arc::new(blocking(move || Sub::start_with(port, &["edgeflow/dev-o/events", "edgeflow/dev-o/health"], &["-c", "-i", "outage-watcher"])).await);
@@ -570,7 +569,7 @@ async fn a_broker_outage_loses_nothing_and_replays_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_spool_cap_drops_the_oldest_and_says_how_many() {
-    let port = support::free_port();
+    let port = free_port();
     let spool = tempfile::tempdir().unwrap();
     let (bus, _log) = handler();
     // No broker yet: everything waits in a 64 KiB spool.
@@ -608,7 +607,7 @@ async fn the_spool_cap_drops_the_oldest_and_says_how_many() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_mutual_tls_connect_and_a_wrong_ca_is_refused() {
     let certs = Certs::make();
-    let (tls_port, mtls_port) = (support::free_port(), support::free_port());
+    let (tls_port, mtls_port) = (free_port(), free_port());
     let tls = Mosquitto::start_on(tls_port, &certs.listener(tls_port, false));
     let mtls = Mosquitto::start_on(mtls_port, &certs.listener(mtls_port, true));
     let ca = certs.path("ca.pem");
@@ -651,11 +650,8 @@ async fn tls_and_mutual_tls_connect_and_a_wrong_ca_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_flags_a_shifted_prompt_distribution_and_stays_quiet_on_an_unshifted_one() {
     // Real generations from the bundled tiny model, with the engine's per-step statistics.
-    let model_dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/phi3-tiny-gqa");
-    let ort = match std::env::var_os("ORT_DYLIB_PATH") {
-        Some(p) if !p.is_empty() => std::path::PathBuf::from(p),
-        _ => std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".ort").join(std::env::consts::ARCH).join("libonnxruntime.so"),
-    };
+    let model_dir = common::fixture_model("phi3-tiny-gqa");
+    let ort = common::ort_lib();
     let batches = blocking(move || {
         let options = edgeflow::engine::LoadOptions { threads: Some(1), ort_lib: Some(ort), memory: None };
         let mut model = edgeflow::engine::Model::load(&model_dir, &options).expect("the tiny model loads");
@@ -750,17 +746,6 @@ fn questions(templates: &[&str], topics: &str, rng: &mut fastrand::Rng) -> Vec<S
     all
 }
 
-/// The SmolLM2 folder of `make smollm2` (or `SMOLLM2_DIR`), as tests/smollm2.rs finds it.
-fn smollm2_dir() -> std::path::PathBuf {
-    let dir = std::env::var_os("SMOLLM2_DIR").filter(|d| !d.is_empty()).map_or_else(|| common::repo().join(".models/smollm2-135m-instruct"), std::path::PathBuf::from);
-    assert!(
-        dir.join("genai_config.json").is_file(),
-        "{} has no genai_config.json: run `make smollm2` (exports SmolLM2-135M-Instruct there), or point SMOLLM2_DIR at an exported folder",
-        dir.display()
-    );
-    dir
-}
-
 /// Every feature's divergence in a drift report, one line each.
 fn divergence_table(report: &Value) -> String {
     let mut lines = Vec::new();
@@ -783,7 +768,7 @@ async fn drift_on_the_trained_model_flags_a_language_shift_and_not_an_unshifted_
     use edgeflow::engine::{ChatMessage, GenerateParams, Model};
     use edgeflow::telemetry::drift::Feature;
 
-    let dir = smollm2_dir();
+    let dir = common::smollm2_dir();
     let started = std::time::Instant::now();
     let (baseline, unshifted, shifted) = blocking(move || {
         let mut model = Model::load(&dir, &common::load_options()).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
@@ -927,7 +912,7 @@ fn populated_status() -> (edgeflow::status::Publisher, watch::Receiver<edgeflow:
 #[ignore = "benchmark"]
 async fn bench_spool_replay_rate() {
     const N: usize = 5000;
-    let port = support::free_port();
+    let port = free_port();
     let spool = tempfile::tempdir().unwrap();
     let (bus, _log) = handler();
     let running = spawn(settings(&format!("mqtt://127.0.0.1:{port}"), "dev-replay", spool.path(), "spool_max_bytes = \"16MiB\"\nreport_interval = \"1h\""), bus, None);

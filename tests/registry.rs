@@ -1,21 +1,21 @@
 //! Registry pull and model cache against a real `mlflow server` (one per test binary; each
 //! test has its own registered model names and cache folder). Faults a real server cannot
-//! produce on demand go through the loopback fault proxy in `registry_support`.
+//! produce on demand go through the loopback fault proxy in `common::mlflow`.
 
 mod common;
-mod registry_support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use common::mlflow::{digests, Action, Mlflow, Proxy};
+use common::{edgeflow, free_port};
 use edgeflow::cache::{State, Store};
 use edgeflow::config::{Config, RegistrySettings, Target};
 use edgeflow::fetch::Progress;
-use edgeflow::registry::pull::{Change, PullObserver};
-use edgeflow::registry::{Auth, Client, Condition, Poller, PullError, Puller, RegistryError};
-use registry_support::{digests, free_port, Action, Mlflow, Proxy};
+use edgeflow::pipeline::pull::{Change, PullObserver};
+use edgeflow::pipeline::{Condition, Poller, PullError, Puller};
+use edgeflow::registry::{Auth, Client, RegistryError};
 use tokio_util::sync::CancellationToken;
 
 fn server() -> &'static Mlflow {
@@ -80,7 +80,7 @@ fn greedy_ids(dir: &Path) -> Vec<u32> {
 type Spec<'a> = (&'a str, &'a Path, &'a str, Option<&'a str>, Option<&'a str>);
 
 /// Logs several models at once (each python start costs seconds).
-fn log_all(specs: &[Spec]) -> Vec<registry_support::Logged> {
+fn log_all(specs: &[Spec]) -> Vec<common::mlflow::Logged> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = specs.iter().map(|(n, d, f, s, a)| scope.spawn(move || server().log_model(n, d, f, *s, *a))).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -112,7 +112,7 @@ async fn initial_pull_in_stage_and_alias_mode_for_both_flavors() {
         ("first-stage-onnx", stage("Production"), "onnx"),
         ("first-alias-onnx", alias("champion"), "onnx"),
     ] {
-        let o = p.pull(model, &target, quiet(), progress(), false).await.unwrap_or_else(|e| panic!("{model}: {}", edgeflow::registry::chain(&e)));
+        let o = p.pull(model, &target, quiet(), progress(), false).await.unwrap_or_else(|e| panic!("{model}: {}", edgeflow::util::chain(&e)));
         assert_eq!(o.version, "1");
         assert_eq!(o.change, Change::Activated { previous: None, downloaded: true }, "{model}");
         let got = digests(&o.dir);
@@ -186,7 +186,7 @@ async fn the_poller_follows_the_stage_and_keeps_serving_when_it_empties_or_the_m
     let jitter = edgeflow::backoff::Jitter { interval: Duration::from_millis(300), jitter: 0.2, phase: 0.5 };
     let cancel = CancellationToken::new();
     let (task, mut rx) = Poller::new(p.clone(), name.into(), stage("Production"), jitter).spawn(cancel.clone());
-    let wait = |rx: &mut tokio::sync::watch::Receiver<edgeflow::registry::Status>, what: &'static str, f: fn(&edgeflow::registry::Status) -> bool| {
+    let wait = |rx: &mut tokio::sync::watch::Receiver<edgeflow::pipeline::Status>, what: &'static str, f: fn(&edgeflow::pipeline::Status) -> bool| {
         let mut rx = rx.clone();
         async move { tokio::time::timeout(Duration::from_secs(60), rx.wait_for(f)).await.unwrap_or_else(|_| panic!("poller never reached: {what}")).unwrap().clone() }
     };
@@ -238,7 +238,7 @@ async fn a_version_that_fails_its_smoke_test_is_marked_bad_and_the_old_one_keeps
     let v1 = p.pull(name, &alias("champion"), quiet(), progress(), false).await.unwrap();
     s.set_alias(name, "champion", "2").await;
     let err = p.pull(name, &alias("champion"), quiet(), progress(), false).await.unwrap_err();
-    let PullError::Rejected { version, reason, .. } = &err else { panic!("{}", edgeflow::registry::chain(&err)) };
+    let PullError::Rejected { version, reason, .. } = &err else { panic!("{}", edgeflow::util::chain(&err)) };
     assert_eq!(version, "2");
     assert!(reason.contains("non-finite logits"), "{reason}");
     let (active, dir) = p.store().active(name).unwrap().unwrap();
@@ -270,18 +270,6 @@ async fn a_dropped_connection_resumes_from_the_byte_it_reached() {
     let ranges: Vec<Option<String>> = proxy.seen().into_iter().filter(|r| r.path.ends_with(".onnx.data")).map(|r| r.range).collect();
     assert_eq!(ranges, vec![None, Some(format!("bytes={CUT}-"))]);
     assert!(events.lock().unwrap().iter().any(|e| e.contains("Retrying") && e.contains(&format!("at: {CUT}"))));
-}
-
-fn edgeflow() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
-    c.env("ORT_DYLIB_PATH", common::ort_lib())
-        .env_remove("EDGEFLOW_LOG")
-        .env_remove("EDGEFLOW_CONFIG")
-        .env_remove("MLFLOW_TRACKING_URI")
-        .env_remove("MLFLOW_TRACKING_TOKEN")
-        .env_remove("MLFLOW_TRACKING_USERNAME")
-        .env_remove("MLFLOW_TRACKING_PASSWORD");
-    c
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,7 +420,7 @@ async fn bad_requests_and_bad_models_fail_clearly_and_activate_nothing() {
     s.set_status("errs-pending", "1", "PENDING_REGISTRATION");
     let cache = tempfile::tempdir().unwrap();
     let p = puller(&s.url, cache.path());
-    let chain = |e: &PullError| edgeflow::registry::chain(e);
+    let chain = |e: &PullError| edgeflow::util::chain(e);
 
     let e = p.pull("no-such-model", &alias("champion"), quiet(), progress(), false).await.unwrap_err();
     assert!(e.is_model_deleted() && chain(&e).contains("registered model `no-such-model` does not exist"), "{}", chain(&e));
@@ -492,9 +480,9 @@ async fn bearer_tokens_are_sent_and_refused_credentials_are_reported() {
     let cache = tempfile::tempdir().unwrap();
     let p = puller_with(&proxy.url, cache.path(), Auth::Bearer("wrong".into()), "");
     let e = p.pull(name, &alias("champion"), quiet(), progress(), false).await.unwrap_err();
-    assert!(matches!(&e, PullError::Resolve { source: RegistryError::Unauthorized { status: 401, .. }, .. }), "{}", edgeflow::registry::chain(&e));
+    assert!(matches!(&e, PullError::Resolve { source: RegistryError::Unauthorized { status: 401, .. }, .. }), "{}", edgeflow::util::chain(&e));
     assert!(e.to_string().contains("looking up alias"));
-    assert!(edgeflow::registry::chain(&e).contains("MLFLOW_TRACKING_TOKEN"));
+    assert!(edgeflow::util::chain(&e).contains("MLFLOW_TRACKING_TOKEN"));
     assert_eq!(proxy.seen().len(), 1, "refused credentials are not retried");
     assert_nothing_active(&p, name);
     drop(p);

@@ -3,17 +3,18 @@
 //! a custom CA bundle, verification always on, refused credentials reported, not retried.
 
 mod common;
-mod registry_support;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::mlflow::{digests, Mlflow};
+use common::{python, repo};
 use edgeflow::cache::Store;
 use edgeflow::config::{Config, Target};
 use edgeflow::fetch::Progress;
-use edgeflow::registry::{Auth, Client, PullError, Puller, RegistryError};
-use registry_support::{digests, python, repo, Mlflow};
+use edgeflow::pipeline::{PullError, Puller};
+use edgeflow::registry::{Auth, Client, RegistryError};
 
 const ADMIN_PASSWORD: &str = "edgeflow-test-admin-1234";
 
@@ -63,7 +64,7 @@ fn puller(cache: &std::path::Path, ca_bundle: Option<PathBuf>, auth: Auth) -> Re
     Ok(Puller::new(client, Store::open(&cs).unwrap(), 4, None, common::load_options()))
 }
 
-async fn pull(p: &Puller, name: &str) -> Result<edgeflow::registry::PullOutcome, PullError> {
+async fn pull(p: &Puller, name: &str) -> Result<edgeflow::pipeline::PullOutcome, PullError> {
     p.pull(name, &Target::Alias("champion".into()), std::sync::Arc::new(|_| {}), std::sync::Arc::new(Progress::default()), false).await
 }
 
@@ -77,7 +78,7 @@ async fn basic_auth_over_tls_with_the_ca_bundle_pulls_and_wrong_trust_or_credent
 
     let cache = tempfile::tempdir().unwrap();
     let p = puller(cache.path(), Some(s.cert("ca.pem")), basic(ADMIN_PASSWORD)).unwrap();
-    let o = pull(&p, name).await.unwrap_or_else(|e| panic!("{}", edgeflow::registry::chain(&e)));
+    let o = pull(&p, name).await.unwrap_or_else(|e| panic!("{}", edgeflow::util::chain(&e)));
     assert_eq!(digests(&o.dir), digests(&common::fixture_model("phi3-tiny-gqa")));
     drop(p);
 
@@ -86,13 +87,13 @@ async fn basic_auth_over_tls_with_the_ca_bundle_pulls_and_wrong_trust_or_credent
     let p = puller(cache.path(), Some(s.cert("ca.pem")), basic("not-the-password")).unwrap();
     let started = Instant::now();
     let e = pull(&p, name).await.unwrap_err();
-    assert!(matches!(&e, PullError::Resolve { source: RegistryError::Unauthorized { status: 401, .. }, .. }), "{}", edgeflow::registry::chain(&e));
-    assert!(edgeflow::registry::chain(&e).contains("MLFLOW_TRACKING_USERNAME"));
+    assert!(matches!(&e, PullError::Resolve { source: RegistryError::Unauthorized { status: 401, .. }, .. }), "{}", edgeflow::util::chain(&e));
+    assert!(edgeflow::util::chain(&e).contains("MLFLOW_TRACKING_USERNAME"));
     drop(p);
     // No credentials at all: refused the same way.
     let p = puller(cache.path(), Some(s.cert("ca.pem")), Auth::None);
     let e = pull(&p.unwrap(), name).await.unwrap_err();
-    assert!(matches!(&e, PullError::Resolve { source: RegistryError::Unauthorized { .. }, .. }), "{}", edgeflow::registry::chain(&e));
+    assert!(matches!(&e, PullError::Resolve { source: RegistryError::Unauthorized { .. }, .. }), "{}", edgeflow::util::chain(&e));
 
     // The system store does not know the test CA, and an unrelated CA is no better:
     // verification fails, and is not retried.
@@ -100,7 +101,7 @@ async fn basic_auth_over_tls_with_the_ca_bundle_pulls_and_wrong_trust_or_credent
         let cache = tempfile::tempdir().unwrap();
         let p = puller(cache.path(), bundle.clone(), basic(ADMIN_PASSWORD)).unwrap();
         let e = pull(&p, name).await.unwrap_err();
-        let text = edgeflow::registry::chain(&e);
+        let text = edgeflow::util::chain(&e);
         assert!(matches!(&e, PullError::Resolve { source, .. } if !source.is_retryable()), "{bundle:?}: {text}");
         assert!(text.contains("certificate") || text.contains("UnknownIssuer"), "{bundle:?}: {text}");
         assert!(edgeflow::cache::active_dir(cache.path(), name).is_none());
@@ -121,10 +122,7 @@ fn the_cli_takes_credentials_and_the_ca_from_the_environment() {
     let s = server();
     let cache = tempfile::tempdir().unwrap();
     let run = |password: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_edgeflow"))
-            .env("ORT_DYLIB_PATH", common::ort_lib())
-            .env_remove("MLFLOW_TRACKING_TOKEN")
-            .env_remove("EDGEFLOW_CONFIG")
+        common::edgeflow()
             .env("MLFLOW_TRACKING_URI", &s.mlflow.url)
             .env("MLFLOW_TRACKING_USERNAME", "admin")
             .env("MLFLOW_TRACKING_PASSWORD", password)

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::http::{curl, curl_post, parse_curl, terminate, Http};
+use common::{edgeflow, python};
 use edgeflow::active::{Manager, ManagerOptions, ModelSource, SwapMode};
 use edgeflow::engine::{ChatMessage, GenerateParams, Model};
 use edgeflow::serve::{self, Access, App, Limits, SocketOptions};
@@ -27,12 +28,6 @@ const TOKEN_ENV: &str = "EDGEFLOW_SERVE_TEST_TOKEN";
 
 fn tiny(name: &str) -> PathBuf {
     common::fixture_model(name)
-}
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("EDGEFLOW_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| common::repo().join(".venv/test/bin/python"));
-    assert!(p.exists(), "{} is missing: run `make venv` (it installs tests/serve/requirements.txt)", p.display());
-    p
 }
 
 /// An `edgeflow serve` process on a temp socket; stopped with SIGTERM on drop.
@@ -50,7 +45,7 @@ impl Server {
         let config_path = dir.path().join("edgeflow.toml");
         std::fs::write(&config_path, config).unwrap();
         let log = dir.path().join("server.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
+        let mut cmd = edgeflow();
         cmd.args(["serve", "--model-dir"])
             .arg(tiny(model))
             .arg("--socket")
@@ -59,7 +54,6 @@ impl Server {
             .arg(&config_path)
             .args(["--threads", "2", "--log", "info"])
             .args(args)
-            .env("ORT_DYLIB_PATH", common::ort_lib())
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -201,7 +195,7 @@ fn openai_sdk_streams_the_engines_greedy_output() {
 #[test]
 fn curl_sees_sse_framing_and_openai_error_shapes() {
     // Also on a loopback TCP port (off by default), serving the same routes.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = common::free_port();
     let tcp = format!("127.0.0.1:{port}");
     let server = Server::start("phi3-tiny-gqa", "", &["--tcp-listen", &tcp], &[]);
     let s = &server.socket;
@@ -503,14 +497,7 @@ fn socket_mode_group_and_uid_allow_list() {
     assert_eq!(server.curl(&["/healthz"]).status, 200, "this uid is on the allow-list");
 
     // Starting a second server on a live socket fails cleanly and leaves the first alone.
-    let second = Command::new(env!("CARGO_BIN_EXE_edgeflow"))
-        .args(["serve", "--model-dir"])
-        .arg(tiny("phi3-tiny-gqa"))
-        .arg("--socket")
-        .arg(&server.socket)
-        .env("ORT_DYLIB_PATH", common::ort_lib())
-        .output()
-        .unwrap();
+    let second = edgeflow().args(["serve", "--model-dir"]).arg(tiny("phi3-tiny-gqa")).arg("--socket").arg(&server.socket).output().unwrap();
     assert_eq!(second.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&second.stderr).contains("another server is listening"), "{}", String::from_utf8_lossy(&second.stderr));
     assert_eq!(server.curl(&["/healthz"]).status, 200);
@@ -535,15 +522,7 @@ fn socket_mode_group_and_uid_allow_list() {
     server.child.kill().unwrap();
     server.child.wait().unwrap();
     assert!(s.exists(), "SIGKILL leaves the socket file behind");
-    let restarted = Command::new(env!("CARGO_BIN_EXE_edgeflow"))
-        .args(["serve", "--model-dir"])
-        .arg(tiny("phi3-tiny-gqa"))
-        .arg("--socket")
-        .arg(&s)
-        .env("ORT_DYLIB_PATH", common::ort_lib())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let restarted = edgeflow().args(["serve", "--model-dir"]).arg(tiny("phi3-tiny-gqa")).arg("--socket").arg(&s).stderr(Stdio::piped()).spawn().unwrap();
     let mut restarted = scopeguard(restarted);
     let deadline = Instant::now() + Duration::from_secs(60);
     while curl(&s, &["/readyz"], None).status != 200 {

@@ -9,11 +9,9 @@
 //! from the test venv (`make venv`) through tests/gen/genai_greedy.py.
 
 mod common;
-mod registry_support;
 
 use std::collections::HashSet;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
@@ -24,18 +22,8 @@ const MAX_NEW_TOKENS: usize = 32;
 /// A top-1/top-2 logit gap below this is a tie a one-ulp difference can flip.
 const TIE: f64 = 1e-3;
 
-fn model_dir() -> PathBuf {
-    let dir = std::env::var_os("SMOLLM2_DIR").filter(|d| !d.is_empty()).map_or_else(|| common::repo().join(".models/smollm2-135m-instruct"), PathBuf::from);
-    assert!(
-        dir.join("genai_config.json").is_file(),
-        "{} has no genai_config.json: run `make smollm2` (exports SMOLLM2-135M-Instruct there), or point SMOLLM2_DIR at an exported folder",
-        dir.display()
-    );
-    dir
-}
-
 fn load() -> Model {
-    let dir = model_dir();
+    let dir = common::smollm2_dir();
     Model::load(&dir, &common::load_options()).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }
 
@@ -154,7 +142,7 @@ fn genai_greedy(dir: &std::path::Path, cases: &serde_json::Value, max_new_tokens
     let file = tmp.path().join("cases.json");
     std::fs::write(&file, serde_json::to_vec(cases).unwrap()).unwrap();
     let script = common::repo().join("tests/gen/genai_greedy.py");
-    let out = Command::new(registry_support::python())
+    let out = Command::new(common::python())
         .arg(&script)
         .arg("--model-dir")
         .arg(dir)
@@ -175,7 +163,7 @@ fn genai_greedy(dir: &std::path::Path, cases: &serde_json::Value, max_new_tokens
 
 #[test]
 fn greedy_tokens_match_onnxruntime_genai_on_the_trained_model() {
-    let dir = model_dir();
+    let dir = common::smollm2_dir();
     let mut model = load();
     let prompts = parity_prompts(&model);
     assert!(prompts.len() >= 20);

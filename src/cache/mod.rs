@@ -18,10 +18,17 @@
 //! sled takes an exclusive lock on the index; a second process that only needs the active
 //! folder reads the symlink ([`active_dir`]) instead.
 
+mod blobs;
 mod error;
+mod gc;
+mod index;
+mod records;
+pub mod settings;
 mod store;
+#[cfg(test)]
+mod test_support;
 
 pub use error::CacheError;
-pub(crate) use store::open_sled;
-pub(crate) use store::unix_now;
-pub use store::{active_dir, Corruption, FileRecord, GcReport, ModelRecord, State, Store, VersionRecord};
+pub(crate) use index::open_sled;
+pub use records::{Corruption, FileRecord, GcReport, ModelRecord, State, VersionRecord};
+pub use store::{active_dir, Store};

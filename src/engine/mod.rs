@@ -12,6 +12,7 @@ mod error;
 mod model;
 pub mod runtime;
 mod sampling;
+pub mod settings;
 mod tokenizer;
 
 pub use budget::MemoryBudget;

@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::commands::Refusal;
-use crate::registry::{Condition, Status as PollStatus};
+use crate::pipeline::{Condition, Status as PollStatus};
 
 /// Longest free-text field carried in an event; longer text is cut.
 const MAX_TEXT: usize = 512;

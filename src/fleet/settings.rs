@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::backoff::Backoff;
-use crate::config::duration;
 use crate::telemetry::drift::Thresholds;
+use crate::util::duration;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -158,7 +158,7 @@ impl std::fmt::Debug for FleetSettings {
 impl FleetConfig {
     /// `fleet-spool` beside the default cache folder, in the daemon's state directory.
     pub fn default_spool_dir() -> PathBuf {
-        let cache = crate::config::CacheConfig::default_dir();
+        let cache = crate::cache::settings::CacheConfig::default_dir();
         cache.parent().map_or_else(|| PathBuf::from("/var/lib/edgeflow"), PathBuf::from).join("fleet-spool")
     }
 
@@ -253,7 +253,7 @@ impl FleetConfig {
         if !(self.drift_js_threshold > 0.0 && self.drift_js_threshold <= 1.0) {
             p.push(format!("fleet.drift_js_threshold: {} must be in (0, 1]", self.drift_js_threshold));
         }
-        let spool_max_bytes = match crate::config::parse_size(&self.spool_max_bytes) {
+        let spool_max_bytes = match crate::util::parse_size(&self.spool_max_bytes) {
             Ok(b) if (64 * 1024..=(1u64 << 34)).contains(&b) => b,
             _ => {
                 p.push(format!("fleet.spool_max_bytes: `{}` must be a size between 64KiB and 16GiB", self.spool_max_bytes));

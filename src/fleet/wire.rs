@@ -2,7 +2,9 @@
 //!
 //! rumqttc has a separate client for each protocol version; [`connect`] builds the right
 //! one and spawns a driver task that polls its event loop and forwards what matters as
-//! [`WireEvent`]s on a bounded channel. The driver never reconnects on its own: when the
+//! [`WireEvent`]s on a bounded channel. The driver is one loop for both versions: each
+//! version's events and errors are mapped to the common [`WireEvent`] and [`Closed`] by a
+//! small conversion function. The driver never reconnects on its own: when the
 //! connection ends it sends [`WireEvent::Closed`] and stops, and the link decides when to
 //! try again (with its jittered backoff). A fresh client per attempt means no request from
 //! a dead connection is replayed behind the link's back; the spool is the one source of
@@ -189,7 +191,7 @@ pub fn connect(version: Version, o: &ConnectOptions) -> Connection {
         Some(config) => rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Rustls(config.clone())),
         None => rumqttc::Transport::Tcp,
     };
-    let (client, driver) = match version {
+    let (client, eventloop) = match version {
         Version::V5 => {
             use rumqttc::v5::mqttbytes::v5::LastWill;
             let mut opts = rumqttc::v5::MqttOptions::new(o.client_id.clone(), o.broker.host.clone(), o.broker.port);
@@ -203,7 +205,7 @@ pub fn connect(version: Version, o: &ConnectOptions) -> Connection {
                 opts.set_credentials(u.clone(), o.password.clone().unwrap_or_default());
             }
             let (client, eventloop) = rumqttc::v5::AsyncClient::new(opts, REQUEST_CAPACITY);
-            (Client::V5(client), tokio::spawn(drive_v5(eventloop, tx)))
+            (Client::V5(client), EventLoop::V5(eventloop))
         }
         Version::V311 => {
             let mut opts = rumqttc::MqttOptions::new(o.client_id.clone(), o.broker.host.clone(), o.broker.port);
@@ -215,79 +217,106 @@ pub fn connect(version: Version, o: &ConnectOptions) -> Connection {
             if let Some(u) = &o.username {
                 opts.set_credentials(u.clone(), o.password.clone().unwrap_or_default());
             }
-            let (client, eventloop) = rumqttc::AsyncClient::new(opts, REQUEST_CAPACITY);
-            (Client::V311(client), tokio::spawn(drive_v4(eventloop, tx, timeout)))
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, REQUEST_CAPACITY);
+            // The 3.1.1 options have no connection timeout of their own.
+            eventloop.network_options.set_connection_timeout(timeout);
+            (Client::V311(client), EventLoop::V311(eventloop))
         }
     };
-    Connection { client, events, driver }
+    Connection { client, events, driver: tokio::spawn(drive(eventloop, tx)) }
 }
 
-async fn drive_v5(mut eventloop: rumqttc::v5::EventLoop, tx: mpsc::Sender<WireEvent>) {
+/// The event loop of one connection, in either version.
+// One value per connection, owned by its driver task and never moved after the spawn: the
+// size difference between the versions costs nothing, a box would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum EventLoop {
+    V5(rumqttc::v5::EventLoop),
+    V311(rumqttc::EventLoop),
+}
+
+impl EventLoop {
+    /// Polls once: `Ok(Some)` for what the link hears, `Ok(None)` for a packet it has no use
+    /// for (pings, outgoing acks...), `Err` when the connection is over; `connected` says
+    /// whether the broker had accepted it by then.
+    async fn poll(&mut self, connected: bool) -> Result<Option<WireEvent>, Closed> {
+        match self {
+            EventLoop::V5(eventloop) => eventloop.poll().await.map(from_v5).map_err(|e| closed_v5(&e, connected)),
+            EventLoop::V311(eventloop) => eventloop.poll().await.map(from_v4).map_err(|e| closed_v4(&e, connected)),
+        }
+    }
+}
+
+/// The driver task: forwards what the link hears until the connection is over (then a last
+/// [`WireEvent::Closed`]) or the link stops listening.
+async fn drive(mut eventloop: EventLoop, tx: mpsc::Sender<WireEvent>) {
+    let mut connected = false;
+    loop {
+        let event = match eventloop.poll(connected).await {
+            Ok(Some(event)) => event,
+            Ok(None) => continue,
+            Err(closed) => {
+                let _ = tx.send(WireEvent::Closed(closed)).await;
+                return;
+            }
+        };
+        connected |= matches!(event, WireEvent::Connected);
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn from_v5(event: rumqttc::v5::Event) -> Option<WireEvent> {
     use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
-    use rumqttc::v5::{ConnectionError, Event};
-    let mut connected = false;
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                connected = true;
-                WireEvent::Connected
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let (response_topic, correlation) = p.properties.map(|props| (props.response_topic, props.correlation_data)).unwrap_or_default();
-                WireEvent::Message { topic: String::from_utf8_lossy(&p.topic).into_owned(), payload: p.payload, response_topic, correlation }
-            }
-            Ok(Event::Incoming(Packet::PubAck(a))) => WireEvent::Acked { pkid: a.pkid, accepted: matches!(a.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) },
-            Ok(Event::Incoming(Packet::SubAck(s))) => WireEvent::Subscribed { granted: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) },
-            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => WireEvent::Sent { pkid },
-            Ok(_) => continue,
-            Err(e) => {
-                let protocol_refused = !connected
-                    && match &e {
-                        ConnectionError::ConnectionRefused(code) => {
-                            use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
-                            matches!(code, C::RefusedProtocolVersion | C::UnsupportedProtocolVersion | C::ProtocolError | C::MalformedPacket)
-                        }
-                        ConnectionError::MqttState(_) | ConnectionError::NotConnAck(_) => true,
-                        ConnectionError::Io(io) => {
-                            matches!(io.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted)
-                        }
-                        _ => false,
-                    };
-                let refused = matches!(&e, ConnectionError::ConnectionRefused(_)) && !protocol_refused;
-                let _ = tx.send(WireEvent::Closed(Closed { error: e.to_string(), before_connack: !connected, protocol_refused, refused })).await;
-                return;
-            }
-        };
-        if tx.send(event).await.is_err() {
-            return;
+    use rumqttc::v5::Event;
+    Some(match event {
+        Event::Incoming(Packet::ConnAck(_)) => WireEvent::Connected,
+        Event::Incoming(Packet::Publish(p)) => {
+            let (response_topic, correlation) = p.properties.map(|props| (props.response_topic, props.correlation_data)).unwrap_or_default();
+            WireEvent::Message { topic: String::from_utf8_lossy(&p.topic).into_owned(), payload: p.payload, response_topic, correlation }
         }
-    }
+        Event::Incoming(Packet::PubAck(a)) => WireEvent::Acked { pkid: a.pkid, accepted: matches!(a.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) },
+        Event::Incoming(Packet::SubAck(s)) => WireEvent::Subscribed { granted: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) },
+        Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => WireEvent::Sent { pkid },
+        _ => return None,
+    })
 }
 
-async fn drive_v4(mut eventloop: rumqttc::EventLoop, tx: mpsc::Sender<WireEvent>, timeout_secs: u64) {
-    use rumqttc::{ConnectionError, Event, Packet, SubscribeReasonCode};
-    // The 3.1.1 options have no connection timeout of their own.
-    eventloop.network_options.set_connection_timeout(timeout_secs);
-    let mut connected = false;
-    loop {
-        let event = match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                connected = true;
-                WireEvent::Connected
+fn from_v4(event: rumqttc::Event) -> Option<WireEvent> {
+    use rumqttc::{Event, Packet, SubscribeReasonCode};
+    Some(match event {
+        Event::Incoming(Packet::ConnAck(_)) => WireEvent::Connected,
+        Event::Incoming(Packet::Publish(p)) => WireEvent::Message { topic: p.topic, payload: p.payload, response_topic: None, correlation: None },
+        Event::Incoming(Packet::PubAck(a)) => WireEvent::Acked { pkid: a.pkid, accepted: true },
+        Event::Incoming(Packet::SubAck(s)) => WireEvent::Subscribed { granted: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) },
+        Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => WireEvent::Sent { pkid },
+        _ => return None,
+    })
+}
+
+/// Why an MQTT 5 connection ended. Before the CONNACK, a refusal of the version, a reply that
+/// is no CONNACK or a hang-up look like a broker that only speaks 3.1.1.
+fn closed_v5(e: &rumqttc::v5::ConnectionError, connected: bool) -> Closed {
+    use rumqttc::v5::ConnectionError;
+    let protocol_refused = !connected
+        && match e {
+            ConnectionError::ConnectionRefused(code) => {
+                use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+                matches!(code, C::RefusedProtocolVersion | C::UnsupportedProtocolVersion | C::ProtocolError | C::MalformedPacket)
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => WireEvent::Message { topic: p.topic, payload: p.payload, response_topic: None, correlation: None },
-            Ok(Event::Incoming(Packet::PubAck(a))) => WireEvent::Acked { pkid: a.pkid, accepted: true },
-            Ok(Event::Incoming(Packet::SubAck(s))) => WireEvent::Subscribed { granted: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) },
-            Ok(Event::Outgoing(rumqttc::Outgoing::Publish(pkid))) => WireEvent::Sent { pkid },
-            Ok(_) => continue,
-            Err(e) => {
-                let refused = matches!(&e, ConnectionError::ConnectionRefused(_));
-                let _ = tx.send(WireEvent::Closed(Closed { error: e.to_string(), before_connack: !connected, protocol_refused: false, refused })).await;
-                return;
+            ConnectionError::MqttState(_) | ConnectionError::NotConnAck(_) => true,
+            ConnectionError::Io(io) => {
+                matches!(io.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted)
             }
+            _ => false,
         };
-        if tx.send(event).await.is_err() {
-            return;
-        }
-    }
+    let refused = matches!(e, ConnectionError::ConnectionRefused(_)) && !protocol_refused;
+    Closed { error: e.to_string(), before_connack: !connected, protocol_refused, refused }
+}
+
+/// Why a 3.1.1 connection ended; there is no older version to fall back to.
+fn closed_v4(e: &rumqttc::ConnectionError, connected: bool) -> Closed {
+    let refused = matches!(e, rumqttc::ConnectionError::ConnectionRefused(_));
+    Closed { error: e.to_string(), before_connack: !connected, protocol_refused: false, refused }
 }

@@ -16,9 +16,12 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
+use futures_util::future::BoxFuture;
+
 use super::error::RegistryError;
+use super::settings::{RegistrySettings, Target};
 use crate::backoff::Backoff;
-use crate::config::{RegistrySettings, Target};
+use crate::fetch::SourceError;
 
 /// API answers larger than this are refused (a listing of 10 000 files is about 1 MiB).
 const MAX_API_BODY: usize = 16 << 20;
@@ -411,7 +414,7 @@ impl Client {
 }
 
 fn retry_log(e: &RegistryError, delay: Duration) {
-    tracing::warn!(error = %crate::registry::chain(e), ?delay, "registry request failed; retrying");
+    tracing::warn!(error = %crate::util::chain(e), ?delay, "registry request failed; retrying");
 }
 
 /// A 404 about the registered model becomes [`RegistryError::ModelNotFound`].
@@ -526,6 +529,22 @@ fn install_crypto_provider() {
         // Another component may have installed one already; either is fine.
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
+}
+
+/// Downloads go through the registry's client: its auth, TLS, proxy and timeouts.
+impl crate::fetch::Source for Client {
+    fn get<'a>(&'a self, url: &'a Url, from: u64, if_range: Option<&'a str>) -> BoxFuture<'a, Result<Response, SourceError>> {
+        Box::pin(async move { self.download(url, from, if_range).await.map_err(source_error) })
+    }
+
+    fn error_for(&self, resp: Response) -> BoxFuture<'static, SourceError> {
+        Box::pin(async move { source_error(Client::error_for(resp).await) })
+    }
+}
+
+fn source_error(e: RegistryError) -> SourceError {
+    let (retryable, unreachable) = (e.is_retryable(), e.is_unreachable());
+    SourceError::new(e, retryable, unreachable)
 }
 
 #[cfg(test)]

@@ -141,7 +141,7 @@ impl ApiError {
             JobError::PromptTooLong { tokens, limit } => ApiError::ContextLengthExceeded { tokens, limit, param: prompt_param },
             JobError::Engine(e) if e.is_bad_request() => ApiError::invalid(e.to_string(), engine_param(&e)),
             err => {
-                tracing::error!(request_id, error = %chain(&err), "generation failed");
+                tracing::error!(request_id, error = %crate::util::chain(&err), "generation failed");
                 ApiError::Internal { request_id: request_id.to_string() }
             }
         }
@@ -153,18 +153,6 @@ impl ApiError {
             SubmitError::Stopped => ApiError::NoModel { reason: "the model's engine worker has stopped; the model is being replaced", retry_after: Duration::from_secs(5) },
         }
     }
-}
-
-/// `outer: inner: innermost`, for logs.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 fn engine_param(e: &EngineError) -> Option<&'static str> {

@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
@@ -140,7 +140,7 @@ pub async fn generate(app: App, plan: Plan, received: Instant) -> Result<Respons
     let info = active.info();
     let header = Header {
         id: app.next_request_id(plan.endpoint),
-        created: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        created: crate::util::unix_now(),
         model: info.name.clone(),
         system_fingerprint: format!("{}@{}", info.name, info.version),
     };

@@ -1,8 +1,9 @@
 //! The local API: OpenAI-compatible HTTP/1.1 on a Unix socket (and, when configured, a
 //! loopback TCP port), plus `/healthz`, `/readyz` and `/metrics`.
 //!
-//! The caller binds (see [`socket::bind`]), or takes systemd's socket ([`from_systemd`]), and hands the listener to [`run`] with a
-//! shutdown token; the daemon and `edgeflow serve` share this code, and tests drive it on a
+//! The caller binds ([`Listeners::bind`]: systemd's socket or our own, plus the optional TCP
+//! port) and starts the servers with a shutdown token ([`Listeners::serve`], or [`run`] on one
+//! listener); the daemon and `edgeflow serve` share this code, and tests drive it on a
 //! temporary socket. Requests never run model code on the async runtime: they are checked
 //! ([`openai`]), admitted to the active model's bounded queue or refused with 429/503
 //! ([`generate`]), and answered from the engine worker's events. Every error leaves through
@@ -11,8 +12,10 @@
 mod connection;
 pub mod error;
 mod generate;
+mod listen;
 pub mod openai;
 mod routes;
+pub mod settings;
 pub mod socket;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,11 +26,12 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
 use crate::active::Manager;
-use crate::config::ServeSettings;
 use crate::telemetry::drift::Recorder;
 use crate::telemetry::Metrics;
 use error::ApiError;
+pub use listen::{Listeners, Serving};
 use openai::Endpoint;
+use settings::ServeSettings;
 pub use socket::{bind, from_systemd, GroupSpec, Peer, SocketError, SocketFile, SocketOptions};
 
 /// Request limits enforced before and during generation.

@@ -157,7 +157,7 @@ fn model_card(active: &Active) -> ModelCard {
     ModelCard {
         id: info.name.clone(),
         object: "model",
-        created: info.activated_at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        created: crate::util::unix_secs(info.activated_at).unwrap_or(0),
         owned_by: "edgeflow",
         version: info.version.clone(),
         digest: info.digest.clone(),

@@ -392,7 +392,7 @@ impl Recorder {
 
     /// Adds one request of `model`@`version` to the current window.
     pub fn observe(&self, model: &str, version: &str, o: &Observation) {
-        let now = crate::status::unix_now();
+        let now = crate::util::unix_now();
         // DEVNOTE: a poisoned lock only means another observer panicked mid-update of plain
         // counters; the data is still usable, so recover instead of propagating the panic.
         let mut s = self.inner.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,9 +1,19 @@
-//! Shared helpers for the integration tests.
+//! The one support module of the integration tests. This file owns what every kind of test
+//! needs: the repo, its fixture models and the trained model, the ONNX Runtime library, the
+//! test venv's python, the built binary as a clean command, and loopback ports. The peers
+//! live in submodules: [`http`] (curl over the API socket, stopping children), [`mlflow`] (a
+//! real MLflow server and a fault proxy in front of it) and [`mqtt`] (real Mosquitto brokers
+//! and clients).
 #![allow(dead_code)]
 
 pub mod http;
+pub mod mlflow;
+pub mod mqtt;
 
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use edgeflow::engine::LoadOptions;
 
@@ -36,4 +46,72 @@ pub fn copy_model(src: &Path) -> tempfile::TempDir {
         std::fs::copy(entry.path(), &to).expect("copy model file");
     }
     dir
+}
+
+/// The trained model's folder (SmolLM2-135M-Instruct, exported by `make smollm2`):
+/// `SMOLLM2_DIR`, else the repo's `.models/smollm2-135m-instruct`.
+pub fn smollm2_dir() -> PathBuf {
+    let dir = std::env::var_os("SMOLLM2_DIR").filter(|d| !d.is_empty()).map_or_else(|| repo().join(".models/smollm2-135m-instruct"), PathBuf::from);
+    assert!(
+        dir.join("genai_config.json").is_file(),
+        "{} has no genai_config.json: run `make smollm2` (exports SmolLM2-135M-Instruct there), or point SMOLLM2_DIR at an exported folder",
+        dir.display()
+    );
+    dir
+}
+
+/// The test venv's python (`make venv`: the MLflow server and client, the openai SDK,
+/// prometheus_client, onnxruntime-genai): `EDGEFLOW_TEST_PYTHON` (a python), else
+/// `EDGEFLOW_TEST_VENV` (a venv folder), else the repo's `.venv/test`.
+pub fn python() -> PathBuf {
+    let set = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let py = set("EDGEFLOW_TEST_PYTHON").unwrap_or_else(|| set("EDGEFLOW_TEST_VENV").unwrap_or_else(|| repo().join(".venv/test")).join("bin/python"));
+    assert!(
+        py.exists(),
+        "{} is missing: run `make venv` (installs tests/mlflow/requirements.txt, tests/serve/requirements.txt and tests/gen/smollm2/requirements.txt)",
+        py.display()
+    );
+    py
+}
+
+/// What the binary reads from the environment that the shell running the tests may carry
+/// (a log filter, a config file, registry credentials, systemd's socket); [`edgeflow`]
+/// clears them all, and a test sets on top what it means to.
+pub const AMBIENT_ENV: &[&str] = &[
+    "EDGEFLOW_LOG",
+    "EDGEFLOW_CONFIG",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "NOTIFY_SOCKET",
+];
+
+/// The built `edgeflow` with the tree's ONNX Runtime (`ORT_DYLIB_PATH` = [`ort_lib`]) and
+/// none of [`AMBIENT_ENV`].
+pub fn edgeflow() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_edgeflow"));
+    c.env("ORT_DYLIB_PATH", ort_lib());
+    for name in AMBIENT_ENV {
+        c.env_remove(name);
+    }
+    c
+}
+
+/// A loopback port nothing listens on (at the time of asking).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+}
+
+/// Whether something accepts connections on the loopback `port` within `timeout`.
+pub fn wait_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }

@@ -1,7 +1,7 @@
-//! Real peers for the fleet tests: a Mosquitto broker per test (own config, own loopback
-//! port, own folder), certificates made with openssl, and `mosquitto_sub`/`mosquitto_pub`
-//! as the independent client. The one fake is [`Proxy`]: a byte-counting TCP relay that
-//! can also play a broker that only speaks MQTT 3.1.1.
+//! The fleet tests' peers: a real Mosquitto broker per test (own config, own loopback port,
+//! own folder), certificates made with openssl, `mosquitto_sub`/`mosquitto_pub` as the
+//! independent client, fleet settings and the payload schema check. The one fake is
+//! [`Proxy`]: a byte-counting TCP relay that can also play a broker that only speaks MQTT 3.1.1.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -14,20 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
-}
-
-fn wait_port(port: u16, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
+use super::{free_port, wait_port};
 
 /// One `mosquitto` process with its own config and folder.
 pub struct Mosquitto {

@@ -14,13 +14,12 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::client::{Client, ModelVersion};
-use super::error::RegistryError;
-use super::mlmodel::{self, Layout};
 use crate::cache::{CacheError, FileRecord, State, Store, VersionRecord};
-use crate::config::Target;
 use crate::engine::{GenerateParams, LoadOptions, Model};
 use crate::fetch::{self, Downloader, FetchError, Progress};
+use crate::registry::mlmodel::{self, Layout, PlannedFile};
+use crate::registry::Target;
+use crate::registry::{Client, ModelVersion, RegistryError};
 
 /// Largest `MLmodel` or `genai_config.json` read.
 const MAX_SMALL_FILE: usize = 1 << 20;
@@ -113,7 +112,7 @@ impl PullError {
     pub fn is_unreachable(&self) -> bool {
         match self {
             PullError::Resolve { source, .. } | PullError::Registry { source, .. } => source.is_unreachable(),
-            PullError::Fetch { source: FetchError::Registry { source, .. }, .. } => source.is_unreachable(),
+            PullError::Fetch { source: FetchError::Source { source, .. }, .. } => source.unreachable,
             PullError::Fetch { source, .. } => source.is_retryable(),
             _ => false,
         }
@@ -156,7 +155,7 @@ pub struct Puller {
 
 impl Puller {
     pub fn new(client: Client, store: Store, parallel_downloads: usize, bandwidth_limit: Option<u64>, load_options: LoadOptions) -> Puller {
-        let downloader = Downloader::new(client.clone(), store.tmp_dir(), parallel_downloads, bandwidth_limit);
+        let downloader = Downloader::new(Arc::new(client.clone()), client.backoff(), store.tmp_dir(), parallel_downloads, bandwidth_limit);
         Puller { client, store, downloader, load_options }
     }
 
@@ -199,136 +198,43 @@ impl Puller {
     /// # Errors
     /// As [`Puller::pull`].
     pub async fn install(&self, mv: &ModelVersion, observer: PullObserver, progress: Arc<Progress>, retry_bad: bool) -> Result<PullOutcome, PullError> {
-        let (model, version) = (mv.name.clone(), mv.version.clone());
-        let cache_err = |step: &'static str| {
-            let (m, v) = (model.clone(), version.clone());
-            move |source| PullError::Cache { step, model: m, version: v, source }
+        let job = Install { model: mv.name.clone(), version: mv.version.clone() };
+        let (known, repairing, previous, is_active) = match self.check_cached(mv, &job, &observer, retry_bad).await? {
+            Cached::Done(outcome) => return Ok(outcome),
+            Cached::Partly { known, repairing, previous, is_active } => (known, repairing, previous, is_active),
         };
-        let store = self.store.clone();
-        let (m, v) = (model.clone(), version.clone());
-        let (existing, active) = self.blocking(move || Ok::<_, CacheError>((store.version(&m, &v)?, store.active(&m)?))).await?.map_err(cache_err("reading the cache index"))?;
-        let previous = active.as_ref().map(|(r, _)| r.version.clone());
-        let is_active = previous.as_deref() == Some(version.as_str());
-
-        let mut known: Option<VersionRecord> = None;
-        let mut repairing = Vec::new();
-        if let Some(rec) = existing.filter(|r| r.source == mv.source) {
-            if let State::Bad { reason } = &rec.state {
-                if !retry_bad {
-                    return Err(PullError::Rejected { model, version, reason: format!("{reason} (refused earlier; `edgeflow pull` tries again)") });
-                }
-            } else if !rec.dir.is_empty() {
-                let store = self.store.clone();
-                let r = rec.clone();
-                let corrupt = self.blocking(move || store.verify(&r)).await?.map_err(cache_err("verifying the cached files"))?;
-                if corrupt.is_empty() {
-                    if is_active {
-                        let dir = self.store.version_dir(&rec);
-                        return Ok(PullOutcome { model, version, dir, change: Change::Unchanged });
-                    }
-                    if rec.state == State::Good {
-                        // A version that served before (a rollback, or an alias moved back):
-                        // its bytes verified, no download and no new smoke test needed.
-                        let dir = self.activate(&rec, &observer).await?;
-                        return Ok(PullOutcome { model, version, dir, change: Change::Activated { previous, downloaded: false } });
-                    }
-                } else {
-                    repairing = corrupt.iter().map(|c| c.path.clone()).collect();
-                    tracing::warn!(%model, %version, files = ?repairing, "cached files do not match their recorded digests; fetching them again");
-                    observer(&PullEvent::Repairing { version: version.clone(), files: repairing.clone() });
-                    let store = self.store.clone();
-                    let digests: Vec<String> = corrupt.into_iter().map(|c| c.expected).collect();
-                    self.blocking(move || digests.iter().try_for_each(|d| store.discard_blob(d))).await?.map_err(cache_err("discarding corrupt files"))?;
-                }
-                known = Some(rec);
-            }
-        }
-
-        // Resolve the file list from the registry.
-        let reg = |step: &'static str| {
-            let (m, v) = (model.clone(), version.clone());
-            move |source| PullError::Registry { step, model: m, version: v, source }
-        };
-        let root = self.client.artifact_root(mv).await.map_err(reg("finding the artifacts"))?;
-        let tree = self.client.tree(&root).await.map_err(reg("listing the artifacts"))?;
-        if !tree.iter().any(|f| f.path == "MLmodel") {
-            return Err(reg("reading MLmodel")(RegistryError::MlModel { name: model.clone(), version: version.clone(), message: "the artifacts hold no MLmodel file".into() }));
-        }
-        let text = self.client.read_text(&format!("{root}/MLmodel"), MAX_SMALL_FILE).await.map_err(reg("reading MLmodel"))?;
-        let layout = mlmodel::parse(&text, &model, &version).map_err(reg("reading MLmodel"))?;
-        let decoder = match &layout {
-            Layout::Onnx { extra_files, .. } => match extra_files.iter().find(|e| e.ends_with("genai_config.json")) {
-                Some(path) => mlmodel::decoder_filename(&self.client.read_text(&format!("{root}/{path}"), MAX_SMALL_FILE).await.map_err(reg("reading genai_config.json"))?),
-                None => None,
-            },
-            Layout::Pyfunc { .. } => None,
-        };
-        let plan = mlmodel::plan(&layout, &tree, decoder.as_deref(), &model, &version).map_err(reg("choosing the model files"))?;
-
-        // Download what the blob store lacks.
-        let known_digest = |local: &str| known.as_ref().and_then(|r| r.files.iter().find(|f| f.path == local)).map(|f| f.sha256.clone());
-        let to_fetch: Vec<_> = plan.iter().filter(|p| known_digest(&p.local).is_none_or(|d| !self.store.blob_path(&d).is_file())).cloned().collect();
-        let total: u64 = plan.iter().map(|p| p.size).sum();
-        let needed: u64 = to_fetch.iter().map(|p| p.size).sum();
-        observer(&PullEvent::Planned { flavor: layout.flavor(), files: plan.len(), bytes: total, to_download: needed });
-        let store = self.store.clone();
-        let (m, v) = (model.clone(), version.clone());
-        self.blocking(move || store.make_room(needed, (&m, &v))).await?.map_err(cache_err("making room in the cache"))?;
-        let jobs = to_fetch
-            .iter()
-            .map(|p| fetch::Job {
-                url: self.client.artifact_url(&format!("{root}/{}", p.remote)),
-                name: p.local.clone(),
-                size: p.size,
-                key: fetch::job_key(&model, &version, &mv.source, &p.remote),
-            })
-            .collect();
-        let fetch_observer: fetch::Observer = {
-            let o = observer.clone();
-            Arc::new(move |e: &fetch::Event| o(&PullEvent::Fetch(e.clone())))
-        };
-        let fetched =
-            self.downloader.fetch_all(jobs, progress, fetch_observer).await.map_err(|source| PullError::Fetch { model: model.clone(), version: version.clone(), source })?;
-        for f in &fetched {
-            if let Some(expected) = known_digest(&f.name) {
-                if expected != f.sha256 {
-                    let _ = std::fs::remove_file(&f.path);
-                    return Err(PullError::ContentChanged { model, version, path: f.name.clone(), expected, actual: f.sha256.clone() });
-                }
-            }
-        }
-        let store = self.store.clone();
-        let ingest = fetched.clone();
-        self.blocking(move || ingest.iter().try_for_each(|f| store.ingest(&f.path, &f.sha256, f.size).map(|_| ()))).await?.map_err(cache_err("storing the downloaded files"))?;
+        let (flavor, root, plan) = self.plan(mv, &job).await?;
+        let fetched = self.download(mv, &job, &root, &plan, known.as_ref(), progress, &observer, flavor).await?;
 
         let files: Vec<FileRecord> = plan
             .iter()
             .map(|p| {
-                let sha256 = fetched.iter().find(|f| f.name == p.local).map(|f| f.sha256.clone()).or_else(|| known_digest(&p.local)).unwrap_or_default();
+                let sha256 = fetched.iter().find(|f| f.name == p.local).map(|f| f.sha256.clone()).or_else(|| known_digest(known.as_ref(), &p.local)).unwrap_or_default();
                 FileRecord { path: p.local.clone(), size: p.size, sha256 }
             })
             .collect();
         let was_good = known.as_ref().is_some_and(|r| r.state == State::Good);
         let rec = VersionRecord {
-            model: model.clone(),
-            version: version.clone(),
+            model: job.model.clone(),
+            version: job.version.clone(),
             source: mv.source.clone(),
             run_id: mv.run_id.clone(),
-            flavor: layout.flavor().to_string(),
+            flavor: flavor.to_string(),
             files,
             state: State::Fetched,
             dir: String::new(),
-            fetched_at: crate::cache::unix_now(),
+            fetched_at: crate::util::unix_now(),
             activated_at: None,
         };
         let store = self.store.clone();
-        let mut rec = self.blocking(move || store.commit_version(rec)).await?.map_err(cache_err("publishing the version folder"))?;
+        let mut rec = self.blocking(move || store.commit_version(rec)).await?.map_err(job.cache_err("publishing the version folder"))?;
+        let Install { model, version } = job.clone();
 
         if was_good && !repairing.is_empty() {
             // The same bytes as the version that passed before: no new smoke test.
             let store = self.store.clone();
             let (m, v) = (model.clone(), version.clone());
-            self.blocking(move || store.mark_good(&m, &v)).await?.map_err(cache_err("recording the repair"))?;
+            self.blocking(move || store.mark_good(&m, &v)).await?.map_err(job.cache_err("recording the repair"))?;
             rec.state = State::Good;
             let dir = self.activate(&rec, &observer).await?;
             let change = if is_active { Change::Repaired { files: repairing } } else { Change::Activated { previous, downloaded: true } };
@@ -345,11 +251,134 @@ impl Puller {
             tracing::warn!(%model, %version, %reason, "smoke test failed; keeping the active version");
             let store = self.store.clone();
             let (m, v, r) = (model.clone(), version.clone(), reason.clone());
-            self.blocking(move || store.mark_bad(&m, &v, &r)).await?.map_err(cache_err("recording the failed smoke test"))?;
+            self.blocking(move || store.mark_bad(&m, &v, &r)).await?.map_err(job.cache_err("recording the failed smoke test"))?;
             return Err(PullError::Rejected { model, version, reason });
         }
         let dir = self.activate(&rec, &observer).await?;
         Ok(PullOutcome { model, version, dir, change: if repairing.is_empty() { Change::Activated { previous, downloaded: true } } else { Change::Repaired { files: repairing } } })
+    }
+
+    /// What the cache already holds of `mv`: done when it is active (or served before) and
+    /// verifies; otherwise its record, to reuse the files that verify and repair the rest.
+    async fn check_cached(&self, mv: &ModelVersion, job: &Install, observer: &PullObserver, retry_bad: bool) -> Result<Cached, PullError> {
+        let Install { model, version } = job.clone();
+        let store = self.store.clone();
+        let (m, v) = (model.clone(), version.clone());
+        let (existing, active) =
+            self.blocking(move || Ok::<_, CacheError>((store.version(&m, &v)?, store.active(&m)?))).await?.map_err(job.cache_err("reading the cache index"))?;
+        let previous = active.as_ref().map(|(r, _)| r.version.clone());
+        let is_active = previous.as_deref() == Some(version.as_str());
+        let mut partly = Cached::Partly { known: None, repairing: Vec::new(), previous: previous.clone(), is_active };
+        let Some(rec) = existing.filter(|r| r.source == mv.source) else { return Ok(partly) };
+        if let State::Bad { reason } = &rec.state {
+            if !retry_bad {
+                return Err(PullError::Rejected { model, version, reason: format!("{reason} (refused earlier; `edgeflow pull` tries again)") });
+            }
+            return Ok(partly);
+        }
+        if rec.dir.is_empty() {
+            return Ok(partly);
+        }
+        let store = self.store.clone();
+        let r = rec.clone();
+        let corrupt = self.blocking(move || store.verify(&r)).await?.map_err(job.cache_err("verifying the cached files"))?;
+        let mut repairing = Vec::new();
+        if corrupt.is_empty() {
+            if is_active {
+                let dir = self.store.version_dir(&rec);
+                return Ok(Cached::Done(PullOutcome { model, version, dir, change: Change::Unchanged }));
+            }
+            if rec.state == State::Good {
+                // A version that served before (a rollback, or an alias moved back): its
+                // bytes verified, no download and no new smoke test needed.
+                let dir = self.activate(&rec, observer).await?;
+                return Ok(Cached::Done(PullOutcome { model, version, dir, change: Change::Activated { previous, downloaded: false } }));
+            }
+        } else {
+            repairing = corrupt.iter().map(|c| c.path.clone()).collect();
+            tracing::warn!(%model, %version, files = ?repairing, "cached files do not match their recorded digests; fetching them again");
+            observer(&PullEvent::Repairing { version: version.clone(), files: repairing.clone() });
+            let store = self.store.clone();
+            let digests: Vec<String> = corrupt.into_iter().map(|c| c.expected).collect();
+            self.blocking(move || digests.iter().try_for_each(|d| store.discard_blob(d))).await?.map_err(job.cache_err("discarding corrupt files"))?;
+        }
+        partly = Cached::Partly { known: Some(rec), repairing, previous, is_active };
+        Ok(partly)
+    }
+
+    /// The files of `mv` to install, from its listing and `MLmodel` (and, for the onnx
+    /// flavor, `genai_config.json`'s decoder name): its flavor, artifact root and plan.
+    async fn plan(&self, mv: &ModelVersion, job: &Install) -> Result<(&'static str, String, Vec<PlannedFile>), PullError> {
+        let (model, version) = (&job.model, &job.version);
+        let root = self.client.artifact_root(mv).await.map_err(job.reg("finding the artifacts"))?;
+        let tree = self.client.tree(&root).await.map_err(job.reg("listing the artifacts"))?;
+        if !tree.iter().any(|f| f.path == "MLmodel") {
+            return Err(job.reg("reading MLmodel")(RegistryError::MlModel { name: model.clone(), version: version.clone(), message: "the artifacts hold no MLmodel file".into() }));
+        }
+        let text = self.client.read_text(&format!("{root}/MLmodel"), MAX_SMALL_FILE).await.map_err(job.reg("reading MLmodel"))?;
+        let layout = mlmodel::parse(&text, model, version).map_err(job.reg("reading MLmodel"))?;
+        let decoder = match &layout {
+            Layout::Onnx { extra_files, .. } => match extra_files.iter().find(|e| e.ends_with("genai_config.json")) {
+                Some(path) => mlmodel::decoder_filename(&self.client.read_text(&format!("{root}/{path}"), MAX_SMALL_FILE).await.map_err(job.reg("reading genai_config.json"))?),
+                None => None,
+            },
+            Layout::Pyfunc { .. } => None,
+        };
+        let plan = mlmodel::plan(&layout, &tree, decoder.as_deref(), model, version).map_err(job.reg("choosing the model files"))?;
+        Ok((layout.flavor(), root, plan))
+    }
+
+    /// Downloads what the blob store lacks of `plan` (after making room), checks each file
+    /// against a digest recorded earlier, and stores the verified bytes as blobs.
+    #[allow(clippy::too_many_arguments)]
+    async fn download(
+        &self,
+        mv: &ModelVersion,
+        job: &Install,
+        root: &str,
+        plan: &[PlannedFile],
+        known: Option<&VersionRecord>,
+        progress: Arc<Progress>,
+        observer: &PullObserver,
+        flavor: &'static str,
+    ) -> Result<Vec<fetch::Fetched>, PullError> {
+        let Install { model, version } = job.clone();
+        let to_fetch: Vec<_> = plan.iter().filter(|p| known_digest(known, &p.local).is_none_or(|d| !self.store.blob_path(&d).is_file())).cloned().collect();
+        let total: u64 = plan.iter().map(|p| p.size).sum();
+        let needed: u64 = to_fetch.iter().map(|p| p.size).sum();
+        observer(&PullEvent::Planned { flavor, files: plan.len(), bytes: total, to_download: needed });
+        let store = self.store.clone();
+        let (m, v) = (model.clone(), version.clone());
+        self.blocking(move || store.make_room(needed, (&m, &v))).await?.map_err(job.cache_err("making room in the cache"))?;
+        let jobs = to_fetch
+            .iter()
+            .map(|p| fetch::Job {
+                url: self.client.artifact_url(&format!("{root}/{}", p.remote)),
+                name: p.local.clone(),
+                size: p.size,
+                key: fetch::job_key(&model, &version, &mv.source, &p.remote),
+            })
+            .collect();
+        let fetch_observer: fetch::Observer = {
+            let o = observer.clone();
+            Arc::new(move |e: &fetch::Event| o(&PullEvent::Fetch(e.clone())))
+        };
+        let fetched =
+            self.downloader.fetch_all(jobs, progress, fetch_observer).await.map_err(|source| PullError::Fetch { model: model.clone(), version: version.clone(), source })?;
+        for f in &fetched {
+            if let Some(expected) = known_digest(known, &f.name) {
+                if expected != f.sha256 {
+                    let _ = std::fs::remove_file(&f.path);
+                    return Err(PullError::ContentChanged { model, version, path: f.name.clone(), expected, actual: f.sha256.clone() });
+                }
+            }
+        }
+        let store = self.store.clone();
+        let ingest = fetched.clone();
+        self.blocking(move || ingest.iter().try_for_each(|f| store.ingest(&f.path, &f.sha256, f.size).map(|_| ())))
+            .await?
+            .map_err(job.cache_err("storing the downloaded files"))?;
+        Ok(fetched)
     }
 
     /// What to serve at start, without the registry: the active version, re-verified (when
@@ -386,7 +415,7 @@ impl Puller {
         match self.install(&mv, observer.clone(), Arc::new(Progress::default()), false).await {
             Ok(outcome) => Ok(Some(outcome)),
             Err(e) => {
-                tracing::warn!(error = %super::chain(&e), "could not repair the active version; falling back to the last-known-good one");
+                tracing::warn!(error = %crate::util::chain(&e), "could not repair the active version; falling back to the last-known-good one");
                 let store = self.store.clone();
                 let m = model.to_string();
                 let Some(lkg) = self.blocking(move || store.last_known_good(&m)).await?.map_err(cache_err("reading the cache index"))? else {
@@ -445,6 +474,37 @@ impl Puller {
     }
 }
 
+/// The version an [`Puller::install`] works on, and its errors' context.
+#[derive(Clone)]
+struct Install {
+    model: String,
+    version: String,
+}
+
+impl Install {
+    fn cache_err(&self, step: &'static str) -> impl FnOnce(CacheError) -> PullError + '_ {
+        move |source| PullError::Cache { step, model: self.model.clone(), version: self.version.clone(), source }
+    }
+
+    fn reg(&self, step: &'static str) -> impl FnOnce(RegistryError) -> PullError + '_ {
+        move |source| PullError::Registry { step, model: self.model.clone(), version: self.version.clone(), source }
+    }
+}
+
+/// What [`Puller::install`] found in the cache.
+enum Cached {
+    /// Nothing left to do.
+    Done(PullOutcome),
+    /// The record to reuse verified files from (if any), the files being repaired, and
+    /// what is active now.
+    Partly { known: Option<VersionRecord>, repairing: Vec<String>, previous: Option<String>, is_active: bool },
+}
+
+/// The digest recorded earlier for the file at `local`, if any.
+fn known_digest(known: Option<&VersionRecord>, local: &str) -> Option<String> {
+    known.and_then(|r| r.files.iter().find(|f| f.path == local)).map(|f| f.sha256.clone())
+}
+
 /// Loads the folder with the engine and generates `tokens` greedy tokens. The engine fails
 /// on non-finite logits; the count of tokens is checked here. Returns the reason on failure.
 ///
@@ -452,8 +512,8 @@ impl Puller {
 /// The reason, as text for the record and the report.
 pub fn smoke_test(dir: &Path, options: &LoadOptions, tokens: usize) -> Result<(), String> {
     let started = std::time::Instant::now();
-    let mut model = Model::load(dir, options).map_err(|e| format!("loading: {}", super::chain(&e)))?;
-    let mut ids = model.encode("Hello").map_err(|e| format!("tokenizing: {}", super::chain(&e)))?;
+    let mut model = Model::load(dir, options).map_err(|e| format!("loading: {}", crate::util::chain(&e)))?;
+    let mut ids = model.encode("Hello").map_err(|e| format!("tokenizing: {}", crate::util::chain(&e)))?;
     if ids.is_empty() {
         ids = model.config().model.bos_token_id.into_iter().collect();
     }
@@ -461,7 +521,7 @@ pub fn smoke_test(dir: &Path, options: &LoadOptions, tokens: usize) -> Result<()
         return Err("the tokenizer produced no ids for the smoke-test prompt".into());
     }
     let params = GenerateParams { max_new_tokens: tokens, ignore_eos: true, ..GenerateParams::default() };
-    let g = model.generate(&ids, &params, &AtomicBool::new(false), |_| ControlFlow::Continue(())).map_err(|e| format!("generating: {}", super::chain(&e)))?;
+    let g = model.generate(&ids, &params, &AtomicBool::new(false), |_| ControlFlow::Continue(())).map_err(|e| format!("generating: {}", crate::util::chain(&e)))?;
     let want = tokens.min(model.context_length().saturating_sub(ids.len()));
     if g.token_ids.len() != want {
         return Err(format!("generated {} tokens where {want} were asked for", g.token_ids.len()));

@@ -8,7 +8,7 @@
 //! for health reports and the engine manager.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use super::pull::{describe, Change, PullError, PullObserver, Puller};
 use crate::backoff::Jitter;
 use crate::cache::{CacheError, Store};
-use crate::config::Target;
 use crate::fetch::Progress;
+use crate::registry::Target;
 
 /// The version being served.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -190,7 +190,7 @@ impl Poller {
             match loaded {
                 Ok(Some(o)) => s.active = Some(ActiveVersion { version: o.version, dir: o.dir }),
                 Ok(None) => tracing::info!("nothing cached yet"),
-                Err(e) => tracing::error!(error = %super::chain(&e), "the cached version cannot be served"),
+                Err(e) => tracing::error!(error = %crate::util::chain(&e), "the cached version cannot be served"),
             }
         });
         let mut delay = self.jitter.first();
@@ -229,7 +229,7 @@ impl Poller {
         let store = self.puller.store().clone();
         let model = self.model.clone();
         match tokio::task::spawn_blocking(move || f(&store, &model)).await {
-            Ok(r) => r.map_err(|e| super::chain(&e)),
+            Ok(r) => r.map_err(|e| crate::util::chain(&e)),
             Err(e) => Err(format!("a cache task stopped unexpectedly: {e}")),
         }
     }
@@ -244,7 +244,7 @@ impl Poller {
                 // cannot be checked (registry down) is pinned and tried at every poll.
                 if let Err(e) = self.puller.client().model_version(&self.model, version).await {
                     if !e.is_unreachable() {
-                        return failed(format!("cannot pin version {version}: {}", super::chain(&e)));
+                        return failed(format!("cannot pin version {version}: {}", crate::util::chain(&e)));
                     }
                 }
                 let v = version.clone();
@@ -290,7 +290,7 @@ impl Poller {
                     (status, None)
                 }
                 Ok(None) => failed("no version is cached yet".to_string()),
-                Err(e) => failed(super::chain(&e)),
+                Err(e) => failed(crate::util::chain(&e)),
             },
             Op::Interval(d) => {
                 self.jitter.interval = *d;
@@ -310,7 +310,7 @@ impl Poller {
         let mut status = previous.clone();
         match lkg {
             Some(rec) => {
-                let dir = self.puller.activate_cached(&rec).await.map_err(|e| super::chain(&e))?;
+                let dir = self.puller.activate_cached(&rec).await.map_err(|e| crate::util::chain(&e))?;
                 let (l, r) = (leaving.clone(), reason.to_string());
                 self.store_call(move |store, model| store.mark_bad(model, &l, &r)).await?;
                 status.condition = Condition::RolledBack { from: leaving.clone(), to: rec.version.clone(), reason: reason.to_string() };
@@ -340,7 +340,7 @@ impl Poller {
         };
         let mut status = previous.clone();
         status.polls += 1;
-        status.checked_at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs());
+        status.checked_at = Some(crate::util::unix_now());
         status.condition = match result {
             Ok(o) => {
                 let condition = match o.change {
@@ -352,7 +352,7 @@ impl Poller {
                 condition
             }
             Err(e) => {
-                let text = super::chain(&e);
+                let text = crate::util::chain(&e);
                 match &e {
                     PullError::NothingToFollow { .. } => Condition::TargetGone { detail: e.to_string() },
                     _ if e.is_model_deleted() => Condition::ModelDeleted,

@@ -1,7 +1,7 @@
-//! Shared helpers of the registry tests: a real `mlflow server` from the project venv
-//! (`make venv`), model logging with the MLflow Python client, REST calls that move stages
-//! and aliases, and a fault proxy for what a real server cannot do on demand (cut a
-//! download at byte N, answer 5xx, demand a token, list a hostile path).
+//! The registry tests' peers: a real `mlflow server` from the project venv (`make venv`),
+//! model logging with the MLflow Python client, REST calls that move stages and aliases, a
+//! fault proxy for what a real server cannot do on demand (cut a download at byte N, answer
+//! 5xx, demand a token, list a hostile path), and file digests to compare pulled folders.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -14,21 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream as AsyncTcpStream};
 
-pub fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// The venv's python: `EDGEFLOW_TEST_VENV` or `.venv/test` (made by `make venv`).
-pub fn python() -> PathBuf {
-    let venv = std::env::var_os("EDGEFLOW_TEST_VENV").map_or_else(|| repo().join(".venv/test"), PathBuf::from);
-    let py = venv.join("bin/python");
-    assert!(py.exists(), "{} is missing: run `make venv` (installs mlflow from tests/mlflow/requirements.txt)", py.display());
-    py
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
+use super::{free_port, python, repo};
 
 /// A running MLflow tracking server with a sqlite backend and served artifacts.
 pub struct Mlflow {

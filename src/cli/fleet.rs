@@ -1,0 +1,138 @@
+//! `edgeflow fleet ...`: the MQTT link without a model, and the fleet's command keys.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::command::Bus;
+use crate::config::Config;
+use crate::fleet::Link;
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use super::UsageError;
+
+#[derive(Subcommand)]
+pub enum FleetCommand {
+    /// Run the fleet link alone until SIGTERM/SIGINT: status, health and events over MQTT,
+    /// `report` and `set` commands answered; commands that need a model are refused.
+    Run(RunArgs),
+    /// Create an ed25519 key pair for signing commands: the private key to --out (0600),
+    /// the public key (hex, for fleet.signature_public_key) to stdout.
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Print a signed command payload to publish on <prefix>/<device>/cmd/<command>.
+    Sign(SignArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Config file (its [fleet] section; flags override it).
+    #[arg(long, value_name = "FILE", env = "EDGEFLOW_CONFIG")]
+    config: Option<PathBuf>,
+    /// mqtt://host[:port] or mqtts://host[:port].
+    #[arg(long, value_name = "URL")]
+    broker: Option<String>,
+    #[arg(long, value_name = "ID")]
+    device_id: Option<String>,
+    #[arg(long, value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct SignArgs {
+    /// Private key file written by `edgeflow fleet keygen`.
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    #[arg(long, value_name = "ID")]
+    device_id: String,
+    /// Command name (sync, pin, unpin, rollback, reload, report, set).
+    #[arg(long, value_name = "NAME")]
+    command: String,
+    /// Arguments as a JSON object.
+    #[arg(long, value_name = "JSON", default_value = "{}")]
+    args: String,
+    /// Default: a random id.
+    #[arg(long, value_name = "ID")]
+    request_id: Option<String>,
+    /// How long the command stays valid.
+    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    ttl: String,
+}
+
+pub fn run(cmd: FleetCommand) -> anyhow::Result<()> {
+    match cmd {
+        FleetCommand::Run(args) => run_link(args),
+        FleetCommand::Keygen { out } => {
+            let mut seed = [0u8; 32];
+            std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed)).context("reading /dev/urandom")?;
+            let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&out).with_context(|| format!("creating {}", out.display()))?;
+            writeln!(f, "{}", hex::encode(key.to_bytes())).with_context(|| format!("writing {}", out.display()))?;
+            println!("{}", hex::encode(key.verifying_key().as_bytes()));
+            Ok(())
+        }
+        FleetCommand::Sign(a) => {
+            let text = std::fs::read_to_string(&a.key).with_context(|| format!("reading {}", a.key.display()))?;
+            let seed: [u8; 32] = hex::decode(text.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(|| UsageError(format!("{}: not a key written by `edgeflow fleet keygen`", a.key.display())))?;
+            let args: serde_json::Value = serde_json::from_str(&a.args).map_err(|e| UsageError(format!("--args: {e}")))?;
+            crate::command::Command::parse(&a.command, &args).map_err(UsageError)?;
+            let ttl = humantime::parse_duration(&a.ttl).map_err(|e| UsageError(format!("--ttl: {e}")))?;
+            let now = crate::util::unix_now();
+            let body = serde_json::json!({
+                "request_id": a.request_id.unwrap_or_else(|| format!("{:016x}", fastrand::u64(..))),
+                "args": args, "issued_at": now, "expires_at": now + ttl.as_secs(),
+            });
+            println!("{}", crate::fleet::commands::sign(&ed25519_dalek::SigningKey::from_bytes(&seed), &a.device_id, &a.command, &body));
+            Ok(())
+        }
+    }
+}
+
+fn run_link(args: RunArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if args.broker.is_some() {
+        config.fleet.broker = args.broker.clone();
+    }
+    if args.device_id.is_some() {
+        config.fleet.device_id = args.device_id.clone();
+    }
+    if args.spool_dir.is_some() {
+        config.fleet.spool_dir = args.spool_dir.clone();
+    }
+    let settings = config.fleet.resolve().map_err(|p| UsageError(p.join("\n")))?.ok_or_else(|| UsageError("no broker: pass --broker or set fleet.broker".into()))?;
+    // One thread: the link is a few timers and one socket.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let (_status, status_rx) = crate::status::channel();
+        let (bus, mut requests) = Bus::new(8);
+        let shutdown = CancellationToken::new();
+        let link = Link::new(settings).spawn(status_rx, bus, shutdown.clone())?;
+        let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+                Some(req) = requests.recv() => {
+                    let name = req.command.name();
+                    req.respond(Err(format!("`{name}` needs the model manager; `edgeflow fleet run` only runs the link")));
+                }
+            }
+        }
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), link.join()).await.context("the fleet link did not stop in time")?.context("the fleet link task failed")?;
+        Ok(())
+    })
+}

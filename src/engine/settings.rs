@@ -1,0 +1,60 @@
+//! `[engine]`: where ONNX Runtime is, how many threads and at what priority inference runs,
+//! and the memory check before a version loads.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::util::parse_size;
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Path of libonnxruntime.so; unset means ORT_DYLIB_PATH, then lib/ next to the
+    /// executable, then the system library path.
+    pub ort_lib: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads; unset means the cores available to the process.
+    pub threads: Option<usize>,
+    /// Refuse to load a version that does not fit in the memory left (MemAvailable and the
+    /// cgroup's memory.max), instead of being OOM-killed.
+    pub memory_check: bool,
+    /// Memory to leave besides the weights and the KV cache, e.g. `"256MiB"`.
+    pub memory_reserve: String,
+    /// Added to the daemon's niceness for the serving engine's threads (as `nice -n`), so
+    /// request handling, the fleet link and other programs preempt inference without delay.
+    /// (The registry's one-off smoke test of a new version runs at the daemon's priority.)
+    pub nice: i32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { ort_lib: None, threads: None, memory_check: true, memory_reserve: "256MiB".into(), nice: 5 }
+    }
+}
+
+impl EngineConfig {
+    /// How the daemon loads models: with the memory budget when `memory_check` is on, the
+    /// KV cache sized for `kv_tokens` (the longest request the API admits; `None`: the context).
+    #[must_use]
+    pub fn load_options(&self, kv_tokens: Option<usize>) -> super::LoadOptions {
+        let reserve = parse_size(&self.memory_reserve).unwrap_or(256 << 20);
+        super::LoadOptions { threads: self.threads, ort_lib: self.ort_lib.clone(), memory: self.memory_check.then(|| super::MemoryBudget::new(reserve, kv_tokens)) }
+    }
+}
+
+impl EngineConfig {
+    /// Every problem with `[engine]`, each as `engine.key: message`.
+    #[must_use]
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.threads == Some(0) {
+            problems.push("engine.threads: must be at least 1 (leave unset for the available cores)".to_string());
+        }
+        if !(0..=19).contains(&self.nice) {
+            problems.push(format!("engine.nice: {} must be between 0 and 19", self.nice));
+        }
+        if parse_size(&self.memory_reserve).is_err() {
+            problems.push(format!("engine.memory_reserve: `{}` is not a size such as \"256MiB\"", self.memory_reserve));
+        }
+        problems
+    }
+}

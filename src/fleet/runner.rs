@@ -1,0 +1,397 @@
+//! The link task's event loop: connect, say hello, publish from the spool within the window,
+//! track what the broker acknowledged, reconnect after the [`Reconnect`] policy's delay, say
+//! goodbye. The [`Runner`] holds all the task's state; its reports are built in
+//! `reports.rs` and its commands handled in `replies.rs`, as further `impl Runner` blocks.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::commands::{Policy, Recent};
+use super::events::Event;
+use super::health::{HostSampler, RequestWindow};
+use super::link::{Control, LinkState};
+use super::reconnect::Reconnect;
+use super::replies::Running;
+use super::settings::FleetSettings;
+use super::spool::Spool;
+use super::topics::Topics;
+use super::wire::{self, Client, Closed, ConnectOptions, Connection, Version, WireEvent};
+use super::SCHEMA;
+use crate::backoff::Jitter;
+use crate::command::{Bus, Outcome};
+use crate::status::Status;
+use crate::telemetry::drift::{Baselines, Recorder, VersionKey};
+use crate::telemetry::Metrics;
+use crate::util::unix_now;
+
+/// Spooled messages published but not yet acknowledged, at most.
+const WINDOW: usize = 16;
+/// How long a clean shutdown waits for the broker to take the goodbye.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Spool writes are flushed to disk this long after the first unflushed one.
+const FLUSH_DELAY: Duration = Duration::from_secs(1);
+/// Largest MQTT packet either side may send.
+const MAX_PACKET: u32 = 256 * 1024;
+
+/// What each publish queued on the current connection was, in order, until its packet id
+/// is known.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Tag {
+    Spooled(u64),
+    Other,
+    Goodbye,
+}
+
+pub(super) struct Conn {
+    connection: Connection,
+    version: Version,
+    pub(super) up: bool,
+    pub(super) awaiting: VecDeque<Tag>,
+    inflight: HashMap<u16, u64>,
+    /// Highest spool seq handed to this connection.
+    last_sent: Option<u64>,
+    goodbye_pkid: Option<u16>,
+}
+
+impl Conn {
+    pub(super) fn client(&self) -> &Client {
+        &self.connection.client
+    }
+
+    fn in_window(&self) -> usize {
+        self.inflight.len() + self.awaiting.iter().filter(|t| matches!(t, Tag::Spooled(_))).count()
+    }
+
+    /// A publish left with `pkid`: the oldest one awaiting its packet id.
+    fn sent(&mut self, pkid: u16) {
+        match self.awaiting.pop_front() {
+            Some(Tag::Spooled(seq)) => {
+                self.inflight.insert(pkid, seq);
+            }
+            Some(Tag::Goodbye) => self.goodbye_pkid = Some(pkid),
+            Some(Tag::Other) | None => {}
+        }
+    }
+}
+
+/// The link task's state; built by [`super::Link::spawn`], consumed by [`Runner::run`].
+pub(super) struct Runner {
+    pub(super) s: FleetSettings,
+    pub(super) policy: Policy,
+    pub(super) reconnect: Reconnect,
+    pub(super) topics: Topics,
+    pub(super) spool: Spool,
+    pub(super) recent: Recent,
+    pub(super) baselines: Baselines,
+    pub(super) baseline_tree: Option<sled::Tree>,
+    pub(super) artifacts_checked: HashSet<VersionKey>,
+    pub(super) status: watch::Receiver<Status>,
+    pub(super) metrics: Option<Arc<Metrics>>,
+    pub(super) drift: Option<Recorder>,
+    pub(super) sampler: Arc<Mutex<HostSampler>>,
+    pub(super) requests: RequestWindow,
+    pub(super) bus: Bus,
+    pub(super) events_rx: mpsc::Receiver<Event>,
+    pub(super) control_rx: mpsc::Receiver<Control>,
+    pub(super) state_tx: watch::Sender<LinkState>,
+    pub(super) state: LinkState,
+    pub(super) events_dropped: Arc<AtomicU64>,
+    pub(super) conn: Option<Conn>,
+    pub(super) next_attempt: Instant,
+    pub(super) next_health: Instant,
+    pub(super) next_drift: Instant,
+    pub(super) health_jitter: Jitter,
+    pub(super) drift_jitter: Jitter,
+    pub(super) running: JoinSet<(Running, Result<Outcome, String>)>,
+    /// `report` commands waiting for the next health report.
+    pub(super) pending_reports: Vec<Running>,
+    pub(super) flush_at: Option<Instant>,
+    pub(super) overflow_unreported: u64,
+    pub(super) session: String,
+    pub(super) started: Instant,
+}
+
+async fn next_wire(conn: &mut Option<Conn>) -> Option<WireEvent> {
+    match conn {
+        Some(c) => c.connection.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Runner {
+    pub(super) async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            if self.conn.is_none() && Instant::now() >= self.next_attempt {
+                self.start_connection();
+            }
+            let attempt_at = self.conn.is_none().then_some(self.next_attempt);
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                ev = next_wire(&mut self.conn) => self.on_wire(ev.unwrap_or_else(|| WireEvent::Closed(Closed { error: "the connection driver stopped".into(), before_connack: false, protocol_refused: false, refused: false }))),
+                Some(done) = self.running.join_next(), if !self.running.is_empty() => match done {
+                    Ok((r, outcome)) => self.command_done(r, outcome),
+                    Err(e) => tracing::error!(error = %e, "a command task failed"),
+                },
+                Some(event) = self.events_rx.recv() => self.push_event(event),
+                Some(Control::ReportNow) = self.control_rx.recv() => self.push_health().await,
+                () = tokio::time::sleep_until(self.next_health) => {
+                    self.push_health().await;
+                    self.next_health = Instant::now() + self.health_jitter.next();
+                }
+                () = tokio::time::sleep_until(self.next_drift) => {
+                    self.push_drift().await;
+                    self.next_drift = Instant::now() + self.drift_jitter.next();
+                }
+                () = sleep_until_opt(attempt_at) => {}
+                () = sleep_until_opt(self.flush_at) => self.flush().await,
+            }
+            self.pump();
+            self.publish_state();
+        }
+        self.goodbye().await;
+        self.flush().await;
+        self.publish_state();
+        tracing::info!("fleet link stopped");
+    }
+
+    fn connect_options(&self) -> ConnectOptions {
+        let will = json!({"schema": SCHEMA, "kind": "status", "device": self.s.device_id, "state": "offline", "reason": "connection_lost", "session": self.session});
+        ConnectOptions {
+            client_id: format!("edgeflow-{}", self.s.device_id),
+            broker: self.s.broker.clone(),
+            tls: None,
+            username: self.s.username.clone(),
+            password: self.s.password.clone(),
+            keep_alive: self.s.keep_alive,
+            connect_timeout: self.s.connect_timeout,
+            will: (self.topics.status(), will.to_string().into_bytes()),
+            max_packet: MAX_PACKET,
+        }
+    }
+
+    fn start_connection(&mut self) {
+        let mut options = self.connect_options();
+        if self.s.broker.tls {
+            match super::tls::client_config(self.s.ca_file.as_deref(), self.s.cert_file.as_deref().zip(self.s.key_file.as_deref())) {
+                Ok(c) => options.tls = Some(c),
+                Err(e) => {
+                    let text = crate::util::chain(&e);
+                    tracing::error!(error = %text, "TLS setup failed; retrying later");
+                    self.state.last_error = Some(text);
+                    let closed = Closed { error: e.to_string(), before_connack: true, protocol_refused: false, refused: false };
+                    self.next_attempt = Instant::now() + self.reconnect.closed(&closed);
+                    return;
+                }
+            }
+        }
+        let version = self.reconnect.version;
+        tracing::debug!(protocol = version.as_str(), "connecting");
+        self.conn = Some(Conn {
+            connection: wire::connect(version, &options),
+            version,
+            up: false,
+            awaiting: VecDeque::new(),
+            inflight: HashMap::new(),
+            last_sent: None,
+            goodbye_pkid: None,
+        });
+    }
+
+    fn on_wire(&mut self, ev: WireEvent) {
+        match ev {
+            WireEvent::Connected => self.on_connected(),
+            WireEvent::Message { topic, payload, response_topic, correlation } => self.on_command(&topic, &payload, response_topic, correlation),
+            WireEvent::Sent { pkid } => {
+                if let Some(c) = &mut self.conn {
+                    c.sent(pkid);
+                }
+            }
+            WireEvent::Acked { pkid, accepted } => {
+                let seq = self.conn.as_mut().and_then(|c| c.inflight.remove(&pkid));
+                if let Some(seq) = seq {
+                    if !accepted {
+                        tracing::warn!(seq, "the broker refused a report (not authorized?); dropping it");
+                    }
+                    match self.spool.remove(seq) {
+                        Ok(true) => self.state.delivered += 1,
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(error = %e, seq, "removing a delivered message from the spool failed"),
+                    }
+                    self.mark_dirty();
+                }
+            }
+            WireEvent::Subscribed { granted } => {
+                if !granted {
+                    tracing::error!(topic = %self.topics.commands(), "the broker refused the command subscription (ACL?); commands will not arrive");
+                }
+            }
+            WireEvent::Closed(c) => self.on_closed(c),
+        }
+    }
+
+    fn on_connected(&mut self) {
+        let first = self.state.connections == 0;
+        self.reconnect.connected();
+        self.state.connections += 1;
+        if !first {
+            self.state.reconnects += 1;
+        }
+        let Some(c) = &mut self.conn else { return };
+        c.up = true;
+        let version = c.version;
+        self.state.connected = true;
+        self.state.protocol = Some(version.as_str());
+        self.state.last_error = None;
+        tracing::info!(protocol = version.as_str(), queued = self.spool.len(), "connected to the broker");
+        let birth = json!({
+            "schema": SCHEMA, "kind": "status", "device": self.s.device_id, "state": "online", "ts": unix_now(),
+            "agent_version": env!("CARGO_PKG_VERSION"), "protocol": version.as_str(), "session": self.session,
+        });
+        let status_topic = self.topics.status();
+        let commands = self.topics.commands();
+        if c.client().publish(&status_topic, true, birth.to_string().into_bytes(), None).is_ok() {
+            c.awaiting.push_back(Tag::Other);
+        }
+        if let Err(e) = c.client().subscribe(&commands) {
+            tracing::error!(?e, "subscribing to commands failed");
+        }
+        if self.overflow_unreported > 0 {
+            let dropped = std::mem::take(&mut self.overflow_unreported);
+            self.push_event(Event::SpoolOverflow { dropped });
+        }
+    }
+
+    fn on_closed(&mut self, c: Closed) {
+        let was_up = self.conn.as_ref().is_some_and(|c| c.up);
+        self.conn = None;
+        self.state.connected = false;
+        self.state.protocol = None;
+        let delay = self.reconnect.closed(&c);
+        self.next_attempt = Instant::now() + delay;
+        if was_up {
+            tracing::warn!(error = %c.error, retry_in_ms = delay.as_millis() as u64, "connection to the broker lost");
+        } else if c.refused {
+            tracing::error!(error = %c.error, retry_in_ms = delay.as_millis() as u64, "the broker refused the connection (credentials? client certificate?)");
+        } else {
+            tracing::info!(error = %c.error, retry_in_ms = delay.as_millis() as u64, "connecting to the broker failed");
+        }
+        self.state.last_error = Some(c.error);
+    }
+
+    /// Publishes spooled messages while the window has room.
+    fn pump(&mut self) {
+        let Some(c) = &mut self.conn else { return };
+        if !c.up {
+            return;
+        }
+        let room = WINDOW.saturating_sub(c.in_window());
+        if room == 0 {
+            return;
+        }
+        for r in self.spool.after(c.last_sent, room) {
+            let topic = self.topics.channel(r.channel.topic_suffix());
+            match c.client().publish(&topic, false, r.payload, None) {
+                Ok(()) => {
+                    c.awaiting.push_back(Tag::Spooled(r.seq));
+                    c.last_sent = Some(r.seq);
+                }
+                Err(_) => break,
+            }
+        }
+    }
+
+    pub(super) fn mark_dirty(&mut self) {
+        if self.flush_at.is_none() {
+            self.flush_at = Some(Instant::now() + FLUSH_DELAY);
+        }
+    }
+
+    async fn flush(&mut self) {
+        self.flush_at = None;
+        let db = self.spool.db().clone();
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "flushing the spool failed"),
+            Err(e) => tracing::warn!(error = %e, "the spool flush task failed"),
+        }
+    }
+
+    fn publish_state(&mut self) {
+        self.state.spool_depth = self.spool.len();
+        self.state.spool_bytes = self.spool.bytes();
+        self.state.spool_dropped = self.spool.dropped_total();
+        self.state.events_dropped = self.events_dropped.load(Ordering::Relaxed);
+        let next = self.state.clone();
+        self.state_tx.send_if_modified(|s| {
+            if *s == next {
+                false
+            } else {
+                *s = next;
+                true
+            }
+        });
+    }
+
+    /// Publishes `offline` (retained) and disconnects cleanly, so the broker drops the
+    /// Last Will; waits a bounded time for the broker to take it.
+    async fn goodbye(&mut self) {
+        let Some(mut c) = self.conn.take() else { return };
+        if !c.up {
+            return;
+        }
+        let bye = json!({"schema": SCHEMA, "kind": "status", "device": self.s.device_id, "state": "offline", "reason": "shutdown", "ts": unix_now(), "session": self.session});
+        if c.client().publish(&self.topics.status(), true, bye.to_string().into_bytes(), None).is_ok() {
+            c.awaiting.push_back(Tag::Goodbye);
+            let deadline = Instant::now() + GOODBYE_TIMEOUT;
+            loop {
+                let ev = tokio::select! {
+                    ev = c.connection.events.recv() => ev,
+                    () = tokio::time::sleep_until(deadline) => None,
+                };
+                match ev {
+                    Some(WireEvent::Sent { pkid }) => c.sent(pkid),
+                    Some(WireEvent::Acked { pkid, .. }) if c.goodbye_pkid == Some(pkid) => break,
+                    Some(WireEvent::Acked { pkid, .. }) => {
+                        if let Some(seq) = c.inflight.remove(&pkid) {
+                            let _ = self.spool.remove(seq);
+                        }
+                    }
+                    Some(WireEvent::Closed(_)) | None => {
+                        tracing::warn!("the broker did not acknowledge the goodbye in time");
+                        return;
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if c.client().disconnect().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Some(ev) = c.connection.events.recv().await {
+                    if matches!(ev, WireEvent::Closed(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        self.state.connected = false;
+        self.state.protocol = None;
+        tracing::info!("said goodbye to the broker");
+    }
+}

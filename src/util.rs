@@ -1,0 +1,72 @@
+//! Small helpers every subsystem shares and none owns: an error's causes on one line, the
+//! wall clock in Unix seconds, and the parsers for the config's duration and size strings.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// An error and its causes on one line (`outer: inner: innermost`), for logs and reports; a
+/// cause whose text the line already holds is not repeated.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+/// Seconds since the Unix epoch, for records and reports (0 if the clock is before 1970).
+#[must_use]
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// `t` in Unix seconds, `None` before 1970.
+#[must_use]
+pub fn unix_secs(t: SystemTime) -> Option<u64> {
+    t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
+}
+
+/// Parses a duration string for `key`, recording a problem (and returning zero) when it is
+/// not one; shared by every section that validates durations.
+pub fn duration(key: &str, value: &str, problems: &mut Vec<String>) -> Duration {
+    match humantime::parse_duration(value.trim()) {
+        Ok(d) if !d.is_zero() => d,
+        Ok(_) => {
+            problems.push(format!("{key}: must be longer than zero"));
+            Duration::ZERO
+        }
+        Err(e) => {
+            problems.push(format!("{key}: `{value}` is not a duration such as \"30s\" or \"5m\" ({e})"));
+            Duration::ZERO
+        }
+    }
+}
+
+/// Parses `"20GiB"`, `"500MB"`, `"512k"`, `"1024"` (bytes; binary and decimal units).
+///
+/// # Errors
+/// A message naming what is wrong.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().map_err(|_| format!("`{s}` has no number"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" => 1e3,
+        "m" | "mb" => 1e6,
+        "g" | "gb" => 1e9,
+        "t" | "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => return Err(format!("unknown unit `{other}`")),
+    };
+    Ok((num * mult).round() as u64)
+}
