@@ -180,6 +180,48 @@ impl FleetConfig {
 
     fn check(&self) -> Result<Option<FleetSettings>, Vec<String>> {
         let mut p = Vec::new();
+        let link = self.check_link(&mut p);
+        let reports = self.check_reports(&mut p);
+        let commands = self.check_commands(&mut p);
+        if let (Some(b), true) = (&link.broker, p.is_empty()) {
+            if b.tls {
+                // Load the TLS material once now so a bad file is a config error at startup.
+                if let Err(e) = super::tls::client_config(self.ca_file.as_deref(), self.cert_file.as_deref().zip(self.key_file.as_deref())) {
+                    p.push(format!("fleet: {e}"));
+                }
+            }
+        }
+        if !p.is_empty() {
+            return Err(p);
+        }
+        let Some(broker) = link.broker else { return Ok(None) };
+        Ok(Some(FleetSettings {
+            broker,
+            device_id: link.device_id,
+            topic_prefix: link.topic_prefix,
+            protocol: link.protocol,
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            username: link.username,
+            password: link.password,
+            keep_alive: link.keep_alive,
+            connect_timeout: link.connect_timeout,
+            backoff: link.backoff,
+            report_interval: reports.report_interval,
+            drift_interval: reports.drift_interval,
+            drift: reports.drift,
+            spool_dir: self.spool_dir.clone().unwrap_or_else(Self::default_spool_dir),
+            spool_max_bytes: reports.spool_max_bytes,
+            command_window: commands.command_window,
+            signature_key: commands.signature_key,
+            require_signatures: self.require_signatures,
+            signature_max_age: commands.signature_max_age,
+        }))
+    }
+
+    /// The connection: broker, identity, topics, protocol, TLS files, credentials, timers.
+    fn check_link(&self, p: &mut Vec<String>) -> LinkPart {
         let broker = self.broker.as_deref().and_then(|b| match parse_broker(b) {
             Ok(b) => Some(b),
             Err(e) => {
@@ -194,9 +236,14 @@ impl FleetConfig {
         if let Err(e) = topic_level(&device_id) {
             p.push(format!("fleet.device_id: `{}` {e}", crate::command::truncate(&device_id, 80)));
         }
-        let prefix = self.topic_prefix.trim().to_string();
-        if prefix.is_empty() || prefix.starts_with('/') || prefix.ends_with('/') || prefix.split('/').any(|l| topic_level(l).is_err()) || prefix.starts_with('$') {
-            p.push(format!("fleet.topic_prefix: `{prefix}` must be topic levels separated by `/`, without wildcards, empty levels or a leading `$`"));
+        let topic_prefix = self.topic_prefix.trim().to_string();
+        if topic_prefix.is_empty()
+            || topic_prefix.starts_with('/')
+            || topic_prefix.ends_with('/')
+            || topic_prefix.split('/').any(|l| topic_level(l).is_err())
+            || topic_prefix.starts_with('$')
+        {
+            p.push(format!("fleet.topic_prefix: `{topic_prefix}` must be topic levels separated by `/`, without wildcards, empty levels or a leading `$`"));
         }
         let protocol = match self.protocol.trim() {
             "auto" => Protocol::Auto,
@@ -227,23 +274,28 @@ impl FleetConfig {
             }
             std::env::var(var).ok().filter(|v| !v.is_empty())
         };
-        let username = env("username_env", &self.username_env, &mut p);
-        let password = env("password_env", &self.password_env, &mut p);
+        let username = env("username_env", &self.username_env, p);
+        let password = env("password_env", &self.password_env, p);
         if password.is_some() && username.is_none() {
             p.push(format!("fleet.password_env: {} is set but {} (the username) is not", self.password_env, self.username_env));
         }
-        let keep_alive = duration("fleet.keep_alive", &self.keep_alive, &mut p);
+        let keep_alive = duration("fleet.keep_alive", &self.keep_alive, p);
         if !keep_alive.is_zero() && (keep_alive < Duration::from_secs(5) || keep_alive > Duration::from_secs(65535)) {
             p.push("fleet.keep_alive: must be between 5s and 65535s".to_string());
         }
-        let connect_timeout = duration("fleet.connect_timeout", &self.connect_timeout, &mut p);
-        let initial = duration("fleet.backoff_initial", &self.backoff_initial, &mut p);
-        let max = duration("fleet.backoff_max", &self.backoff_max, &mut p);
+        let connect_timeout = duration("fleet.connect_timeout", &self.connect_timeout, p);
+        let initial = duration("fleet.backoff_initial", &self.backoff_initial, p);
+        let max = duration("fleet.backoff_max", &self.backoff_max, p);
         if max < initial {
             p.push("fleet.backoff_max: must not be shorter than fleet.backoff_initial".to_string());
         }
-        let report_interval = duration("fleet.report_interval", &self.report_interval, &mut p);
-        let drift_interval = duration("fleet.drift_interval", &self.drift_interval, &mut p);
+        LinkPart { broker, device_id, topic_prefix, protocol, username, password, keep_alive, connect_timeout, backoff: Backoff { initial, max, max_attempts: u32::MAX } }
+    }
+
+    /// What is reported and how much of it waits offline: intervals, drift thresholds, spool.
+    fn check_reports(&self, p: &mut Vec<String>) -> ReportsPart {
+        let report_interval = duration("fleet.report_interval", &self.report_interval, p);
+        let drift_interval = duration("fleet.drift_interval", &self.drift_interval, p);
         if self.drift_min_samples == 0 {
             p.push("fleet.drift_min_samples: must be at least 1".to_string());
         }
@@ -260,8 +312,14 @@ impl FleetConfig {
                 0
             }
         };
-        let command_window = duration("fleet.command_window", &self.command_window, &mut p);
-        let signature_max_age = duration("fleet.signature_max_age", &self.signature_max_age, &mut p);
+        let drift = Thresholds { psi: self.drift_psi_threshold, js: self.drift_js_threshold, min_samples: self.drift_min_samples };
+        ReportsPart { report_interval, drift_interval, drift, spool_max_bytes }
+    }
+
+    /// Which commands are obeyed: the replay window and the signature policy.
+    fn check_commands(&self, p: &mut Vec<String>) -> CommandsPart {
+        let command_window = duration("fleet.command_window", &self.command_window, p);
+        let signature_max_age = duration("fleet.signature_max_age", &self.signature_max_age, p);
         let signature_key = self.signature_public_key.as_deref().and_then(|k| match parse_public_key(k) {
             Ok(k) => Some(Arc::new(k)),
             Err(e) => {
@@ -272,42 +330,36 @@ impl FleetConfig {
         if self.require_signatures && self.signature_public_key.is_none() {
             p.push("fleet.require_signatures: needs fleet.signature_public_key".to_string());
         }
-        if let (Some(b), true) = (&broker, p.is_empty()) {
-            if b.tls {
-                // Load the TLS material once now so a bad file is a config error at startup.
-                if let Err(e) = super::tls::client_config(self.ca_file.as_deref(), self.cert_file.as_deref().zip(self.key_file.as_deref())) {
-                    p.push(format!("fleet: {e}"));
-                }
-            }
-        }
-        if !p.is_empty() {
-            return Err(p);
-        }
-        let Some(broker) = broker else { return Ok(None) };
-        Ok(Some(FleetSettings {
-            broker,
-            device_id,
-            topic_prefix: prefix,
-            protocol,
-            ca_file: self.ca_file.clone(),
-            cert_file: self.cert_file.clone(),
-            key_file: self.key_file.clone(),
-            username,
-            password,
-            keep_alive,
-            connect_timeout,
-            backoff: Backoff { initial, max, max_attempts: u32::MAX },
-            report_interval,
-            drift_interval,
-            drift: Thresholds { psi: self.drift_psi_threshold, js: self.drift_js_threshold, min_samples: self.drift_min_samples },
-            spool_dir: self.spool_dir.clone().unwrap_or_else(Self::default_spool_dir),
-            spool_max_bytes,
-            command_window,
-            signature_key,
-            require_signatures: self.require_signatures,
-            signature_max_age,
-        }))
+        CommandsPart { command_window, signature_key, signature_max_age }
     }
+}
+
+/// [`FleetConfig::check_link`]'s typed values.
+struct LinkPart {
+    broker: Option<Broker>,
+    device_id: String,
+    topic_prefix: String,
+    protocol: Protocol,
+    username: Option<String>,
+    password: Option<String>,
+    keep_alive: Duration,
+    connect_timeout: Duration,
+    backoff: Backoff,
+}
+
+/// [`FleetConfig::check_reports`]'s typed values.
+struct ReportsPart {
+    report_interval: Duration,
+    drift_interval: Duration,
+    drift: Thresholds,
+    spool_max_bytes: u64,
+}
+
+/// [`FleetConfig::check_commands`]'s typed values.
+struct CommandsPart {
+    command_window: Duration,
+    signature_key: Option<Arc<ed25519_dalek::VerifyingKey>>,
+    signature_max_age: Duration,
 }
 
 /// One topic level: non-empty, no wildcards or separators, printable, at most 128 bytes.

@@ -122,47 +122,7 @@ impl ServeConfig {
     /// Every problem found, each as `serve.key: message`.
     pub fn resolve(&self) -> Result<ServeSettings, Vec<String>> {
         let mut p = Vec::new();
-        let socket = self.socket.clone().unwrap_or_else(Self::default_socket);
-        // sun_path holds 108 bytes including the terminating NUL.
-        if socket.as_os_str().is_empty() || socket.as_os_str().len() > 107 {
-            p.push(format!("serve.socket: `{}` must be a path of 1 to 107 bytes", socket.display()));
-        }
-        if self.socket_mode > 0o777 || self.socket_mode & 0o600 != 0o600 {
-            p.push(format!("serve.socket_mode: {:#o} must be permission bits (at most 0o777) that let the owner read and write", self.socket_mode));
-        }
-        if let Some(super::GroupSpec::Name(name)) = &self.socket_group {
-            if name.is_empty() {
-                p.push("serve.socket_group: is empty".to_string());
-            }
-        }
-        let token = match self.token_env.as_deref() {
-            None => None,
-            Some("") => {
-                p.push("serve.token_env: is empty (leave it unset for no token)".to_string());
-                None
-            }
-            Some(var) => match std::env::var(var) {
-                Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
-                _ => {
-                    p.push(format!("serve.token_env: environment variable {var} is not set or empty"));
-                    None
-                }
-            },
-        };
-        let tcp_listen = self.tcp_listen.as_deref().and_then(|a| match a.parse::<std::net::SocketAddr>() {
-            Ok(addr) if addr.ip().is_loopback() => Some(addr),
-            Ok(_) => {
-                p.push(format!("serve.tcp_listen: `{a}` is not a loopback address; the API is for local clients"));
-                None
-            }
-            Err(_) => {
-                p.push(format!("serve.tcp_listen: `{a}` is not an address such as \"127.0.0.1:8080\""));
-                None
-            }
-        });
-        if tcp_listen.is_some() && (!self.allowed_uids.is_empty() || !self.allowed_gids.is_empty()) && self.token_env.is_none() {
-            p.push("serve.tcp_listen: TCP peers carry no uid/gid, so with allowed_uids/allowed_gids set it needs serve.token_env too".to_string());
-        }
+        let (socket, token, tcp_listen) = self.check_access(&mut p);
         if self.queue_depth == 0 || self.queue_depth > 4096 {
             p.push(format!("serve.queue_depth: {} must be between 1 and 4096", self.queue_depth));
         }
@@ -212,5 +172,51 @@ impl ServeConfig {
             stream_interval,
             swap: self.swap,
         })
+    }
+
+    /// Who reaches the API and where: the socket, its mode and group, the token, the TCP port.
+    fn check_access(&self, p: &mut Vec<String>) -> (PathBuf, Option<String>, Option<std::net::SocketAddr>) {
+        let socket = self.socket.clone().unwrap_or_else(Self::default_socket);
+        // sun_path holds 108 bytes including the terminating NUL.
+        if socket.as_os_str().is_empty() || socket.as_os_str().len() > 107 {
+            p.push(format!("serve.socket: `{}` must be a path of 1 to 107 bytes", socket.display()));
+        }
+        if self.socket_mode > 0o777 || self.socket_mode & 0o600 != 0o600 {
+            p.push(format!("serve.socket_mode: {:#o} must be permission bits (at most 0o777) that let the owner read and write", self.socket_mode));
+        }
+        if let Some(super::GroupSpec::Name(name)) = &self.socket_group {
+            if name.is_empty() {
+                p.push("serve.socket_group: is empty".to_string());
+            }
+        }
+        let token = match self.token_env.as_deref() {
+            None => None,
+            Some("") => {
+                p.push("serve.token_env: is empty (leave it unset for no token)".to_string());
+                None
+            }
+            Some(var) => match std::env::var(var) {
+                Ok(t) if !t.trim().is_empty() => Some(t.trim().to_string()),
+                _ => {
+                    p.push(format!("serve.token_env: environment variable {var} is not set or empty"));
+                    None
+                }
+            },
+        };
+        let tcp_listen = self.tcp_listen.as_deref().and_then(|a| match a.parse::<std::net::SocketAddr>() {
+            Ok(addr) if addr.ip().is_loopback() => Some(addr),
+            Ok(_) => {
+                p.push(format!("serve.tcp_listen: `{a}` is not a loopback address; the API is for local clients"));
+                None
+            }
+            Err(_) => {
+                p.push(format!("serve.tcp_listen: `{a}` is not an address such as \"127.0.0.1:8080\""));
+                None
+            }
+        });
+        if tcp_listen.is_some() && (!self.allowed_uids.is_empty() || !self.allowed_gids.is_empty()) && self.token_env.is_none() {
+            p.push("serve.tcp_listen: TCP peers carry no uid/gid, so with allowed_uids/allowed_gids set it needs serve.token_env too".to_string());
+        }
+        (socket, token, tcp_listen)
     }
 }
