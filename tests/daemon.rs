@@ -344,7 +344,7 @@ fn fleet_commands_roll_back_pin_and_unpin_with_acknowledgements() {
     let sub = Sub::start(port, &["edgeflow/dev-d/#"]);
     let dir = tempfile::tempdir().unwrap();
     let fleet = format!(
-        "[fleet]\nbroker = \"{}\"\ndevice_id = \"dev-d\"\nspool_dir = \"{}\"\nreport_interval = \"2s\"\ndrift_interval = \"3s\"\ndrift_min_samples = 1\n",
+        "[fleet]\nbroker = \"{}\"\ndevice_id = \"dev-d\"\nrequire_signatures = false\nspool_dir = \"{}\"\nreport_interval = \"2s\"\ndrift_interval = \"3s\"\ndrift_min_samples = 1\n",
         broker.url(),
         dir.path().join("spool").display()
     );

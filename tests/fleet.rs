@@ -166,7 +166,11 @@ async fn birth_then_last_will_when_the_agent_is_killed_and_goodbye_on_a_clean_st
     let config = spool.path().join("edgeflow.toml");
     std::fs::write(
         &config,
-        format!("[fleet]\nbroker = \"{}\"\ndevice_id = \"killed\"\nkeep_alive = \"5s\"\nspool_dir = \"{}\"\n", broker.url(), spool.path().join("spool").display()),
+        format!(
+            "[fleet]\nbroker = \"{}\"\ndevice_id = \"killed\"\nkeep_alive = \"5s\"\nrequire_signatures = false\nspool_dir = \"{}\"\n",
+            broker.url(),
+            spool.path().join("spool").display()
+        ),
     )
     .unwrap();
     let mut agent = common::edgeflow().args(["fleet", "run", "--config"]).arg(&config).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
@@ -473,6 +477,44 @@ async fn signed_unsigned_expired_and_replayed_commands() {
     let kinds: Vec<String> = events.iter().map(|m| m.json()["refusal"].as_str().unwrap().to_string()).collect();
     assert_eq!(kinds, vec!["unsigned", "bad_signature", "bad_signature", "expired", "replayed"], "{events:#?}");
     assert_eq!(running.handle.state().borrow().commands_refused, 5);
+    running.stop().await;
+}
+
+/// Security review, item 1: a configured key alone (no `require_signatures`) must mean only
+/// signed commands run. Before the fix the default was `false` and an unsigned `rollback`
+/// from anyone who could publish on the topic was obeyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_key_alone_refuses_unsigned_commands() {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let public = hex::encode(key.verifying_key().as_bytes());
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Arc::new(blocking(move || Sub::start(port, &["console/replies/#", "edgeflow/dev-k/events"])).await);
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, log) = handler();
+    let running = spawn(settings(&broker.url(), "dev-k", spool.path(), &format!("signature_public_key = \"{public}\"\n")), bus, None);
+    wait_state(&running.handle, "connected", |s| s.connected).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    for (i, name) in ["rollback", "pin", "sync"].iter().enumerate() {
+        let args = if *name == "pin" { json!({"version": "1"}) } else { json!({}) };
+        let unsigned = json!({"request_id": format!("u-{i}"), "args": args}).to_string();
+        let r = round_trip(&sub, port, "dev-k", name, &unsigned, &format!("u{i}"), 1).await;
+        let last = r.last().unwrap();
+        assert_eq!(last["status"], "failed", "unsigned {name}: {r:#?}");
+        assert!(last["reason"].as_str().unwrap().starts_with("unsigned"), "unsigned {name}: {last}");
+    }
+    assert!(log.lock().unwrap().is_empty(), "no unsigned command reached the handler: {:?}", log.lock().unwrap());
+    // The same device obeys the fleet's signed command.
+    let now = edgeflow::util::unix_now();
+    let signed = edgeflow::fleet::commands::sign(&key, "dev-k", "sync", &json!({"request_id": "s-1", "args": {}, "issued_at": now, "expires_at": now + 60}));
+    let r = round_trip(&sub, port, "dev-k", "sync", &signed, "s1", 1).await;
+    assert_eq!(r.last().unwrap()["status"], "succeeded", "{r:#?}");
+    assert_eq!(log.lock().unwrap().len(), 1);
+    // Each refusal is an event the console sees.
+    let s2 = sub.clone();
+    let events = blocking(move || s2.wait_count(|m| m.topic.ends_with("/events") && m.payload.contains("command_refused"), 3, WAIT)).await;
+    assert!(events.iter().take(3).all(|m| m.json()["refusal"] == "unsigned"), "{events:#?}");
     running.stop().await;
 }
 
@@ -1018,7 +1060,7 @@ async fn bench_wire_bytes_per_minute_at_default_intervals() {
     let metrics = Arc::new(edgeflow::telemetry::Metrics::new());
     let recorder = Recorder::new();
     // Only the broker, device and spool differ from the defaults.
-    let text = format!("[fleet]\nbroker = \"{}\"\ndevice_id = \"dev-wire\"\nspool_dir = \"{}\"\n", proxy.url(), spool.path().display());
+    let text = format!("[fleet]\nbroker = \"{}\"\ndevice_id = \"dev-wire\"\nrequire_signatures = false\nspool_dir = \"{}\"\n", proxy.url(), spool.path().display());
     let config: edgeflow::config::Config = toml::from_str(&text).unwrap();
     let shutdown = CancellationToken::new();
     let handle = Link::new(config.fleet.resolve().unwrap().unwrap()).metrics(metrics.clone()).drift(recorder.clone()).spawn(status, bus, shutdown.clone()).unwrap();

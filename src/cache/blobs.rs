@@ -22,6 +22,11 @@ impl Store {
     /// Moves a downloaded, hashed file into the blob store under its digest. The digest was
     /// computed while the bytes streamed to disk; the size is checked again here.
     ///
+    /// The fresh bytes always win: a blob already stored under the same name may have rotted
+    /// or been tampered with since it was verified, and keeping it would put those bytes into
+    /// the new version. The rename replaces the name atomically; versions already built keep
+    /// their own links to the old file until they are verified (and repaired) in turn.
+    ///
     /// # Errors
     /// [`CacheError::SizeMismatch`]; I/O errors.
     pub fn ingest(&self, temp: &Path, sha256: &str, size: u64) -> Result<PathBuf, CacheError> {
@@ -30,15 +35,10 @@ impl Store {
             return Err(CacheError::SizeMismatch { path: temp.to_path_buf(), expected: size, actual });
         }
         let blob = self.blob_path(sha256);
-        if blob.exists() {
-            // Same digest, same bytes: keep the one already there.
-            std::fs::remove_file(temp).map_err(CacheError::io("removing", temp))?;
-        } else {
-            std::fs::set_permissions(temp, std::fs::Permissions::from_mode(0o444)).map_err(CacheError::io("protecting", temp))?;
-            std::fs::File::open(temp).and_then(|f| f.sync_all()).map_err(CacheError::io("syncing", temp))?;
-            std::fs::rename(temp, &blob).map_err(CacheError::io("publishing", &blob))?;
-            sync_dir(&self.root().join("blobs"))?;
-        }
+        std::fs::set_permissions(temp, std::fs::Permissions::from_mode(0o444)).map_err(CacheError::io("protecting", temp))?;
+        std::fs::File::open(temp).and_then(|f| f.sync_all()).map_err(CacheError::io("syncing", temp))?;
+        std::fs::rename(temp, &blob).map_err(CacheError::io("publishing", &blob))?;
+        sync_dir(&self.root().join("blobs"))?;
         let _ = std::fs::remove_file(temp.with_extension("part.json"));
         Ok(blob)
     }

@@ -42,6 +42,10 @@ pub struct RunArgs {
     device_id: Option<String>,
     #[arg(long, value_name = "DIR")]
     spool_dir: Option<PathBuf>,
+    /// Obey unsigned commands (fleet.require_signatures = false), for a link without a
+    /// fleet.signature_public_key.
+    #[arg(long)]
+    allow_unsigned: bool,
 }
 
 #[derive(Args)]
@@ -110,6 +114,9 @@ fn run_link(args: RunArgs) -> anyhow::Result<()> {
     }
     if args.spool_dir.is_some() {
         config.fleet.spool_dir = args.spool_dir.clone();
+    }
+    if args.allow_unsigned {
+        config.fleet.require_signatures = Some(false);
     }
     let settings = config.fleet.resolve().map_err(|p| UsageError(p.join("\n")))?.ok_or_else(|| UsageError("no broker: pass --broker or set fleet.broker".into()))?;
     // One thread: the link is a few timers and one socket.

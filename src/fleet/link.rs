@@ -184,6 +184,14 @@ impl Link {
         };
         let span = tracing::info_span!("fleet", device = %s.device_id, broker = %s.broker);
         tracing::info!(parent: &span, prefix = %s.topic_prefix, spool = %s.spool_dir.display(), queued = spool.len(), "fleet link starting");
+        if !s.require_signatures {
+            tracing::warn!(
+                parent: &span,
+                topics = %format!("{}/{}/cmd/#", s.topic_prefix, s.device_id),
+                key = s.signature_key.is_some(),
+                "UNSIGNED FLEET COMMANDS ARE OBEYED (fleet.require_signatures = false): anyone who may publish on the command topics can roll back, pin or reconfigure this device"
+            );
+        }
         let runner = Runner {
             policy: Policy { key: s.signature_key.as_deref().copied(), require: s.require_signatures, max_age: s.signature_max_age },
             reconnect: Reconnect::new(s.backoff, s.protocol, version),
@@ -251,6 +259,7 @@ mod tests {
             backoff_initial: "1s".into(),
             backoff_max: "30s".into(),
             spool_dir: Some(dir.path().to_path_buf()),
+            require_signatures: Some(false),
             ..Default::default()
         };
         let settings = config.resolve().unwrap().unwrap();

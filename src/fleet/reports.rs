@@ -12,6 +12,9 @@ use super::SCHEMA;
 use crate::telemetry::drift::{Assessment, Baseline, BaselineSource, Baselines, Sketch, VersionKey, BASELINE_FILE};
 use crate::util::unix_now;
 
+/// Largest `drift_baseline.json` read from a model version (a real sketch is a few KiB).
+const MAX_BASELINE_BYTES: u64 = 1 << 20;
+
 /// Largest report accepted into the spool.
 const MAX_MESSAGE: usize = 64 * 1024;
 
@@ -116,6 +119,14 @@ impl Runner {
         }
         self.artifacts_checked.insert(key.clone());
         let path = dir.join(BASELINE_FILE);
+        // A sketch is a few KiB; the file comes with the artifact, whose author may not be kind.
+        match tokio::fs::metadata(&path).await {
+            Ok(m) if m.len() > MAX_BASELINE_BYTES => {
+                tracing::warn!(path = %path.display(), bytes = m.len(), limit = MAX_BASELINE_BYTES, "ignoring a drift baseline larger than any sketch; the first window will be the baseline");
+                return;
+            }
+            _ => {}
+        }
         match tokio::fs::read(&path).await {
             Ok(bytes) => match serde_json::from_slice::<Sketch>(&bytes) {
                 Ok(sketch) => {

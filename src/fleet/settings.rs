@@ -51,8 +51,11 @@ pub struct FleetConfig {
     pub command_window: String,
     /// Hex-encoded ed25519 public key of the fleet; commands signed with it are verified.
     pub signature_public_key: Option<String>,
-    /// Refuse commands that are not signed with `signature_public_key`.
-    pub require_signatures: bool,
+    /// Refuse commands that are not signed with `signature_public_key`. Unset: required when
+    /// a key is configured; with no key, the fleet link refuses to start until this is set to
+    /// `false` explicitly (anyone who may publish on the command topics then controls the
+    /// device) or a key is configured.
+    pub require_signatures: Option<bool>,
     /// Longest validity (`expires_at - issued_at`) a signed command may claim.
     pub signature_max_age: String,
 }
@@ -82,7 +85,7 @@ impl Default for FleetConfig {
             spool_max_bytes: "4MiB".into(),
             command_window: "10m".into(),
             signature_public_key: None,
-            require_signatures: false,
+            require_signatures: None,
             signature_max_age: "5m".into(),
         }
     }
@@ -215,7 +218,7 @@ impl FleetConfig {
             spool_max_bytes: reports.spool_max_bytes,
             command_window: commands.command_window,
             signature_key: commands.signature_key,
-            require_signatures: self.require_signatures,
+            require_signatures: commands.require_signatures,
             signature_max_age: commands.signature_max_age,
         }))
     }
@@ -327,10 +330,24 @@ impl FleetConfig {
                 None
             }
         });
-        if self.require_signatures && self.signature_public_key.is_none() {
-            p.push("fleet.require_signatures: needs fleet.signature_public_key".to_string());
-        }
-        CommandsPart { command_window, signature_key, signature_max_age }
+        // Secure by default: a key means only signed commands run; no key is an explicit choice.
+        let require_signatures = match (self.require_signatures, self.signature_public_key.is_some()) {
+            (Some(true), false) => {
+                p.push("fleet.require_signatures: needs fleet.signature_public_key".to_string());
+                true
+            }
+            (None, false) if self.broker.is_some() => {
+                p.push(
+                    "fleet.signature_public_key: not set, so fleet commands cannot be verified: set it (see `edgeflow fleet keygen`), or set \
+                     fleet.require_signatures = false to obey unsigned commands from anyone who may publish on this device's command topics"
+                        .to_string(),
+                );
+                true
+            }
+            (Some(require), _) => require,
+            (None, has_key) => has_key,
+        };
+        CommandsPart { command_window, signature_key, signature_max_age, require_signatures }
     }
 }
 
@@ -357,6 +374,7 @@ struct ReportsPart {
 
 /// [`FleetConfig::check_commands`]'s typed values.
 struct CommandsPart {
+    require_signatures: bool,
     command_window: Duration,
     signature_key: Option<Arc<ed25519_dalek::VerifyingKey>>,
     signature_max_age: Duration,
@@ -453,12 +471,33 @@ mod tests {
         let c = FleetConfig::default();
         assert!(c.problems().is_empty(), "{:?}", c.problems());
         assert!(c.resolve().unwrap().is_none(), "no broker: the link is off");
-        let c = FleetConfig { broker: Some("mqtt://127.0.0.1:1883".into()), device_id: Some("dev-1".into()), ..FleetConfig::default() };
+        let c = FleetConfig { broker: Some("mqtt://127.0.0.1:1883".into()), device_id: Some("dev-1".into()), require_signatures: Some(false), ..FleetConfig::default() };
         let s = c.resolve().unwrap().unwrap();
         assert_eq!((s.report_interval, s.drift_interval, s.keep_alive), (Duration::from_secs(120), Duration::from_secs(900), Duration::from_secs(60)));
         assert_eq!(s.spool_max_bytes, 4 << 20);
         assert_eq!(s.protocol, Protocol::Auto);
         assert!(!format!("{s:?}").contains("password: Some(\""));
+    }
+
+    #[test]
+    fn a_key_means_signatures_are_required_and_no_key_must_be_an_explicit_choice() {
+        let public = hex::encode(ed25519_dalek::SigningKey::from_bytes(&[9; 32]).verifying_key().as_bytes());
+        let base = || FleetConfig { broker: Some("mqtt://127.0.0.1:1883".into()), device_id: Some("dev-1".into()), ..FleetConfig::default() };
+        // No key and no word on signatures: the link does not start.
+        let p = base().problems();
+        assert_eq!(p.len(), 1, "{p:#?}");
+        assert!(p[0].starts_with("fleet.signature_public_key: not set") && p[0].contains("require_signatures = false"), "{p:#?}");
+        // No key, unsigned commands chosen explicitly.
+        let open = FleetConfig { require_signatures: Some(false), ..base() }.resolve().unwrap().unwrap();
+        assert!(!open.require_signatures && open.signature_key.is_none());
+        // A key and nothing else: only signed commands run.
+        let keyed = FleetConfig { signature_public_key: Some(public.clone()), ..base() }.resolve().unwrap().unwrap();
+        assert!(keyed.require_signatures && keyed.signature_key.is_some());
+        // A key with an explicit opt-out: signed ones are verified, unsigned ones obeyed.
+        let both = FleetConfig { signature_public_key: Some(public), require_signatures: Some(false), ..base() }.resolve().unwrap().unwrap();
+        assert!(!both.require_signatures && both.signature_key.is_some());
+        // The fleet link off (no broker): nothing to require.
+        assert!(FleetConfig::default().problems().is_empty());
     }
 
     #[test]
@@ -478,7 +517,7 @@ mod tests {
             drift_js_threshold: 2.0,
             spool_max_bytes: "10".into(),
             signature_public_key: Some("zz".into()),
-            require_signatures: true,
+            require_signatures: Some(true),
             ..FleetConfig::default()
         };
         let p = c.problems();
@@ -500,7 +539,7 @@ mod tests {
         ] {
             assert!(p.iter().any(|x| x.starts_with(&format!("{key}:"))), "{key} missing from {p:#?}");
         }
-        let c = FleetConfig { require_signatures: true, ..FleetConfig::default() };
+        let c = FleetConfig { require_signatures: Some(true), ..FleetConfig::default() };
         assert_eq!(c.problems(), vec!["fleet.require_signatures: needs fleet.signature_public_key".to_string()]);
     }
 

@@ -12,6 +12,7 @@
 //! that empties, an alias that disappears or a version that fails its smoke test all leave
 //! the active version in place and are reported on the poller's status channel.
 
+mod guard;
 pub mod poller;
 pub mod pull;
 

@@ -242,10 +242,14 @@ impl Poller {
             Op::Pin(version) => {
                 // A version the registry says does not exist is refused outright; one that
                 // cannot be checked (registry down) is pinned and tried at every poll.
-                if let Err(e) = self.puller.client().model_version(&self.model, version).await {
-                    if !e.is_unreachable() {
-                        return failed(format!("cannot pin version {version}: {}", crate::util::chain(&e)));
+                match self.puller.client().model_version(&self.model, version).await {
+                    Ok(mv) if !mv.is_ready() => {
+                        // Still being registered, or its registration failed: nothing to serve.
+                        return failed(format!("cannot pin version {version}: its registry status is {}, not READY", mv.status));
                     }
+                    Ok(_) => {}
+                    Err(e) if !e.is_unreachable() => return failed(format!("cannot pin version {version}: {}", crate::util::chain(&e))),
+                    Err(_) => {}
                 }
                 let v = version.clone();
                 if let Err(e) = self.store_call(move |store, model| store.set_pin(model, Some(&v))).await {

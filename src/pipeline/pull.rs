@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::guard::Guard;
 use crate::cache::{CacheError, FileRecord, State, Store, VersionRecord};
 use crate::engine::{GenerateParams, LoadOptions, Model};
 use crate::fetch::{self, Downloader, FetchError, Progress};
@@ -151,16 +152,31 @@ pub struct Puller {
     store: Store,
     downloader: Downloader,
     load_options: LoadOptions,
+    guard: Arc<Guard>,
 }
 
 impl Puller {
     pub fn new(client: Client, store: Store, parallel_downloads: usize, bandwidth_limit: Option<u64>, load_options: LoadOptions) -> Puller {
         let downloader = Downloader::new(Arc::new(client.clone()), client.backoff(), store.tmp_dir(), parallel_downloads, bandwidth_limit);
-        Puller { client, store, downloader, load_options }
+        Puller { client, store, downloader, load_options, guard: Arc::default() }
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// How many times every byte of a version was read and hashed (at load, on install, for a
+    /// rollback or pin, and once a day for the active version; never on a routine poll).
+    pub fn full_verifications(&self) -> u64 {
+        self.guard.full_verifications()
+    }
+
+    /// Reads and hashes every file of `rec` against its recorded digest.
+    async fn verify(&self, rec: &VersionRecord) -> Result<Result<Vec<crate::cache::Corruption>, CacheError>, PullError> {
+        self.guard.counted();
+        let store = self.store.clone();
+        let r = rec.clone();
+        self.blocking(move || store.verify(&r)).await
     }
 
     pub fn client(&self) -> &Client {
@@ -181,14 +197,6 @@ impl Puller {
             .map_err(|source| PullError::Resolve { model: model.to_string(), target: describe(target), source })?
             .ok_or_else(|| PullError::NothingToFollow { model: model.to_string(), target: target.clone() })?;
         observer(&PullEvent::Resolved { version: mv.clone() });
-        if !mv.is_ready() {
-            return Err(PullError::Registry {
-                step: "checking the status",
-                model: mv.name.clone(),
-                version: mv.version.clone(),
-                source: RegistryError::NotReady { name: mv.name.clone(), version: mv.version.clone(), status: mv.status.clone() },
-            });
-        }
         self.install(&mv, observer, progress, retry_bad).await
     }
 
@@ -198,6 +206,16 @@ impl Puller {
     /// # Errors
     /// As [`Puller::pull`].
     pub async fn install(&self, mv: &ModelVersion, observer: PullObserver, progress: Arc<Progress>, retry_bad: bool) -> Result<PullOutcome, PullError> {
+        // Whoever asks (a poll, a pin), a version the registry has not finished registering
+        // (or failed to) is never installed.
+        if !mv.is_ready() {
+            return Err(PullError::Registry {
+                step: "checking the status",
+                model: mv.name.clone(),
+                version: mv.version.clone(),
+                source: RegistryError::NotReady { name: mv.name.clone(), version: mv.version.clone(), status: mv.status.clone() },
+            });
+        }
         let job = Install { model: mv.name.clone(), version: mv.version.clone() };
         let (known, repairing, previous, is_active) = match self.check_cached(mv, &job, &observer, retry_bad).await? {
             Cached::Done(outcome) => return Ok(outcome),
@@ -241,6 +259,12 @@ impl Puller {
             return Ok(PullOutcome { model, version, dir, change });
         }
 
+        // The folder as the engine will read it: every file hashed again (commit_version
+        // checks sizes only), so no byte that was not verified reaches the smoke test.
+        let corrupt = self.verify(&rec).await?.map_err(job.cache_err("verifying the new version folder"))?;
+        if let Some(c) = corrupt.first() {
+            return Err(PullError::Cache { step: "verifying the new version folder", model, version, source: CacheError::Corrupt { path: c.path.clone(), count: corrupt.len() } });
+        }
         observer(&PullEvent::SmokeTest { version: version.clone() });
         let dir = self.store.version_dir(&rec);
         let options = self.load_options.clone();
@@ -279,13 +303,18 @@ impl Puller {
         if rec.dir.is_empty() {
             return Ok(partly);
         }
-        let store = self.store.clone();
-        let r = rec.clone();
-        let corrupt = self.blocking(move || store.verify(&r)).await?.map_err(job.cache_err("verifying the cached files"))?;
+        if is_active && self.guard.unchanged(&self.store.version_dir(&rec), &rec.files) {
+            // Hashed in full when it was installed or loaded (or within the day), and not a
+            // file of it changed since: a poll costs a few `stat` calls, not a read of the model.
+            let dir = self.store.version_dir(&rec);
+            return Ok(Cached::Done(PullOutcome { model, version, dir, change: Change::Unchanged }));
+        }
+        let corrupt = self.verify(&rec).await?.map_err(job.cache_err("verifying the cached files"))?;
         let mut repairing = Vec::new();
         if corrupt.is_empty() {
             if is_active {
                 let dir = self.store.version_dir(&rec);
+                self.guard.verified(&dir, &rec.files);
                 return Ok(Cached::Done(PullOutcome { model, version, dir, change: Change::Unchanged }));
             }
             if rec.state == State::Good {
@@ -396,10 +425,9 @@ impl Puller {
         if !self.store.settings().verify_on_load {
             return Ok(Some(PullOutcome { model: rec.model, version: rec.version, dir, change: Change::Unchanged }));
         }
-        let store = self.store.clone();
-        let r = rec.clone();
-        let corrupt = self.blocking(move || store.verify(&r)).await?.map_err(cache_err("verifying the active version"))?;
+        let corrupt = self.verify(&rec).await?.map_err(cache_err("verifying the active version"))?;
         if corrupt.is_empty() {
+            self.guard.verified(&dir, &rec.files);
             return Ok(Some(PullOutcome { model: rec.model, version: rec.version, dir, change: Change::Unchanged }));
         }
         tracing::warn!(%model, version = %rec.version, files = ?corrupt.iter().map(|c| &c.path).collect::<Vec<_>>(), "the active version is damaged");
@@ -421,9 +449,7 @@ impl Puller {
                 let Some(lkg) = self.blocking(move || store.last_known_good(&m)).await?.map_err(cache_err("reading the cache index"))? else {
                     return Err(e);
                 };
-                let store = self.store.clone();
-                let r = lkg.clone();
-                let corrupt = self.blocking(move || store.verify(&r)).await?.map_err(cache_err("verifying the last-known-good version"))?;
+                let corrupt = self.verify(&lkg).await?.map_err(cache_err("verifying the last-known-good version"))?;
                 if !corrupt.is_empty() {
                     return Err(e);
                 }
@@ -439,10 +465,8 @@ impl Puller {
     /// # Errors
     /// [`PullError::Cache`] for index errors, a missing folder or damaged files.
     pub async fn activate_cached(&self, rec: &VersionRecord) -> Result<PathBuf, PullError> {
-        let store = self.store.clone();
-        let r = rec.clone();
         let cache_err = |step: &'static str| move |source| PullError::Cache { step, model: rec.model.clone(), version: rec.version.clone(), source };
-        let corrupt = self.blocking(move || store.verify(&r)).await?.map_err(cache_err("verifying the version"))?;
+        let corrupt = self.verify(rec).await?.map_err(cache_err("verifying the version"))?;
         if let Some(c) = corrupt.first() {
             return Err(PullError::Cache {
                 step: "verifying the version",
@@ -465,6 +489,8 @@ impl Puller {
             source,
         })?;
         tracing::info!(model = %rec.model, version = %rec.version, dir = %dir.display(), "version active");
+        // Every path here verified the bytes first (hashed as downloaded, or read back).
+        self.guard.verified(&dir, &rec.files);
         observer(&PullEvent::Activated { version: rec.version.clone(), dir: dir.clone() });
         Ok(dir)
     }

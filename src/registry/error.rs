@@ -42,7 +42,7 @@ pub enum RegistryError {
     #[error("the artifact tree under `{root}` has more than {limit} entries or is deeper than {depth} levels")]
     TreeTooLarge { root: String, limit: usize, depth: usize },
 
-    #[error("the registry lists `{path}`, which would escape the model folder; refusing the model")]
+    #[error("the registry lists {path:?}, which is not a plain relative path inside the model folder (no `..`, root, backslash or control character, at most 1024 bytes); refusing the model")]
     UnsafePath { path: String },
 
     #[error("MLmodel of `{name}` version {version}: {message}")]

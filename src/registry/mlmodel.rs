@@ -196,14 +196,20 @@ pub fn decoder_filename(genai_config: &str) -> Option<String> {
     v.pointer("/model/decoder/filename")?.as_str().map(str::to_string)
 }
 
-/// A relative path with plain components only: no `..`, no root, no empty or `.` parts.
+/// Longest artifact path accepted (Linux allows 4096 bytes for a whole path).
+const MAX_PATH: usize = 1024;
+
+/// A relative path with plain components only: no `..`, no root, no empty or `.` parts, no
+/// control characters (a newline would forge log lines and land in a file name), at most
+/// [`MAX_PATH`] bytes.
 ///
 /// # Errors
 /// [`RegistryError::UnsafePath`] naming the path.
 pub fn check_relative(path: &str) -> Result<(), RegistryError> {
     let plain = !path.is_empty()
+        && path.len() <= MAX_PATH
         && !path.contains('\\')
-        && !path.contains('\0')
+        && !path.chars().any(char::is_control)
         && !path.split('/').any(|p| p.is_empty() || p == "." || p == "..")
         && Path::new(path).components().all(|c| matches!(c, Component::Normal(_)));
     if plain {

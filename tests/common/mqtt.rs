@@ -353,7 +353,13 @@ fn copy_counting(from: &mut TcpStream, to: &mut TcpStream, counter: &AtomicU64) 
 
 /// Fleet settings for a test: `[fleet]` TOML lines on top of a device id, broker and spool.
 pub fn settings(broker: &str, device: &str, spool: &Path, extra: &str) -> edgeflow::fleet::FleetSettings {
-    let text = format!("[fleet]\nbroker = \"{broker}\"\ndevice_id = \"{device}\"\nspool_dir = \"{}\"\nbackoff_initial = \"200ms\"\nbackoff_max = \"1s\"\n{extra}", spool.display());
+    // Tests that say nothing of signatures take unsigned commands, explicitly (the default
+    // without a key is to refuse to start).
+    let signatures = if extra.contains("require_signatures") || extra.contains("signature_public_key") { "" } else { "require_signatures = false\n" };
+    let text = format!(
+        "[fleet]\nbroker = \"{broker}\"\ndevice_id = \"{device}\"\nspool_dir = \"{}\"\nbackoff_initial = \"200ms\"\nbackoff_max = \"1s\"\n{signatures}{extra}",
+        spool.display()
+    );
     let config: edgeflow::config::Config = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     config.fleet.resolve().unwrap_or_else(|p| panic!("{p:#?}")).expect("a broker is set")
 }
