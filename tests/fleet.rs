@@ -291,7 +291,7 @@ async fn health_and_drift_arrive_and_match_their_schema() {
 /// final) correlated to `corr`.
 async fn round_trip(sub: &Arc<Sub>, port: u16, device: &str, name: &str, payload: &str, corr: &str, finals: usize) -> Vec<Value> {
     let topic = format!("edgeflow/{device}/cmd/{name}");
-    let reply_topic = format!("console/replies/{device}");
+    let reply_topic = format!("edgeflow/{device}/reply/console");
     let (payload, corr2) = (payload.to_string(), corr.to_string());
     blocking(move || publish_v5_command(port, &topic, &payload, &reply_topic, &corr2)).await;
     let corr = corr.to_string();
@@ -308,7 +308,7 @@ async fn round_trip(sub: &Arc<Sub>, port: u16, device: &str, name: &str, payload
 async fn every_command_round_trips_with_a_correlated_reply() {
     let broker = Mosquitto::start("");
     let port = broker.port;
-    let sub = Arc::new(blocking(move || Sub::start(port, &["console/replies/#", "edgeflow/dev-c/health"])).await);
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/+/reply/#", "edgeflow/dev-c/health"])).await);
     let spool = tempfile::tempdir().unwrap();
     let (bus, log) = handler();
     let running = spawn(settings(&broker.url(), "dev-c", spool.path(), "report_interval = \"1h\""), bus, None);
@@ -397,7 +397,7 @@ async fn every_command_round_trips_with_a_correlated_reply() {
 async fn duplicate_request_ids_are_answered_from_the_first_result() {
     let broker = Mosquitto::start("");
     let port = broker.port;
-    let sub = Arc::new(blocking(move || Sub::start(port, &["console/replies/#"])).await);
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/+/reply/#"])).await);
     let spool = tempfile::tempdir().unwrap();
     let (bus, log) = handler();
     let running = spawn(settings(&broker.url(), "dev-d", spool.path(), ""), bus, None);
@@ -435,7 +435,7 @@ async fn signed_unsigned_expired_and_replayed_commands() {
     let public = hex::encode(key.verifying_key().as_bytes());
     let broker = Mosquitto::start("");
     let port = broker.port;
-    let sub = Arc::new(blocking(move || Sub::start(port, &["console/replies/#", "edgeflow/dev-s/events"])).await);
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/+/reply/#", "edgeflow/dev-s/events"])).await);
     let spool = tempfile::tempdir().unwrap();
     let (bus, log) = handler();
     let extra = format!("require_signatures = true\nsignature_public_key = \"{public}\"\nsignature_max_age = \"5m\"\n");
@@ -489,7 +489,7 @@ async fn a_configured_key_alone_refuses_unsigned_commands() {
     let public = hex::encode(key.verifying_key().as_bytes());
     let broker = Mosquitto::start("");
     let port = broker.port;
-    let sub = Arc::new(blocking(move || Sub::start(port, &["console/replies/#", "edgeflow/dev-k/events"])).await);
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/+/reply/#", "edgeflow/dev-k/events"])).await);
     let spool = tempfile::tempdir().unwrap();
     let (bus, log) = handler();
     let running = spawn(settings(&broker.url(), "dev-k", spool.path(), &format!("signature_public_key = \"{public}\"\n")), bus, None);
@@ -515,6 +515,103 @@ async fn a_configured_key_alone_refuses_unsigned_commands() {
     let s2 = sub.clone();
     let events = blocking(move || s2.wait_count(|m| m.topic.ends_with("/events") && m.payload.contains("command_refused"), 3, WAIT)).await;
     assert!(events.iter().take(3).all(|m| m.json()["refusal"] == "unsigned"), "{events:#?}");
+    running.stop().await;
+}
+
+/// Security review, item 8: a command's id was recorded before the command was even parsed,
+/// with `keep_until` taken from the sender's own `expires_at`, so 4,096 junk commands made
+/// every later command (signed too) "busy", across restarts. Junk is no longer recorded, an
+/// unsigned id is kept for the window only, and finished unsigned entries make room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_commands_cannot_fill_the_replay_table() {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let public = hex::encode(key.verifying_key().as_bytes());
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/dev-j/cmd/+/reply", "edgeflow/+/reply/#"])).await);
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, log) = handler();
+    let extra = format!("signature_public_key = \"{public}\"\nrequire_signatures = false\nreport_interval = \"1h\"\n");
+    let running = spawn(settings(&broker.url(), "dev-j", spool.path(), &extra), bus, None);
+    wait_state(&running.handle, "connected", |s| s.connected).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 4,200 `pin` commands without a version, each claiming to stay valid for a century,
+    // published 50 at a time (`mosquitto_pub -l`: a message per line), each batch answered.
+    let century = edgeflow::util::unix_now() + 100 * 365 * 86400;
+    for batch in 0..84 {
+        let junk: String = (batch * 50..(batch + 1) * 50).map(|i| format!("{{\"request_id\":\"junk-{i}\",\"args\":{{}},\"expires_at\":{century}}}\n")).collect();
+        let s2 = sub.clone();
+        let replies = blocking(move || {
+            use std::io::Write;
+            let mut child = std::process::Command::new("mosquitto_pub")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", "edgeflow/dev-j/cmd/pin", "-l"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("mosquitto_pub");
+            child.stdin.take().unwrap().write_all(junk.as_bytes()).unwrap();
+            assert!(child.wait().unwrap().success());
+            s2.wait_count(|m| m.topic == "edgeflow/dev-j/cmd/pin/reply", (batch + 1) * 50, WAIT)
+        })
+        .await;
+        assert_eq!(replies.len(), (batch + 1) * 50, "every junk command is answered");
+    }
+    assert!(sub.all().iter().filter(|m| m.topic == "edgeflow/dev-j/cmd/pin/reply").all(|m| m.json()["status"] == "failed"), "junk never runs");
+    assert!(log.lock().unwrap().is_empty());
+
+    // The fleet's signed command still runs.
+    let now = edgeflow::util::unix_now();
+    let signed = edgeflow::fleet::commands::sign(&key, "dev-j", "sync", &json!({"request_id": "s-1", "args": {}, "issued_at": now, "expires_at": now + 60}));
+    let r = round_trip(&sub, port, "dev-j", "sync", &signed, "s1", 1).await;
+    assert_eq!(r.last().unwrap()["status"], "succeeded", "{r:#?}");
+    running.stop().await;
+
+    // And after a restart on the same spool.
+    let (bus, log) = handler();
+    let running = spawn(settings(&broker.url(), "dev-j", spool.path(), &extra), bus, None);
+    wait_state(&running.handle, "connected", |s| s.connected).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let signed = edgeflow::fleet::commands::sign(&key, "dev-j", "sync", &json!({"request_id": "s-2", "args": {}, "issued_at": now, "expires_at": now + 60}));
+    let r = round_trip(&sub, port, "dev-j", "sync", &signed, "s2", 1).await;
+    assert_eq!(r.last().unwrap()["status"], "succeeded", "{r:#?}");
+    assert_eq!(log.lock().unwrap().len(), 1);
+    running.stop().await;
+}
+
+/// Security review, item 9: the MQTT 5 response topic was used as given (no wildcards was the
+/// only rule), so a command could make the device publish on another device's command topic or
+/// on its own status. Replies now stay in the device's reply namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_stay_in_the_devices_reply_namespace() {
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    // Everything a reply could land on, but not the command topics the test publishes on.
+    let topics = ["edgeflow/victim/#", "edgeflow/+/status", "edgeflow/+/cmd/+/reply", "edgeflow/+/reply/#", "other/#"];
+    let sub = Arc::new(blocking(move || Sub::start(port, &topics)).await);
+    let spool = tempfile::tempdir().unwrap();
+    let (bus, log) = handler();
+    let running = spawn(settings(&broker.url(), "dev-r", spool.path(), "report_interval = \"1h\""), bus, None);
+    wait_state(&running.handle, "connected", |s| s.connected).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    for (i, hostile) in ["edgeflow/victim/cmd/rollback", "edgeflow/dev-r/status", "other/topic"].iter().enumerate() {
+        let corr = format!("h{i}");
+        let payload = json!({"request_id": format!("h-{i}"), "args": {}}).to_string();
+        let (topic, h, c) = ("edgeflow/dev-r/cmd/sync".to_string(), hostile.to_string(), corr.clone());
+        blocking(move || publish_v5_command(port, &topic, &payload, &h, &c)).await;
+        let s2 = sub.clone();
+        let c2 = corr.clone();
+        let finals = blocking(move || s2.wait_count(|m| m.correlation == c2 && m.payload.contains("\"succeeded\""), 1, WAIT)).await;
+        assert_eq!(finals[0].topic, "edgeflow/dev-r/cmd/sync/reply", "{hostile}: the reply went to the default topic");
+        // (The device's own birth message is on its status topic; no reply may be.)
+        let strays: Vec<_> = sub.all().into_iter().filter(|m| m.topic == *hostile && (m.payload.contains("\"kind\":\"reply\"") || !m.correlation.is_empty())).collect();
+        assert!(strays.is_empty(), "no reply published on {hostile}: {strays:#?}");
+    }
+    // A response topic inside the namespace is honoured.
+    let r = round_trip(&sub, port, "dev-r", "sync", &json!({"request_id": "ok-1", "args": {}}).to_string(), "ok1", 1).await;
+    assert_eq!(r.last().unwrap()["status"], "succeeded");
+    assert!(sub.all().iter().any(|m| m.correlation == "ok1" && m.topic == "edgeflow/dev-r/reply/console"));
+    assert_eq!(log.lock().unwrap().len(), 4);
     running.stop().await;
 }
 

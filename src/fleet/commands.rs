@@ -206,6 +206,10 @@ struct Entry {
     keep_until: u64,
     /// `None` while the command runs.
     done: Option<Final>,
+    /// A signed command's id is never forgotten before it expires; an unsigned one may be
+    /// evicted once it finished (replaying it is no more than sending a new unsigned command).
+    #[serde(default)]
+    signed: bool,
 }
 
 /// What the table says about a request id.
@@ -259,18 +263,37 @@ impl Recent {
         }
     }
 
-    /// Remembers a command that is about to run.
+    /// Remembers a command that is about to run (only commands that passed every check and
+    /// parsed are recorded, so junk cannot fill the table).
+    ///
+    /// An unsigned command's id is kept for `command_window`: its `expires_at` is the sender's
+    /// word and cannot make the device remember it longer. A signed one is kept until it
+    /// expires, which its verified signature bounds to `signature_max_age`. When the table is
+    /// full, finished unsigned entries make room, the oldest first.
     ///
     /// # Errors
     /// [`Refusal::Busy`] when the table is full of ids that must not be forgotten yet.
     pub fn start(&mut self, o: &Opened, now: u64) -> Result<(), Refusal> {
         self.prune(now);
-        if self.entries.len() >= MAX_REMEMBERED {
+        if self.entries.len() >= MAX_REMEMBERED && !self.evict_one() {
             return Err(Refusal::Busy);
         }
-        let keep_until = (now + self.window.as_secs()).max(o.expires_at.map_or(0, |e| e + CLOCK_SKEW.as_secs()));
-        self.put(o.request_id.clone(), Entry { digest: o.digest.clone(), keep_until, done: None });
+        let window_end = now + self.window.as_secs();
+        let keep_until = if o.signed { window_end.max(o.expires_at.map_or(0, |e| e + CLOCK_SKEW.as_secs())) } else { window_end };
+        self.put(o.request_id.clone(), Entry { digest: o.digest.clone(), keep_until, done: None, signed: o.signed });
         Ok(())
+    }
+
+    /// Forgets the finished unsigned entry that expires first; false when there is none.
+    fn evict_one(&mut self) -> bool {
+        let Some(id) = self.entries.iter().filter(|(_, e)| !e.signed && e.done.is_some()).min_by_key(|(_, e)| e.keep_until).map(|(k, _)| k.clone()) else {
+            return false;
+        };
+        self.entries.remove(&id);
+        if let Some(t) = &self.tree {
+            let _ = t.remove(id.as_bytes());
+        }
+        true
     }
 
     /// Records how a command ended.
@@ -422,6 +445,34 @@ mod tests {
         let later = Recent::load(Some(tree), Duration::from_secs(600), NOW + 601);
         assert_eq!(later.check(&o1), Seen::New);
         assert!(later.is_empty());
+    }
+
+    #[test]
+    fn unsigned_ids_cannot_pin_the_table_and_make_room_when_it_is_full() {
+        let mut recent = Recent::load(None, Duration::from_secs(600), NOW);
+        // An unsigned command claiming to expire in a century is kept for the window only.
+        let far = open(json!({"request_id": "far", "expires_at": NOW + 100 * 365 * 86400}).to_string().as_bytes(), "dev", "sync", &policy(false), NOW).unwrap();
+        recent.start(&far, NOW).unwrap();
+        recent.finish("far", Final { succeeded: true, reason: None, result: None });
+        assert_eq!(recent.entries["far"].keep_until, NOW + 600);
+        // A full table of finished unsigned ids still takes a signed command.
+        for i in 1..MAX_REMEMBERED {
+            let o = open(json!({"request_id": format!("j{i}")}).to_string().as_bytes(), "dev", "sync", &policy(false), NOW).unwrap();
+            recent.start(&o, NOW).unwrap();
+            recent.finish(&o.request_id, Final { succeeded: true, reason: None, result: None });
+        }
+        assert_eq!(recent.len(), MAX_REMEMBERED);
+        let signed = sign(&key(), "dev", "sync", &json!({"request_id": "s1", "issued_at": NOW, "expires_at": NOW + 300}));
+        let s1 = open(signed.as_bytes(), "dev", "sync", &policy(true), NOW).unwrap();
+        recent.start(&s1, NOW).expect("room is made for a signed command");
+        assert_eq!(recent.len(), MAX_REMEMBERED);
+        // Running or signed entries are never evicted: a table full of them says busy.
+        let mut busy = Recent::load(None, Duration::from_secs(600), NOW);
+        for i in 0..MAX_REMEMBERED {
+            let o = open(json!({"request_id": format!("r{i}")}).to_string().as_bytes(), "dev", "sync", &policy(false), NOW).unwrap();
+            busy.start(&o, NOW).unwrap();
+        }
+        assert_eq!(busy.start(&s1, NOW), Err(Refusal::Busy));
     }
 
     #[test]

@@ -91,8 +91,16 @@ impl Runner {
             tracing::debug!(topic, "ignoring a message outside cmd/<name>");
             return;
         };
-        // A response topic must be one we may publish to: no wildcards, not empty.
-        let reply_to = response_topic.filter(|t| !t.is_empty() && t.len() <= 512 && !t.contains(['+', '#', '\0'])).unwrap_or_else(|| self.topics.reply(&name));
+        // Replies go only into this device's reply namespace: a sender must not make the
+        // device publish on another device's topics, its own status or a command topic.
+        let reply_to = match response_topic {
+            Some(t) if self.topics.is_reply(&t) => t,
+            Some(t) => {
+                tracing::warn!(response_topic = %crate::command::truncate(&t, 128), command = %name, "response topic outside this device's reply namespace; replying on the default topic");
+                self.topics.reply(&name)
+            }
+            None => self.topics.reply(&name),
+        };
         let now = unix_now();
         let opened = match commands::open(payload, &self.s.device_id, &name, &self.policy, now) {
             Ok(o) => o,
@@ -109,20 +117,21 @@ impl Runner {
         if self.running.len() >= MAX_RUNNING_COMMANDS {
             return self.refused(&name, &reply_to, correlation, Some(opened.request_id), Refusal::Busy, "too many commands running".into());
         }
-        if let Err(refusal) = self.recent.start(&opened, now) {
-            return self.refused(&name, &reply_to, correlation, Some(opened.request_id), refusal, "too many recent commands to remember".into());
-        }
-        self.mark_dirty();
         let rid = opened.request_id.clone();
+        // Parsed before its id is recorded: a command that cannot run leaves no trace in the
+        // replay table (a repeat is refused again the same way).
         let command = match Command::parse(&name, &opened.args) {
             Ok(c) => c,
             Err(reason) => {
                 self.state.commands_refused += 1;
                 let f = Final { succeeded: false, reason: Some(reason), result: None };
-                self.recent.finish(&rid, f.clone());
                 return self.reply_final(&reply_to, correlation, &rid, &name, &f, false);
             }
         };
+        if let Err(refusal) = self.recent.start(&opened, now) {
+            return self.refused(&name, &reply_to, correlation, Some(opened.request_id), refusal, "too many recent commands to remember".into());
+        }
+        self.mark_dirty();
         self.state.commands_accepted += 1;
         tracing::info!(command = command.name(), request_id = %rid, signed = opened.signed, "command accepted");
         self.reply(&reply_to, correlation.clone(), Some(&rid), command.name(), "accepted", None, None, false);
