@@ -303,17 +303,16 @@ impl Puller {
         if rec.dir.is_empty() {
             return Ok(partly);
         }
-        if is_active && self.guard.unchanged(&self.store.version_dir(&rec), &rec.files) {
+        let dir = self.store.version_dir(&rec);
+        if is_active && self.guard.unchanged(&dir, &rec.files) {
             // Hashed in full when it was installed or loaded (or within the day), and not a
             // file of it changed since: a poll costs a few `stat` calls, not a read of the model.
-            let dir = self.store.version_dir(&rec);
             return Ok(Cached::Done(PullOutcome { model, version, dir, change: Change::Unchanged }));
         }
         let corrupt = self.verify(&rec).await?.map_err(job.cache_err("verifying the cached files"))?;
         let mut repairing = Vec::new();
         if corrupt.is_empty() {
             if is_active {
-                let dir = self.store.version_dir(&rec);
                 self.guard.verified(&dir, &rec.files);
                 return Ok(Cached::Done(PullOutcome { model, version, dir, change: Change::Unchanged }));
             }

@@ -49,12 +49,6 @@ impl Listeners {
         Ok(Self { unix, socket_file, socket_path, tcp })
     }
 
-    /// Wraps listeners the caller bound itself (tests, embedders); the caller owns any file.
-    #[must_use]
-    pub fn from_parts(unix: UnixListener, socket_path: PathBuf, tcp: Option<TcpListener>) -> Self {
-        Self { unix, socket_file: None, socket_path, tcp }
-    }
-
     /// The socket's path (systemd's when it passed one).
     #[must_use]
     pub fn socket_path(&self) -> &Path {
