@@ -8,6 +8,14 @@
 //! re-hashes the bytes already on disk (local reads are far cheaper than the network, and
 //! there is then no hash state to persist or trust).
 //!
+//! What survives a power loss: every [`CHECKPOINT_STEP`] bytes the file is fsynced and the
+//! state records that length, the sha256 of those bytes and the boot it was written in. A
+//! resume in the same boot (the daemon restarted) keeps the whole file, which the page cache
+//! holds intact; a resume after a reboot keeps only the checkpointed prefix, and only if it
+//! still hashes to the recorded digest (blocks written after the last fsync may hold zeros
+//! or stale data). Without a validator from the server nothing is resumed: a ranged request
+//! could splice two versions of the file.
+//!
 //! The size must match the registry's listing exactly. Files download a few at a time
 //! (`parallel_downloads`), optionally under a shared bandwidth cap. The HTTP requests go
 //! through a [`Source`] (the registry's client implements it), so this module knows nothing
@@ -38,6 +46,8 @@ const WRITE_BUFFER: usize = 1 << 20;
 /// Writeback of this many new bytes is started while downloading, so the fsync before the
 /// file is published has little left to do.
 const WRITEBACK_STEP: u64 = 64 << 20;
+/// The partial file is fsynced and its durable length recorded this often.
+const CHECKPOINT_STEP: u64 = 2 * WRITEBACK_STEP;
 
 /// Where the bytes come from: one ranged GET, and an answer that is not 200/206/416 turned
 /// into an error. The registry's client implements it with its auth, TLS and timeouts.
@@ -184,6 +194,20 @@ struct PartState {
     url: String,
     size: u64,
     validator: Option<String>,
+    /// Bytes known to be on stable storage (fsynced), and their sha256.
+    #[serde(default)]
+    durable: u64,
+    #[serde(default)]
+    durable_sha256: Option<String>,
+    /// The kernel's boot id when the state was written: within one boot the page cache
+    /// holds every byte written, even unsynced ones.
+    #[serde(default)]
+    boot_id: Option<String>,
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`), if the kernel tells.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
 
 /// A shared download rate cap (GCRA: each chunk books its transmission time).
@@ -356,9 +380,16 @@ impl Downloader {
         }
         let new_validator =
             resp.headers().get(reqwest::header::ETAG).or_else(|| resp.headers().get(reqwest::header::LAST_MODIFIED)).and_then(|v| v.to_str().ok()).map(str::to_string);
+        if *have > 0 && (new_validator.is_none() || validator.is_none()) {
+            // Nothing ties the bytes on disk to the bytes now offered: start over rather
+            // than splice two versions of the file.
+            tracing::warn!(file = %job.name, at = *have, "the server gives no ETag or Last-Modified; downloading the file again from the start instead of resuming");
+            reset(part, hasher, have, progress)?;
+            return Err(FetchError::RangeRefused { name: job.name.clone(), from: 0 });
+        }
         if new_validator != *validator || *have == 0 {
             *validator = new_validator;
-            let state = PartState { url: job.url.to_string(), size: job.size, validator: validator.clone() };
+            let state = PartState { url: job.url.to_string(), size: job.size, validator: validator.clone(), durable: 0, durable_sha256: None, boot_id: boot_id() };
             write_state(state_path, &state)?;
         }
 
@@ -368,7 +399,11 @@ impl Downloader {
         let taken = std::mem::take(hasher);
         let path = part.to_path_buf();
         let base = *have;
-        let writer = tokio::task::spawn_blocking(move || write_loop(file, base, taken, rx, &path));
+        let checkpoint = Checkpoint {
+            path: state_path.to_path_buf(),
+            state: PartState { url: job.url.to_string(), size: job.size, validator: validator.clone(), durable: 0, durable_sha256: None, boot_id: boot_id() },
+        };
+        let writer = tokio::task::spawn_blocking(move || write_loop(file, base, taken, rx, &path, checkpoint));
         let stream_result = self.receive(job, &mut resp, &tx, base, progress).await;
         drop(tx);
         let (back, written) = writer.await.map_err(|_| FetchError::WriterGone { name: job.name.clone() })??;
@@ -426,31 +461,54 @@ impl Downloader {
 }
 
 /// Reads the partial file's state; keeps and re-hashes its bytes when they belong to the
-/// same URL and size, otherwise starts it over.
+/// same URL and size and the server gave a validator, otherwise starts it over. After a
+/// reboot only the checkpointed prefix is kept, and only if it still hashes as recorded.
 fn prepare(part: &Path, state_path: &Path, url: &str, size: u64) -> Result<(Sha256, u64, Option<String>), FetchError> {
+    prepare_in_boot(part, state_path, url, size, boot_id().as_deref())
+}
+
+fn prepare_in_boot(part: &Path, state_path: &Path, url: &str, size: u64, boot: Option<&str>) -> Result<(Sha256, u64, Option<String>), FetchError> {
     let state: Option<PartState> = std::fs::read(state_path).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let len = std::fs::metadata(part).map(|m| m.len()).unwrap_or(0);
-    let usable = matches!(&state, Some(s) if s.url == url && s.size == size) && len <= size;
-    if !usable {
-        if len > 0 || part.exists() {
+    let start_over = || -> Result<(Sha256, u64, Option<String>), FetchError> {
+        if part.exists() {
             std::fs::remove_file(part).map_err(FetchError::io(part))?;
         }
         let _ = std::fs::remove_file(state_path);
-        return Ok((Sha256::new(), 0, None));
+        Ok((Sha256::new(), 0, None))
+    };
+    let Some(state) = state.filter(|s| s.url == url && s.size == size && s.validator.is_some() && len <= size) else { return start_over() };
+    let same_boot = boot.is_some() && state.boot_id.as_deref() == boot;
+    let keep = if same_boot { len } else { state.durable.min(len) };
+    if !same_boot && state.durable > len {
+        tracing::warn!(file = %part.display(), durable = state.durable, len, "a partial download is shorter than its checkpoint after a reboot; starting it over");
+        return start_over();
     }
     let mut hasher = Sha256::new();
-    let mut f = std::fs::File::open(part).map_err(FetchError::io(part))?;
+    let f = std::fs::File::open(part).map_err(FetchError::io(part))?;
+    let mut reader = std::io::BufReader::with_capacity(WRITE_BUFFER, f).take(keep);
     let mut buf = vec![0u8; WRITE_BUFFER];
     let mut total = 0u64;
     loop {
-        let n = f.read(&mut buf).map_err(FetchError::io(part))?;
+        let n = reader.read(&mut buf).map_err(FetchError::io(part))?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
         total += n as u64;
     }
-    Ok((hasher, total, state.and_then(|s| s.validator)))
+    if !same_boot {
+        if total > 0 && state.durable_sha256.as_deref() != Some(hex::encode(hasher.clone().finalize()).as_str()) {
+            tracing::warn!(file = %part.display(), durable = state.durable, "a partial download's checkpointed bytes changed across a reboot; starting it over");
+            return start_over();
+        }
+        if len > total {
+            tracing::info!(file = %part.display(), kept = total, dropped = len - total, "resuming after a reboot from the last checkpoint; bytes written after it are not trusted");
+            let f = std::fs::OpenOptions::new().write(true).open(part).map_err(FetchError::io(part))?;
+            f.set_len(total).map_err(FetchError::io(part))?;
+        }
+    }
+    Ok((hasher, total, state.validator))
 }
 
 fn reset(part: &Path, hasher: &mut Sha256, have: &mut u64, progress: &Progress) -> Result<(), FetchError> {
@@ -464,17 +522,38 @@ fn reset(part: &Path, hasher: &mut Sha256, have: &mut u64, progress: &Progress) 
     Ok(())
 }
 
+/// Writes the state durably: a temp file, fsynced, renamed over the old one, the folder
+/// fsynced.
 fn write_state(path: &Path, state: &PartState) -> Result<(), FetchError> {
     let tmp = path.with_extension("json.tmp");
     let body = serde_json::to_vec(state).map_err(|e| FetchError::Io { path: path.to_path_buf(), source: std::io::Error::other(e) })?;
-    std::fs::write(&tmp, body).map_err(FetchError::io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(FetchError::io(path))
+    let mut f = std::fs::File::create(&tmp).map_err(FetchError::io(&tmp))?;
+    f.write_all(&body).and_then(|()| f.sync_all()).map_err(FetchError::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(FetchError::io(path))?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(FetchError::io(dir))?;
+    }
+    Ok(())
 }
 
-fn write_loop(file: std::fs::File, base: u64, mut hasher: Sha256, mut rx: mpsc::Receiver<Vec<Bytes>>, path: &Path) -> Result<(Sha256, u64), FetchError> {
+/// Where the writer records its checkpoints, and the state it records them in.
+struct Checkpoint {
+    path: PathBuf,
+    state: PartState,
+}
+
+fn write_loop(
+    file: std::fs::File,
+    base: u64,
+    mut hasher: Sha256,
+    mut rx: mpsc::Receiver<Vec<Bytes>>,
+    path: &Path,
+    mut checkpoint: Checkpoint,
+) -> Result<(Sha256, u64), FetchError> {
     let mut out = std::io::BufWriter::with_capacity(WRITE_BUFFER, file);
     let mut written = 0u64;
     let mut writeback_from = 0u64;
+    let mut checkpoint_from = 0u64;
     while let Some(batch) = rx.blocking_recv() {
         for chunk in batch {
             out.write_all(&chunk).map_err(FetchError::io(path))?;
@@ -485,6 +564,14 @@ fn write_loop(file: std::fs::File, base: u64, mut hasher: Sha256, mut rx: mpsc::
             out.flush().map_err(FetchError::io(path))?;
             start_writeback(out.get_ref(), base + writeback_from, written - writeback_from);
             writeback_from = written;
+        }
+        if written - checkpoint_from >= CHECKPOINT_STEP {
+            out.flush().map_err(FetchError::io(path))?;
+            out.get_ref().sync_data().map_err(FetchError::io(path))?;
+            checkpoint.state.durable = base + written;
+            checkpoint.state.durable_sha256 = Some(hex::encode(hasher.clone().finalize()));
+            write_state(&checkpoint.path, &checkpoint.state)?;
+            checkpoint_from = written;
         }
     }
     let mut file = out.into_inner().map_err(|e| FetchError::Io { path: path.to_path_buf(), source: e.into_error() })?;
@@ -545,8 +632,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let part = dir.path().join("k.part");
         let state = dir.path().join("k.part.json");
+        let st = |validator: Option<&str>| PartState {
+            url: "http://x/a".into(),
+            size: 10,
+            validator: validator.map(str::to_string),
+            durable: 0,
+            durable_sha256: None,
+            boot_id: boot_id(),
+        };
         std::fs::write(&part, b"hello").unwrap();
-        write_state(&state, &PartState { url: "http://x/a".into(), size: 10, validator: Some("\"e\"".into()) }).unwrap();
+        write_state(&state, &st(Some("\"e\""))).unwrap();
         let (h, have, v) = prepare(&part, &state, "http://x/a", 10).unwrap();
         assert_eq!(have, 5);
         assert_eq!(v.as_deref(), Some("\"e\""));
@@ -557,8 +652,51 @@ mod tests {
         assert!(!part.exists());
         // Longer than expected: start over.
         std::fs::write(&part, b"0123456789AB").unwrap();
-        write_state(&state, &PartState { url: "http://x/a".into(), size: 10, validator: None }).unwrap();
+        write_state(&state, &st(Some("\"e\""))).unwrap();
         assert_eq!(prepare(&part, &state, "http://x/a", 10).unwrap().1, 0);
+        // No validator: nothing ties the bytes to the server's file, start over.
+        std::fs::write(&part, b"hello").unwrap();
+        write_state(&state, &st(None)).unwrap();
+        assert_eq!(prepare(&part, &state, "http://x/a", 10).unwrap().1, 0);
+    }
+
+    /// Issue 14 item 4: after a reboot only the fsynced, checkpointed prefix is trusted, and
+    /// only while it hashes as recorded.
+    #[test]
+    fn after_a_reboot_only_the_verified_checkpoint_is_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let part = dir.path().join("k.part");
+        let state = dir.path().join("k.part.json");
+        let checkpointed = |durable: u64, digest: &[u8]| PartState {
+            url: "http://x/a".into(),
+            size: 20,
+            validator: Some("\"e\"".into()),
+            durable,
+            durable_sha256: Some(hex::encode(Sha256::digest(digest))),
+            boot_id: Some("boot-1".into()),
+        };
+        // Same boot: every byte written is in the page cache, all 9 are kept.
+        std::fs::write(&part, b"0123\0\0\0\0\0").unwrap();
+        write_state(&state, &checkpointed(4, b"0123")).unwrap();
+        assert_eq!(prepare_in_boot(&part, &state, "http://x/a", 20, Some("boot-1")).unwrap().1, 9);
+        // Another boot: the unsynced tail (zeros after a power loss) is cut at the checkpoint.
+        let (h, have, _) = prepare_in_boot(&part, &state, "http://x/a", 20, Some("boot-2")).unwrap();
+        assert_eq!(have, 4);
+        assert_eq!(std::fs::read(&part).unwrap(), b"0123");
+        assert_eq!(hex::encode(h.finalize()), hex::encode(Sha256::digest(b"0123")));
+        // Another boot, and the checkpointed bytes themselves changed: start over.
+        std::fs::write(&part, b"01X3456").unwrap();
+        write_state(&state, &checkpointed(4, b"0123")).unwrap();
+        assert_eq!(prepare_in_boot(&part, &state, "http://x/a", 20, Some("boot-2")).unwrap().1, 0);
+        assert!(!part.exists());
+        // Another boot, and the file is shorter than its checkpoint (lost metadata): start over.
+        std::fs::write(&part, b"01").unwrap();
+        write_state(&state, &checkpointed(4, b"0123")).unwrap();
+        assert_eq!(prepare_in_boot(&part, &state, "http://x/a", 20, Some("boot-2")).unwrap().1, 0);
+        // A state from before checkpoints existed (no boot id): nothing durable to keep.
+        std::fs::write(&part, b"0123456").unwrap();
+        write_state(&state, &PartState { durable: 0, durable_sha256: None, boot_id: None, ..checkpointed(0, b"") }).unwrap();
+        assert_eq!(prepare_in_boot(&part, &state, "http://x/a", 20, Some("boot-2")).unwrap().1, 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,6 +19,33 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// Whether `host` (a URL's host, IPv6 without brackets) names this machine: `localhost` or a
+/// loopback address. Credentials may cross plaintext only to such a host.
+#[must_use]
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `url` with any password (and username) replaced, for messages: what a URL carries in its
+/// user-info never reaches a log, an error, `/status` or the fleet. Text that does not parse
+/// as a URL is cut at its last `@` the same way.
+#[must_use]
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("REDACTED");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Ok(_) => url.to_string(),
+        Err(_) => match (url.find("://"), url.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}REDACTED{}", &url[..s + 3], &url[at..]),
+            _ => url.to_string(),
+        },
+    }
+}
+
 /// Seconds since the Unix epoch, for records and reports (0 if the clock is before 1970).
 #[must_use]
 pub fn unix_now() -> u64 {

@@ -406,3 +406,136 @@ fn fleet_commands_roll_back_pin_and_unpin_with_acknowledgements() {
 fn daemon_log(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
+
+/// Issue 14 item 11: a command's id is on disk before the command acts, so a SIGKILL right
+/// after it ran and a redelivery of the same command do not run it a second time.
+#[test]
+fn a_command_killed_right_after_it_ran_is_not_run_again_when_redelivered() {
+    let mlflow = Mlflow::start(&[]);
+    mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-gqa"), "pyfunc", Some("Production"), None);
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Sub::start(port, &["edgeflow/dev-k/#"]);
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = format!("[fleet]\nbroker = \"{}\"\ndevice_id = \"dev-k\"\nrequire_signatures = false\nspool_dir = \"{}\"\n", broker.url(), dir.path().join("spool").display());
+    let config = config(&mlflow.url, dir.path(), &fleet);
+    let mut daemon = Daemon::start(dir.path(), &config, None);
+    daemon.wait_serving("1");
+    sub.wait(|m| m.topic == "edgeflow/dev-k/status" && m.payload.contains("online"), WAIT).expect("birth message");
+
+    let payload = json!({"request_id": "once-1", "args": {"log_level": "debug"}}).to_string();
+    let is_final = |m: &common::mqtt::Msg| m.topic == "edgeflow/dev-k/cmd/set/reply" && m.json()["request_id"] == "once-1" && m.json()["status"] != "accepted";
+    publish(port, "edgeflow/dev-k/cmd/set", &payload, &[]);
+    let first = sub.wait(is_final, WAIT).unwrap_or_else(|| panic!("no reply to set:\n{}", daemon.log()));
+    // Killed at once: well inside the link's one-second batching of spool writes.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let _ = daemon.child.wait();
+    assert_eq!(first.json()["status"], "succeeded", "{}", first.payload);
+    assert!(first.json().get("duplicate").is_none());
+
+    let mut again = Daemon::start(dir.path(), &config, None);
+    again.wait_serving("1");
+    sub.wait_count(|m| m.topic == "edgeflow/dev-k/status" && m.payload.contains("online"), 2, WAIT);
+    publish(port, "edgeflow/dev-k/cmd/set", &payload, &[]);
+    let replies = sub.wait_count(is_final, 2, WAIT);
+    assert_eq!(replies.len(), 2, "no answer to the redelivery:\n{}", again.log());
+    let second = replies[1].json();
+    assert_eq!(second["duplicate"], true, "the redelivered command ran again: {second}\n{}", again.log());
+    assert!(!again.log().contains("command accepted"), "the second process accepted it as new:\n{}", again.log());
+}
+
+/// Issue 14 items 13 and 14: credentials never cross plaintext to another machine unless the
+/// operator says the network is trusted, and credentials written into the registry URL are
+/// refused without being repeated anywhere (exit 64, the message redacted).
+#[test]
+fn plaintext_credentials_are_refused_and_a_url_password_is_never_repeated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    let check = |text: &str, env: &[(&str, &str)]| -> (Option<i32>, String) {
+        std::fs::write(&path, text).unwrap();
+        let mut cmd = edgeflow();
+        cmd.args(["check-config", "--config"]).arg(&path).env("NO_COLOR", "1");
+        for k in ["MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "EDGEFLOW_MQTT_USERNAME", "EDGEFLOW_MQTT_PASSWORD"] {
+            cmd.env_remove(k);
+        }
+        cmd.envs(env.iter().copied());
+        let out = cmd.output().unwrap();
+        (out.status.code(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    };
+    let registry = |url: &str, extra: &str| format!("[registry]\nurl = \"{url}\"\nmodel = \"m\"\n{extra}[cache]\ndir = \"{}\"\n", dir.path().join("cache").display());
+
+    let (code, out) = check(&registry("http://mlflow.example.internal:5000", ""), &[("MLFLOW_TRACKING_TOKEN", "tok-s3cret")]);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("registry.url:") && out.contains("allow_plaintext_credentials"), "{out}");
+    assert!(!out.contains("tok-s3cret"), "{out}");
+    let (code, out) = check(&registry("http://mlflow.example.internal:5000", "allow_plaintext_credentials = true\n"), &[("MLFLOW_TRACKING_TOKEN", "tok-s3cret")]);
+    assert_eq!(code, Some(0), "an explicit choice is honoured: {out}");
+    for local in ["http://127.0.0.1:5000", "http://localhost:5000", "http://[::1]:5000"] {
+        let (code, out) = check(&registry(local, ""), &[("MLFLOW_TRACKING_USERNAME", "u"), ("MLFLOW_TRACKING_PASSWORD", "pw-s3cret")]);
+        assert_eq!(code, Some(0), "{local} is this machine: {out}");
+    }
+    let (code, out) = check(&registry("http://mlflow.example.internal:5000", ""), &[]);
+    assert_eq!(code, Some(0), "no credentials, nothing to leak: {out}");
+
+    let (code, out) = check(&registry("https://alice:pw-s3cret@mlflow.example.internal", ""), &[]);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("holds credentials") && out.contains("REDACTED@mlflow.example.internal"), "{out}");
+    assert!(!out.contains("pw-s3cret") && !out.contains("alice"), "the URL's credentials were repeated: {out}");
+    let (code, out) = check(&registry("ftp://alice:pw-s3cret@host", ""), &[]);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(!out.contains("pw-s3cret"), "{out}");
+
+    let fleet = |broker: &str, extra: &str| {
+        format!("{}[fleet]\nbroker = \"{broker}\"\ndevice_id = \"d\"\nrequire_signatures = false\n{extra}", registry("https://mlflow.example.internal", ""))
+    };
+    let creds = [("EDGEFLOW_MQTT_USERNAME", "dev"), ("EDGEFLOW_MQTT_PASSWORD", "mq-s3cret")];
+    let (code, out) = check(&fleet("mqtt://broker.example.internal", ""), &creds);
+    assert_eq!(code, Some(64), "{out}");
+    assert!(out.contains("fleet.broker:") && out.contains("allow_plaintext_credentials") && !out.contains("mq-s3cret"), "{out}");
+    assert_eq!(check(&fleet("mqtt://broker.example.internal", "allow_plaintext_credentials = true\n"), &creds).0, Some(0));
+    assert_eq!(check(&fleet("mqtt://127.0.0.1:1883", ""), &creds).0, Some(0));
+    assert_eq!(check(&fleet("mqtts://broker.example.internal", ""), &creds).0, Some(0));
+}
+
+/// Issue 14 item 12: a reload that changes a security setting is refused loudly (journal,
+/// STATUS=, a `reload_refused` event), and the old setting stays in force: an unsigned
+/// command is still obeyed until the restart, and after it, refused.
+#[test]
+fn a_reload_that_changes_security_settings_is_refused_loudly() {
+    let mlflow = Mlflow::start(&[]);
+    mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-gqa"), "pyfunc", Some("Production"), None);
+    let broker = Mosquitto::start("");
+    let port = broker.port;
+    let sub = Sub::start(port, &["edgeflow/dev-h/#"]);
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = |security: &str| format!("[fleet]\nbroker = \"{}\"\ndevice_id = \"dev-h\"\nspool_dir = \"{}\"\n{security}\n", broker.url(), dir.path().join("spool").display());
+    let notes = Notifications::listen();
+    let mut daemon = Daemon::start(dir.path(), &config(&mlflow.url, dir.path(), &fleet("require_signatures = false")), Some(&notes));
+    daemon.wait_serving("1");
+    sub.wait(|m| m.topic == "edgeflow/dev-h/status" && m.payload.contains("online"), WAIT).expect("birth message");
+
+    let key = "signature_public_key = \"3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c\"";
+    std::fs::write(dir.path().join("config.toml"), config(&mlflow.url, dir.path(), &fleet(key))).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.child.id() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+    let status = notes.wait(|m| m.contains("reload refused"), "a STATUS= line saying the reload was refused");
+    assert!(status.contains("fleet.signature_public_key") && status.contains("fleet.require_signatures"), "{status}");
+    let event = sub.wait(|m| m.topic == "edgeflow/dev-h/events" && m.json()["event"] == "reload_refused", WAIT).expect("a reload_refused event");
+    let settings = event.json()["settings"].clone();
+    assert_eq!(settings, json!(["fleet.signature_public_key", "fleet.require_signatures"]), "{}", event.payload);
+    assert!(daemon.log().contains("RELOAD REFUSED"), "{}", daemon.log());
+
+    // The old policy is still the one in force, as the refusal said...
+    let unsigned = |rid: &str| {
+        publish(port, "edgeflow/dev-h/cmd/report", &json!({"request_id": rid}).to_string(), &[]);
+        sub.wait(|m| m.topic == "edgeflow/dev-h/cmd/report/reply" && m.json()["request_id"] == rid && m.json()["status"] != "accepted", WAIT).expect("a final reply").json()
+    };
+    assert_eq!(unsigned("before-restart")["status"], "succeeded");
+    // ... and the restart applies the new one.
+    assert!(daemon.stop().success());
+    let mut again = Daemon::start(dir.path(), &config(&mlflow.url, dir.path(), &fleet(key)), None);
+    again.wait_serving("1");
+    sub.wait_count(|m| m.topic == "edgeflow/dev-h/status" && m.payload.contains("online"), 2, WAIT);
+    let r = unsigned("after-restart");
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(r["reason"].as_str().is_some_and(|t| t.starts_with("unsigned")), "{r}");
+}

@@ -988,43 +988,63 @@ async fn drift_on_the_trained_model_flags_a_language_shift_and_not_an_unshifted_
     assert_eq!(reports[2]["divergence"]["prompt_tokens"]["alert"], false, "prompt lengths were meant to match:\n{french}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drift_baseline_logged_with_the_version_is_the_reference() {
-    // The version's folder carries drift_baseline.json: a sketch of long prompts.
+/// A device serving version `version` from a folder whose `drift_baseline.json` holds
+/// `artifact` (a sketch of long prompts, as JSON) while short prompts arrive: its first drift
+/// report.
+async fn drift_report_against_an_artifact(device: &str, version: &str, artifact: impl FnOnce(Vec<u8>) -> Vec<u8>, rng: &mut fastrand::Rng) -> Value {
     let version_dir = tempfile::tempdir().unwrap();
-    let mut rng = fastrand::Rng::with_seed(21);
     let mut baseline = edgeflow::telemetry::drift::Sketch::default();
     for _ in 0..300 {
-        baseline.observe(&obs(500 + rng.usize(..500), &mut rng));
+        baseline.observe(&obs(500 + rng.usize(..500), rng));
     }
-    std::fs::write(version_dir.path().join(edgeflow::telemetry::drift::BASELINE_FILE), serde_json::to_vec(&baseline).unwrap()).unwrap();
+    std::fs::write(version_dir.path().join(edgeflow::telemetry::drift::BASELINE_FILE), artifact(serde_json::to_vec(&baseline).unwrap())).unwrap();
     let broker = Mosquitto::start("");
     let port = broker.port;
-    let sub = Arc::new(blocking(move || Sub::start(port, &["edgeflow/dev-art/drift"])).await);
+    let topic = format!("edgeflow/{device}/drift");
+    let sub = Arc::new(blocking(move || Sub::start(port, &[&topic])).await);
     let spool = tempfile::tempdir().unwrap();
     let (bus, _log) = handler();
     let (publisher, status) = edgeflow::status::channel();
     let dir = version_dir.path().to_path_buf();
-    publisher.update(move |s| {
-        s.model = Some(edgeflow::status::ModelStatus { name: "tiny".into(), version: "5".into(), digest: None, target: None, activated_at: None, dir: Some(dir) })
-    });
+    let v = version.to_string();
+    publisher.update(move |s| s.model = Some(edgeflow::status::ModelStatus { name: "tiny".into(), version: v, digest: None, target: None, activated_at: None, dir: Some(dir) }));
     let recorder = Recorder::new();
     let running = spawn_with_status(
-        settings(&broker.url(), "dev-art", spool.path(), "drift_interval = \"1s\"\ndrift_min_samples = 100\nreport_interval = \"1h\""),
+        settings(&broker.url(), device, spool.path(), "drift_interval = \"1s\"\ndrift_min_samples = 100\nreport_interval = \"1h\""),
         bus,
         Some(recorder.clone()),
         status,
     );
-    // Short prompts from the first request on: compared with the artifact at once, no
-    // first-window baseline needed.
+    // Short prompts from the first request on.
     for _ in 0..150 {
-        recorder.observe("tiny", "5", &obs(10 + rng.usize(..20), &mut rng));
+        recorder.observe("tiny", version, &obs(10 + rng.usize(..20), rng));
     }
     let s2 = sub.clone();
     let d = blocking(move || s2.wait(|m| m.topic.ends_with("/drift"), WAIT)).await.expect("a drift report").json();
+    running.stop().await;
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drift_baseline_logged_with_the_version_is_the_reference() {
+    // Compared with the artifact at once, no first-window baseline needed.
+    let d = drift_report_against_an_artifact("dev-art", "5", |json| json, &mut fastrand::Rng::with_seed(21)).await;
     assert_eq!((d["baseline"]["source"].as_str(), d["baseline"]["n"].as_u64()), (Some("artifact"), Some(300)), "{d}");
     assert_eq!(d["alert"], true, "{:#}", d["divergence"]);
-    running.stop().await;
+}
+
+/// Issue 14 item 17: a `drift_baseline.json` larger than any sketch (over 1 MiB) is not read
+/// at all: the first window becomes the baseline, as with no artifact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_drift_baseline_is_ignored() {
+    // Valid JSON, padded with whitespace past the cap: only its size is wrong.
+    let padded = |mut json: Vec<u8>| {
+        json.resize((1 << 20) + 1, b' ');
+        json
+    };
+    let d = drift_report_against_an_artifact("dev-big", "6", padded, &mut fastrand::Rng::with_seed(22)).await;
+    assert_ne!(d["baseline"]["source"], "artifact", "the oversized artifact was used: {d}");
+    assert_eq!(d["alert"], false, "a first window is compared with nothing: {d}");
 }
 
 /// The status of a device serving a registry version, as the daemon would publish it.

@@ -425,6 +425,96 @@ fn connection_limit_and_header_timeout() {
     assert!(server.log().lines().all(|l| !l.contains("panicked")), "{}", server.log());
 }
 
+/// Issue 14 item 6: clients trickling their request bodies cannot hold every connection
+/// slot: each is answered 408 and closed once `header_timeout` passes, and a normal client
+/// is served meanwhile and after.
+#[test]
+fn slow_request_bodies_are_cut_off_and_free_their_slots() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let server = Server::start("phi3-tiny-gqa", "[serve]\nmax_connections = 4\nheader_timeout = \"2s\"\n", &[], &[]);
+    let s = server.socket.clone();
+    let body = json!({"model": "phi3-tiny-gqa", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}).to_string();
+    let started = Instant::now();
+    // Three slow clients (one slot stays for the others): headers at once, then one body byte
+    // a second, which never lets an idle timer fire.
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let s = s.clone();
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut c = UnixStream::connect(&s).unwrap();
+                let head = format!("POST /v1/chat/completions HTTP/1.1\r\nhost: edgeflow\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len());
+                c.write_all(head.as_bytes()).unwrap();
+                c.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
+                let mut answer = Vec::new();
+                for b in body.as_bytes() {
+                    if c.write_all(&[*b]).is_err() {
+                        break;
+                    }
+                    let mut buf = [0u8; 4096];
+                    match c.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => answer.extend_from_slice(&buf[..n]),
+                        Err(_) => {}
+                    }
+                    if started.elapsed() > Duration::from_secs(30) {
+                        break;
+                    }
+                }
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = c.read_to_end(&mut answer);
+                (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let during = curl_post(&s, "/v1/chat/completions", &body);
+    assert_eq!(during.status, 200, "a normal client is served beside the slow ones: {during:?}");
+    for t in slow {
+        let (answer, at) = t.join().unwrap();
+        assert!(answer.starts_with("HTTP/1.1 408"), "a trickled body gets 408: {answer:?}");
+        assert!(answer.contains("request_timeout") && answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+        assert!(at >= Duration::from_millis(1800) && at < Duration::from_secs(15), "cut off after {at:?}; header_timeout is 2 s");
+    }
+    assert_eq!(curl_post(&s, "/v1/chat/completions", &body).status, 200, "slots are free again");
+    let metrics = server.curl(&["/metrics"]).body;
+    let counted = metrics.lines().find(|l| l.starts_with("edgeflow_http_request_errors_total{") && l.contains("code=\"request_timeout\""));
+    assert_eq!(counted.and_then(|l| l.rsplit(' ').next()), Some("3"), "{metrics}");
+}
+
+/// Issue 14 item 15: over TCP (no peer credentials) a configured token also guards
+/// `/metrics`; `/healthz` and `/readyz` stay open (they say only alive/ready); the socket's
+/// own peers are unchanged.
+#[test]
+fn over_tcp_the_token_guards_metrics_and_probes_stay_open() {
+    let port = common::free_port();
+    let tcp = format!("127.0.0.1:{port}");
+    let server = Server::start("phi3-tiny-gqa", &format!("[serve]\ntoken_env = \"{TOKEN_ENV}\"\n"), &["--tcp-listen", &tcp], &[(TOKEN_ENV, "tcp-secret")]);
+    let get = |path: &str, token: Option<&str>| -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-q", "-sS", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}"]);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+        }
+        let out = cmd.arg(format!("http://{tcp}{path}")).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.parse().unwrap_or(0), body.to_string())
+    };
+    let (code, body) = get("/metrics", None);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("invalid_api_key"), "{body}");
+    let (code, body) = get("/metrics", Some("wrong"));
+    assert_eq!(code, 401, "{body}");
+    let (code, body) = get("/metrics", Some("tcp-secret"));
+    assert_eq!(code, 200);
+    assert!(body.contains("edgeflow_http_requests_total"), "{body}");
+    assert_eq!(get("/healthz", None).0, 200);
+    assert_eq!(get("/readyz", None).0, 200);
+    assert_eq!(server.curl(&["/metrics"]).status, 200, "the socket's peers are checked by uid, not token");
+}
+
 #[test]
 fn stream_interval_joins_fast_tokens_into_paced_events() {
     let interval = Duration::from_millis(50);

@@ -124,7 +124,11 @@ impl Daemon {
         let notifier = Arc::new(notifier);
         let store = {
             let c = cache.clone();
-            tokio::task::spawn_blocking(move || Store::open(&c)).await.context("opening the cache")?.with_context(|| format!("opening the cache in {}", cache.dir.display()))?
+            let models = vec![model.clone()];
+            tokio::task::spawn_blocking(move || Store::open_recovering(&c, &models))
+                .await
+                .context("opening the cache")?
+                .with_context(|| format!("opening the cache in {}", cache.dir.display()))?
         };
 
         let metrics = Arc::new(Metrics::new());
@@ -160,6 +164,9 @@ impl Daemon {
         };
         let link_state = link.as_ref().map(LinkHandle::state);
         let link_sender = link.as_ref().map(LinkHandle::sender);
+        if let (Some(r), Some(l)) = (store.recovered(), &link) {
+            l.event(Event::DatabaseRecreated { database: "cache_index", quarantined_to: r.quarantined.as_ref().map(|p| p.display().to_string()), rebuilt: r.rebuilt.clone() });
+        }
 
         let status_doc = status_document(status_rx.clone(), link_state, manager.clone(), serve_settings.queue_depth, socket_path.clone());
         let app = App::from_settings(manager.clone(), metrics, &serve_settings).with_drift(drift).with_status(status_doc);
@@ -222,8 +229,16 @@ impl Daemon {
                 () = lifecycle.shutdown.cancelled() => break,
                 () = lifecycle.reload.notified() => {
                     self.notifier.reloading();
-                    current = reload::reload(config_path, current, &self.control).await;
-                    self.notifier.ready(&status_line(&self.status.borrow(), &self.manager, link_state.as_ref()));
+                    let refused;
+                    (current, refused) = reload::reload(config_path, current, &self.control).await;
+                    let mut line = status_line(&self.status.borrow(), &self.manager, link_state.as_ref());
+                    if !refused.is_empty() {
+                        line = format!("reload refused for security settings ({}): restart to apply; {line}", refused.join(", "));
+                        if let Some(link) = &self.link {
+                            link.event(Event::ReloadRefused { settings: refused.iter().map(|s| s.to_string()).collect() });
+                        }
+                    }
+                    self.notifier.ready(&line);
                 }
                 _ = watchdog_tick.tick(), if watchdog.is_some() => {
                     let limit = watchdog.unwrap_or_default() / 4;

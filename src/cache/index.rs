@@ -17,14 +17,52 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// exiting (a service restart), or a handle dropped a moment ago whose background I/O still
 /// holds the file, releases it shortly. A lock still held after that is the caller's error
 /// (see [`is_locked`]).
+///
+/// sled can panic on some damaged files instead of answering an error; such a panic is
+/// caught here and returned as [`sled::Error::ReportableBug`], so a damaged database is a
+/// damaged database (see [`quarantine`]), never a crashed daemon.
 pub(crate) fn open_sled(config: &sled::Config) -> Result<sled::Db, sled::Error> {
     let deadline = std::time::Instant::now() + LOCK_WAIT;
     loop {
-        match config.open() {
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open())).unwrap_or_else(|panic| {
+            let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("a panic");
+            Err(sled::Error::ReportableBug(format!("sled failed while opening the database: {what}")))
+        });
+        match opened {
             Err(e) if is_locked(&e) && std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(50)),
             result => return result,
         }
     }
+}
+
+/// Whether an open error means the database's files are damaged (as opposed to locked by
+/// another process, or a folder that cannot be read at all: those need an operator).
+pub(crate) fn is_damaged(e: &sled::Error) -> bool {
+    match e {
+        sled::Error::Corruption { .. } | sled::Error::ReportableBug(_) | sled::Error::Unsupported(_) => true,
+        sled::Error::Io(io) => !is_locked(e) && matches!(io.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::InvalidInput),
+        sled::Error::CollectionNotFound(_) => false,
+    }
+}
+
+/// Moves a damaged database folder aside to `<name>.corrupt-<unix seconds>` (kept for a
+/// post-mortem, never read again) so a fresh one can be created in its place.
+///
+/// # Errors
+/// The rename's I/O error.
+pub(crate) fn quarantine(dir: &Path) -> std::io::Result<std::path::PathBuf> {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "db".into());
+    let mut to = dir.with_file_name(format!("{name}.corrupt-{}", crate::util::unix_now()));
+    while to.exists() {
+        to = dir.with_file_name(format!("{name}.corrupt-{}-{}", crate::util::unix_now(), fastrand::u32(..)));
+    }
+    std::fs::rename(dir, &to)?;
+    if let Some(parent) = dir.parent() {
+        if let Ok(d) = std::fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(to)
 }
 
 /// Whether opening failed because another handle holds the database's file lock.
@@ -47,15 +85,27 @@ impl Index {
     /// # Errors
     /// [`CacheError::Locked`] when another process holds it; [`CacheError::Index`].
     pub(super) fn open(path: &Path) -> Result<Index, CacheError> {
-        let db = open_sled(&sled::Config::new().path(path).mode(sled::Mode::LowSpace)).map_err(|source| {
-            if is_locked(&source) {
-                CacheError::Locked { path: path.to_path_buf() }
-            } else {
-                CacheError::Index { path: path.to_path_buf(), source }
+        let opened = (|| {
+            let db = open_sled(&sled::Config::new().path(path).mode(sled::Mode::LowSpace))?;
+            Ok::<_, sled::Error>(Index { versions: db.open_tree("versions")?, models: db.open_tree("models")?, db })
+        })();
+        opened.map_err(|source| if is_locked(&source) { CacheError::Locked { path: path.to_path_buf() } } else { CacheError::Index { path: path.to_path_buf(), source } })
+    }
+
+    /// Opens the index; a damaged one is moved aside and a fresh, empty one created (the
+    /// caller rebuilds what it can from the folders). Returns where the damaged one went.
+    ///
+    /// # Errors
+    /// As [`Index::open`] for anything but damage; the quarantine's I/O error.
+    pub(super) fn open_or_quarantine(path: &Path) -> Result<(Index, Option<std::path::PathBuf>), CacheError> {
+        match Index::open(path) {
+            Err(CacheError::Index { source, .. }) if is_damaged(&source) => {
+                let to = quarantine(path).map_err(CacheError::io("moving the damaged index aside", path))?;
+                tracing::error!(index = %path.display(), moved_to = %to.display(), error = %source, "the cache index is damaged; moved aside, rebuilding it from the model folders");
+                Ok((Index::open(path)?, Some(to)))
             }
-        })?;
-        let tree = |name: &str| db.open_tree(name).map_err(|source| CacheError::Index { path: path.to_path_buf(), source });
-        Ok(Index { versions: tree("versions")?, models: tree("models")?, db })
+            other => other.map(|i| (i, None)),
+        }
     }
 }
 

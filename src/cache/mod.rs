@@ -6,6 +6,7 @@
 //! <root>/models/<slug>/active        symlink to the active version's folder, swapped atomically
 //! <root>/tmp/                        partial downloads (+ their resume state) and staging
 //! <root>/index/                      sled: version records and per-model state
+//! <root>/index.corrupt-<unix>/       a damaged index, moved aside (see recover.rs)
 //! ```
 //!
 //! The bytes and their digests are the truth: a blob's name is its sha256, and a record
@@ -23,12 +24,14 @@ mod error;
 mod gc;
 mod index;
 mod records;
+mod recover;
 pub mod settings;
 mod store;
 #[cfg(test)]
 mod test_support;
 
 pub use error::CacheError;
-pub(crate) use index::open_sled;
+pub(crate) use index::{is_damaged, open_sled, quarantine};
 pub use records::{Corruption, FileRecord, GcReport, ModelRecord, State, VersionRecord};
+pub use recover::IndexRecovery;
 pub use store::{active_dir, Store};

@@ -14,6 +14,7 @@ use super::blobs::sync_dir;
 use super::gc::remove_dir;
 use super::index::Index;
 use super::records::{GcReport, ModelRecord, State, VersionRecord};
+use super::recover::IndexRecovery;
 use super::settings::CacheSettings;
 use super::CacheError;
 use crate::util::unix_now;
@@ -28,6 +29,7 @@ pub struct Store {
     settings: CacheSettings,
     pub(super) index: Index,
     swept_at_open: GcReport,
+    recovered: Option<IndexRecovery>,
 }
 
 impl std::fmt::Debug for Store {
@@ -52,13 +54,24 @@ impl Store {
     /// # Errors
     /// [`CacheError::Locked`] when another process holds the index; I/O and index errors.
     pub fn open(settings: &CacheSettings) -> Result<Store, CacheError> {
+        Store::open_recovering(settings, &[])
+    }
+
+    /// As [`Store::open`]; a damaged index is moved aside and replaced, and the active
+    /// version of each of `models` that the index does not know is recorded again from its
+    /// folder (see `recover.rs`; [`Store::recovered`] tells what was done).
+    ///
+    /// # Errors
+    /// As [`Store::open`].
+    pub fn open_recovering(settings: &CacheSettings, models: &[String]) -> Result<Store, CacheError> {
         let root = settings.dir.clone();
         for sub in ["blobs", "models", "tmp"] {
             let p = root.join(sub);
             std::fs::create_dir_all(&p).map_err(CacheError::io("creating", &p))?;
         }
-        let index = Index::open(&root.join("index"))?;
-        let mut store = Store { index, root, settings: settings.clone(), swept_at_open: GcReport::default() };
+        let (index, quarantined) = Index::open_or_quarantine(&root.join("index"))?;
+        let mut store = Store { index, root, settings: settings.clone(), swept_at_open: GcReport::default(), recovered: None };
+        store.recovered = store.rebuild(models, quarantined)?;
         let report = store.sweep()?;
         if report != GcReport::default() {
             tracing::info!(blobs = report.blobs_removed, temp = report.temp_removed, bytes = report.bytes_freed, "cache swept at start");
@@ -69,6 +82,11 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// What [`Store::open_recovering`] rebuilt of a damaged or emptied index.
+    pub fn recovered(&self) -> Option<&IndexRecovery> {
+        self.recovered.as_ref()
     }
 
     /// What the sweep at [`Store::open`] removed.

@@ -61,6 +61,9 @@ pub struct Policy {
     pub key: Option<VerifyingKey>,
     pub require: bool,
     pub max_age: Duration,
+    /// Unix seconds; signed commands issued before are refused as expired (the table of
+    /// recent ids was lost with a damaged spool then, so a replay could not be recognized).
+    pub not_before: Option<u64>,
 }
 
 /// A command whose envelope checked out.
@@ -174,6 +177,9 @@ pub fn open(payload: &[u8], device_id: &str, name: &str, policy: &Policy, now: u
         if now > issued + policy.max_age.as_secs() + skew {
             return Err(refuse(Some(id), Refusal::Expired, "issued longer ago than fleet.signature_max_age"));
         }
+        if policy.not_before.is_some_and(|floor| issued < floor) {
+            return Err(refuse(Some(id), Refusal::Expired, "issued before the device's table of recent commands was lost with a damaged spool; sign it again"));
+        }
     }
     Ok(Opened { request_id: id.to_string(), args: body.args, signed, expires_at: body.expires_at, digest })
 }
@@ -242,7 +248,11 @@ impl Recent {
                         // Running when the agent stopped: its outcome is unknown, and it
                         // must not run again; a repeat learns that instead of waiting forever.
                         if e.done.is_none() {
-                            e.done = Some(Final { succeeded: false, reason: Some("interrupted: the agent restarted while it ran".into()), result: None });
+                            e.done = Some(Final {
+                                succeeded: false,
+                                reason: Some("interrupted: the agent restarted before this command's outcome was recorded (it may have run); it will not run again".into()),
+                                result: None,
+                            });
                         }
                         entries.insert(id.to_string(), e);
                     }
@@ -272,16 +282,27 @@ impl Recent {
     /// full, finished unsigned entries make room, the oldest first.
     ///
     /// # Errors
-    /// [`Refusal::Busy`] when the table is full of ids that must not be forgotten yet.
-    pub fn start(&mut self, o: &Opened, now: u64) -> Result<(), Refusal> {
+    /// [`Refusal::Busy`] with the reason when the table is full of ids that must not be
+    /// forgotten yet, or the id could not be written to disk (a command whose id is not on
+    /// disk could run twice after a restart, so it does not run at all).
+    pub fn start(&mut self, o: &Opened, now: u64) -> Result<(), (Refusal, &'static str)> {
         self.prune(now);
         if self.entries.len() >= MAX_REMEMBERED && !self.evict_one() {
-            return Err(Refusal::Busy);
+            return Err((Refusal::Busy, "too many recent commands to remember"));
         }
         let window_end = now + self.window.as_secs();
         let keep_until = if o.signed { window_end.max(o.expires_at.map_or(0, |e| e + CLOCK_SKEW.as_secs())) } else { window_end };
-        self.put(o.request_id.clone(), Entry { digest: o.digest.clone(), keep_until, done: None, signed: o.signed });
+        if !self.put(o.request_id.clone(), Entry { digest: o.digest.clone(), keep_until, done: None, signed: o.signed }) {
+            self.entries.remove(&o.request_id);
+            return Err((Refusal::Busy, "the command's id could not be recorded on disk"));
+        }
         Ok(())
+    }
+
+    /// The on-disk table, for making a recorded id durable before its command acts (a
+    /// blocking sled flush; the caller runs it off the async workers). `None`: in memory.
+    pub fn durable(&self) -> Option<sled::Tree> {
+        self.tree.clone()
     }
 
     /// Forgets the finished unsigned entry that expires first; false when there is none.
@@ -300,7 +321,8 @@ impl Recent {
     pub fn finish(&mut self, request_id: &str, done: Final) {
         if let Some(mut e) = self.entries.get(request_id).cloned() {
             e.done = Some(done);
-            self.put(request_id.to_string(), e);
+            // A failed write only loses the outcome: the id itself is already on disk.
+            let _ = self.put(request_id.to_string(), e);
         }
     }
 
@@ -312,15 +334,19 @@ impl Recent {
         self.entries.is_empty()
     }
 
-    fn put(&mut self, id: String, e: Entry) {
+    /// Records `e` in memory and, when there is a tree, on disk; false when the disk write
+    /// failed (the entry is in memory either way).
+    fn put(&mut self, id: String, e: Entry) -> bool {
+        let mut stored = true;
         if let Some(t) = &self.tree {
-            if let Ok(bytes) = serde_json::to_vec(&e) {
-                if let Err(err) = t.insert(id.as_bytes(), bytes) {
-                    tracing::warn!(error = %err, "remembering a command id on disk failed");
-                }
+            let written = serde_json::to_vec(&e).map_err(|err| err.to_string()).and_then(|bytes| t.insert(id.as_bytes(), bytes).map_err(|err| err.to_string()));
+            if let Err(err) = written {
+                tracing::warn!(error = %err, request_id = %id, "remembering a command id on disk failed");
+                stored = false;
             }
         }
         self.entries.insert(id, e);
+        stored
     }
 
     fn prune(&mut self, now: u64) {
@@ -346,7 +372,7 @@ mod tests {
     }
 
     fn policy(require: bool) -> Policy {
-        Policy { key: Some(key().verifying_key()), require, max_age: Duration::from_secs(300) }
+        Policy { key: Some(key().verifying_key()), require, max_age: Duration::from_secs(300), not_before: None }
     }
 
     fn body(id: &str) -> Value {
@@ -400,6 +426,14 @@ mod tests {
         // Unsigned commands may carry an expiry too.
         let late = json!({"request_id": "e", "expires_at": NOW - 100}).to_string();
         assert_eq!(open(late.as_bytes(), "dev", "sync", &policy(false), NOW).unwrap_err().refusal, Refusal::Expired);
+    }
+
+    #[test]
+    fn signed_commands_issued_before_the_replay_floor_are_refused() {
+        let signed = sign(&key(), "dev", "sync", &json!({"request_id": "f1", "issued_at": NOW - 10, "expires_at": NOW + 60}));
+        let floor = Policy { not_before: Some(NOW - 5), ..policy(true) };
+        assert_eq!(open(signed.as_bytes(), "dev", "sync", &floor, NOW).map(|_| ()).map_err(|r| r.refusal), Err(Refusal::Expired));
+        assert!(open(signed.as_bytes(), "dev", "sync", &Policy { not_before: Some(NOW - 10), ..policy(true) }, NOW).is_ok());
     }
 
     #[test]
@@ -472,7 +506,7 @@ mod tests {
             let o = open(json!({"request_id": format!("r{i}")}).to_string().as_bytes(), "dev", "sync", &policy(false), NOW).unwrap();
             busy.start(&o, NOW).unwrap();
         }
-        assert_eq!(busy.start(&s1, NOW), Err(Refusal::Busy));
+        assert_eq!(busy.start(&s1, NOW).map_err(|(r, _)| r), Err(Refusal::Busy));
     }
 
     #[test]

@@ -32,6 +32,20 @@ pub enum Event {
     CommandRefused { command: String, request_id: Option<String>, refusal: Refusal, reason: String },
     /// The spool was full while offline: this many of the oldest messages were dropped.
     SpoolOverflow { dropped: u64 },
+    /// A damaged local database was moved aside (`quarantined_to`) and a fresh one created:
+    /// `database` is `spool` (queued telemetry and the command table were lost; signed
+    /// commands issued before now are refused) or `cache_index` (`rebuilt` names the active
+    /// versions recorded again from their folders).
+    DatabaseRecreated {
+        database: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        quarantined_to: Option<String>,
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        rebuilt: Vec<String>,
+    },
+    /// A reload (SIGHUP) changed security settings, which only a restart applies: the old
+    /// values stay in force.
+    ReloadRefused { settings: Vec<String> },
 }
 
 impl Event {
@@ -44,6 +58,8 @@ impl Event {
             Event::PullFailed { .. } => "pull_failed",
             Event::CommandRefused { .. } => "command_refused",
             Event::SpoolOverflow { .. } => "spool_overflow",
+            Event::DatabaseRecreated { .. } => "database_recreated",
+            Event::ReloadRefused { .. } => "reload_refused",
         }
     }
 

@@ -4,7 +4,7 @@
 //! publishes.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -165,6 +165,7 @@ impl Link {
     pub fn spawn(self, status: watch::Receiver<Status>, commands: Bus, shutdown: CancellationToken) -> Result<LinkHandle, FleetError> {
         let s = self.settings;
         let spool = Spool::open(&s.spool_dir, s.spool_max_bytes)?;
+        let recreated = spool.recreated().map(Path::to_path_buf);
         let now = unix_now();
         let recent = Recent::load(spool.db().open_tree("commands").ok(), s.command_window, now);
         let baseline_tree = spool.db().open_tree("drift_baselines").ok();
@@ -193,7 +194,7 @@ impl Link {
             );
         }
         let runner = Runner {
-            policy: Policy { key: s.signature_key.as_deref().copied(), require: s.require_signatures, max_age: s.signature_max_age },
+            policy: Policy { key: s.signature_key.as_deref().copied(), require: s.require_signatures, max_age: s.signature_max_age, not_before: spool.replay_floor() },
             reconnect: Reconnect::new(s.backoff, s.protocol, version),
             next_health: start + health_jitter.first(),
             next_drift: start + s.drift_interval + drift_jitter.first(),
@@ -221,12 +222,16 @@ impl Link {
             running: JoinSet::new(),
             pending_reports: Vec::new(),
             flush_at: None,
+            submit_chain: None,
             overflow_unreported: 0,
             session: format!("{:016x}", fastrand::u64(..)),
             started: start,
             s,
         };
         let task = tokio::spawn(tracing::Instrument::instrument(runner.run(shutdown), span));
+        if let Some(to) = recreated {
+            let _ = events_tx.try_send(Event::DatabaseRecreated { database: "spool", quarantined_to: Some(to.display().to_string()), rebuilt: Vec::new() });
+        }
         Ok(LinkHandle { sender: LinkSender { events: events_tx, control: control_tx, events_dropped }, state: state_rx, task })
     }
 }

@@ -128,8 +128,8 @@ impl Runner {
                 return self.reply_final(&reply_to, correlation, &rid, &name, &f, false);
             }
         };
-        if let Err(refusal) = self.recent.start(&opened, now) {
-            return self.refused(&name, &reply_to, correlation, Some(opened.request_id), refusal, "too many recent commands to remember".into());
+        if let Err((refusal, reason)) = self.recent.start(&opened, now) {
+            return self.refused(&name, &reply_to, correlation, Some(opened.request_id), refusal, reason.into());
         }
         self.mark_dirty();
         self.state.commands_accepted += 1;
@@ -159,8 +159,29 @@ impl Runner {
                     Command::Set(s) => Some(s.clone()),
                     _ => None,
                 };
-                let answer = self.bus.submit(command, Origin::Fleet { request_id: run.request_id.clone() });
+                let bus = self.bus.clone();
+                let durable = self.recent.durable();
+                // Commands reach the bus in the order they arrived, each after the one before.
+                let (submitted, next) = tokio::sync::oneshot::channel::<()>();
+                let previous = self.submit_chain.replace(next);
                 self.running.spawn(async move {
+                    if let Some(p) = previous {
+                        let _ = p.await;
+                    }
+                    // The id reaches the disk before the command acts: a redelivery after a
+                    // crash is then a duplicate, never a second run.
+                    if let Some(tree) = durable {
+                        let flushed = match tokio::task::spawn_blocking(move || tree.flush()).await {
+                            Ok(r) => r.map(|_| ()).map_err(|e| e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        if let Err(e) = flushed {
+                            tracing::error!(request_id = %run.request_id, error = %e, "could not make the command's id durable; not running it");
+                            return (Running { set, ..run }, Err(format!("not run: its id could not be recorded on disk ({e})")));
+                        }
+                    }
+                    let answer = bus.submit(command, Origin::Fleet { request_id: run.request_id.clone() });
+                    drop(submitted);
                     let outcome = match answer {
                         Err(e) => Err(e.to_string()),
                         Ok(rx) => match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {

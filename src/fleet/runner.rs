@@ -114,6 +114,9 @@ pub(super) struct Runner {
     /// `report` commands waiting for the next health report.
     pub(super) pending_reports: Vec<Running>,
     pub(super) flush_at: Option<Instant>,
+    /// Resolves (or closes) once the last accepted command was handed to the bus: the next
+    /// waits for it, so commands run in the order they arrived.
+    pub(super) submit_chain: Option<tokio::sync::oneshot::Receiver<()>>,
     pub(super) overflow_unreported: u64,
     pub(super) session: String,
     pub(super) started: Instant,

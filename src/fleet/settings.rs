@@ -58,6 +58,9 @@ pub struct FleetConfig {
     pub require_signatures: Option<bool>,
     /// Longest validity (`expires_at - issued_at`) a signed command may claim.
     pub signature_max_age: String,
+    /// Send the MQTT password over `mqtt://` (no TLS) to a broker that is not this machine.
+    /// Off: such a configuration is refused (anyone on the path reads it).
+    pub allow_plaintext_credentials: bool,
 }
 
 impl Default for FleetConfig {
@@ -87,6 +90,7 @@ impl Default for FleetConfig {
             signature_public_key: None,
             require_signatures: None,
             signature_max_age: "5m".into(),
+            allow_plaintext_credentials: false,
         }
     }
 }
@@ -281,6 +285,14 @@ impl FleetConfig {
         let password = env("password_env", &self.password_env, p);
         if password.is_some() && username.is_none() {
             p.push(format!("fleet.password_env: {} is set but {} (the username) is not", self.password_env, self.username_env));
+        }
+        if let Some(b) = broker.as_ref().filter(|b| !b.tls && !crate::util::is_loopback_host(&b.host)) {
+            if password.is_some() && !self.allow_plaintext_credentials {
+                p.push(format!(
+                    "fleet.broker: {b} is plain mqtt:// to another machine, and {} holds a password: use mqtts://, or set fleet.allow_plaintext_credentials = true if the network is trusted",
+                    self.password_env
+                ));
+            }
         }
         let keep_alive = duration("fleet.keep_alive", &self.keep_alive, p);
         if !keep_alive.is_zero() && (keep_alive < Duration::from_secs(5) || keep_alive > Duration::from_secs(65535)) {

@@ -88,10 +88,14 @@ pub struct Spool {
     len: u64,
     next_seq: u64,
     dropped_total: u64,
+    replay_floor: Option<u64>,
+    recreated: Option<std::path::PathBuf>,
 }
 
 const NEXT_SEQ: &[u8] = b"next_seq";
 const DROPPED: &[u8] = b"dropped";
+/// Unix seconds when the spool was last recreated after damage (see [`Spool::replay_floor`]).
+const REPLAY_FLOOR: &[u8] = b"replay_floor";
 /// Fixed cost counted per record besides its payload (key and tag).
 const OVERHEAD: u64 = 9;
 
@@ -100,7 +104,28 @@ impl Spool {
     ///
     /// # Errors
     /// [`SpoolError::Open`] when the folder cannot be created or is locked by another process.
+    ///
+    /// A damaged database (sled reports corruption, or fails while reading it) is moved aside
+    /// to `<dir>.corrupt-<unix>` and a fresh one created: the spool holds only telemetry and
+    /// the command table, and a device that cannot start is worse than one that lost them.
+    /// [`Spool::recreated`] tells where the old one went; [`Spool::replay_floor`] when.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
+        match Spool::open_once(dir, max_bytes) {
+            Err(SpoolError::Open { source, .. }) if crate::cache::is_damaged(&source) => {
+                let to = crate::cache::quarantine(dir).map_err(|e| SpoolError::Open { dir: dir.to_path_buf(), source: sled::Error::Io(e) })?;
+                tracing::error!(spool = %dir.display(), moved_to = %to.display(), error = %source, "the fleet spool is damaged; moved aside and recreated (queued telemetry and the command table are lost)");
+                let mut spool = Spool::open_once(dir, max_bytes)?;
+                let now = crate::util::unix_now();
+                spool.meta.insert(REPLAY_FLOOR, &now.to_be_bytes()).and_then(|_| spool.db.flush()).map_err(SpoolError::Write)?;
+                spool.replay_floor = Some(now);
+                spool.recreated = Some(to);
+                Ok(spool)
+            }
+            other => other,
+        }
+    }
+
+    fn open_once(dir: &Path, max_bytes: u64) -> Result<Spool, SpoolError> {
         let open = || -> Result<Spool, sled::Error> {
             std::fs::create_dir_all(dir)?;
             let db = crate::cache::open_sled(&sled::Config::new().path(dir).cache_capacity(1 << 20).flush_every_ms(None))?;
@@ -117,9 +142,22 @@ impl Spool {
             }
             let stored = meta.get(NEXT_SEQ)?.and_then(|v| key_seq(&v)).unwrap_or(1);
             let dropped_total = meta.get(DROPPED)?.and_then(|v| key_seq(&v)).unwrap_or(0);
-            Ok(Spool { db, outbox, meta, max_bytes, bytes, len, next_seq: stored.max(last + 1), dropped_total })
+            let replay_floor = meta.get(REPLAY_FLOOR)?.and_then(|v| key_seq(&v));
+            Ok(Spool { db, outbox, meta, max_bytes, bytes, len, next_seq: stored.max(last + 1), dropped_total, replay_floor, recreated: None })
         };
         open().map_err(|source| SpoolError::Open { dir: dir.to_path_buf(), source })
+    }
+
+    /// Where a damaged spool was moved when this one was created in its place.
+    pub fn recreated(&self) -> Option<&Path> {
+        self.recreated.as_deref()
+    }
+
+    /// Unix seconds when the spool (and with it the table of recent command ids) was last
+    /// recreated after damage: a signed command issued before then may already have run, and
+    /// nothing remembers it, so it is refused.
+    pub fn replay_floor(&self) -> Option<u64> {
+        self.replay_floor
     }
 
     /// Appends a message; `payload` gets the sequence number it will carry. Drops the
@@ -246,6 +284,33 @@ mod tests {
         let mut v = format!("{seq}:").into_bytes();
         v.resize(size, b'x');
         v
+    }
+
+    /// Issue 14 item 10: a garbled spool is moved aside and recreated, not a start-up failure.
+    #[test]
+    fn a_damaged_spool_is_moved_aside_and_recreated_with_a_replay_floor() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("fleet-spool");
+        {
+            let mut s = Spool::open(&dir, 1 << 20).unwrap();
+            s.push(Channel::Health, |seq| body(seq, 20)).unwrap();
+            s.db().flush().unwrap();
+            assert_eq!((s.recreated(), s.replay_floor()), (None, None));
+        }
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_file() {
+                std::fs::write(&p, vec![0x5A; 8192]).unwrap();
+            }
+        }
+        let s = Spool::open(&dir, 1 << 20).expect("a damaged spool does not stop the daemon");
+        let moved = s.recreated().expect("moved aside").to_path_buf();
+        assert!(moved.is_dir() && moved.file_name().unwrap().to_string_lossy().starts_with("fleet-spool.corrupt-"), "{}", moved.display());
+        assert!(s.is_empty());
+        let floor = s.replay_floor().expect("a replay floor");
+        drop(s);
+        let again = Spool::open(&dir, 1 << 20).unwrap();
+        assert_eq!((again.recreated(), again.replay_floor()), (None, Some(floor)), "the floor outlives a restart");
     }
 
     #[test]

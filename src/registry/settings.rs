@@ -40,6 +40,9 @@ pub struct RegistryConfig {
     pub parallel_downloads: usize,
     /// Download rate cap for metered links, e.g. `"2MiB/s"`; unset means no cap.
     pub bandwidth_limit: Option<String>,
+    /// Send credentials from the environment over `http://` to a host that is not this
+    /// machine. Off: such a configuration is refused (anyone on the path reads them).
+    pub allow_plaintext_credentials: bool,
 }
 
 impl Default for RegistryConfig {
@@ -60,7 +63,34 @@ impl Default for RegistryConfig {
             poll_jitter: 0.1,
             parallel_downloads: 4,
             bandwidth_limit: None,
+            allow_plaintext_credentials: false,
         }
+    }
+}
+
+/// The registry URL's problems: its scheme, credentials in it (they belong in the
+/// environment; the message never repeats them), and credentials (`has_credentials`) that
+/// would cross plaintext to another machine.
+fn check_url(url: &str, allow_plaintext: bool, has_credentials: bool, p: &mut Vec<String>) {
+    let shown = crate::util::redact_url(url);
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        p.push(format!("registry.url: `{shown}` must start with http:// or https://"));
+        return;
+    }
+    let Ok(parsed) = reqwest::Url::parse(url) else {
+        p.push(format!("registry.url: `{shown}` is not a URL"));
+        return;
+    };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        p.push(format!(
+            "registry.url: `{shown}` holds credentials; set MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, in the environment instead"
+        ));
+    }
+    let local = parsed.host_str().is_some_and(crate::util::is_loopback_host);
+    if parsed.scheme() == "http" && has_credentials && !local && !allow_plaintext {
+        p.push(format!(
+            "registry.url: `{shown}` is plain http:// to another machine, and registry credentials are set in the environment: use https://, or set registry.allow_plaintext_credentials = true if the network is trusted"
+        ));
     }
 }
 
@@ -111,9 +141,7 @@ impl RegistryConfig {
             _ => {}
         }
         if let Some(url) = &self.url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                p.push(format!("registry.url: `{url}` must start with http:// or https://"));
-            }
+            check_url(url, self.allow_plaintext_credentials, !matches!(super::Auth::from_env(), super::Auth::None), &mut p);
         }
         if self.model.as_deref() == Some("") {
             p.push("registry.model: is empty".to_string());

@@ -37,6 +37,9 @@ pub enum ApiError {
     #[error("the request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
 
+    #[error("the request body did not arrive within {}s (serve.header_timeout); the connection is closed", .limit.as_secs_f64())]
+    BodyTimeout { limit: Duration },
+
     #[error("the server is busy: the generation queue is full; retry after {}s", .retry_after.as_secs())]
     QueueFull { retry_after: Duration },
 
@@ -71,6 +74,7 @@ impl ApiError {
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NoModel { .. } | ApiError::TooManyConnections { .. } | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -85,7 +89,8 @@ impl ApiError {
             | ApiError::ContextLengthExceeded { .. }
             | ApiError::NotFound { .. }
             | ApiError::MethodNotAllowed { .. }
-            | ApiError::PayloadTooLarge { .. } => "invalid_request_error",
+            | ApiError::PayloadTooLarge { .. }
+            | ApiError::BodyTimeout { .. } => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
             ApiError::Forbidden { .. } => "permission_error",
             ApiError::QueueFull { .. } => "rate_limit_error",
@@ -104,6 +109,7 @@ impl ApiError {
             ApiError::NotFound { .. } => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::BodyTimeout { .. } => "request_timeout",
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::NoModel { .. } => "model_not_ready",
             ApiError::TooManyConnections { .. } => "too_many_connections",
@@ -196,6 +202,10 @@ impl IntoResponse for ApiError {
             let secs = after.as_secs().max(1);
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if matches!(self, ApiError::BodyTimeout { .. }) {
+            // The rest of the body may still be coming: the connection cannot be reused.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response.extensions_mut().insert(ErrorCode(self.code()));
         response
     }
@@ -211,6 +221,7 @@ mod tests {
             (ApiError::invalid("bad", Some("n")), 400, "invalid_request_error"),
             (ApiError::ContextLengthExceeded { tokens: 9, limit: 8, param: "prompt" }, 400, "invalid_request_error"),
             (ApiError::Unauthorized, 401, "authentication_error"),
+            (ApiError::BodyTimeout { limit: Duration::from_secs(10) }, 408, "invalid_request_error"),
             (ApiError::Forbidden { who: "uid 1".into() }, 403, "permission_error"),
             (ApiError::NotFound { method: "GET".into(), path: "/x".into() }, 404, "invalid_request_error"),
             (ApiError::MethodNotAllowed { method: "GET".into(), path: "/x".into() }, 405, "invalid_request_error"),

@@ -2,7 +2,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{ConnectInfo, MatchedPath, Path, Request, State};
@@ -27,9 +27,13 @@ pub fn router(app: App) -> Router {
         .route("/v1/models/{id}", get(get_model))
         .route("/status", get(status))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_token))
+        // Over TCP no peer credentials exist, so the token (when set) also guards /metrics
+        // there; on the socket the uid/gid allow-lists guard every route.
+        .route("/metrics", get(metrics).route_layer(middleware::from_fn_with_state(app.clone(), require_token_over_tcp)))
+        // Liveness and readiness say only "alive" and "ready": open to every peer the
+        // listener and the allow-lists admit, as probes expect.
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(app.clone(), observe))
@@ -119,6 +123,16 @@ async fn require_token(State(app): State<App>, request: Request, next: Next) -> 
     }
 }
 
+/// [`require_token`] for TCP peers only.
+async fn require_token_over_tcp(State(app): State<App>, request: Request, next: Next) -> Response {
+    let tcp = matches!(request.extensions().get::<ConnectInfo<Peer>>().map(|c| c.0), Some(Peer::Tcp(_)));
+    if tcp {
+        require_token(State(app), request, next).await
+    } else {
+        next.run(request).await
+    }
+}
+
 async fn chat_completions(State(app): State<App>, body: Body) -> Response {
     generation(app, Endpoint::Chat, body).await
 }
@@ -130,19 +144,23 @@ async fn completions(State(app): State<App>, body: Body) -> Response {
 async fn generation(app: App, endpoint: Endpoint, body: Body) -> Response {
     let received = Instant::now();
     let result = async {
-        let bytes = read_body(body, app.inner.limits.max_body_bytes).await?;
+        let bytes = read_body(body, app.inner.limits.max_body_bytes, app.inner.limits.header_timeout).await?;
         let plan = OpenAiRequest::from_json(&bytes)?.into_plan(endpoint, app.inner.limits.max_tokens)?;
         generate::generate(app, plan, received).await
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// Reads the whole body, refusing more than `limit` bytes (413) without buffering them.
-async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// Reads the whole body, refusing more than `limit` bytes (413) without buffering them, and
+/// a body that takes longer than `deadline` to arrive (408, connection closed): hyper's
+/// header timeout does not cover bodies, and a client trickling bytes would otherwise hold
+/// its connection slot for as long as it likes.
+async fn read_body(body: Body, limit: usize, deadline: Duration) -> Result<Bytes, ApiError> {
     if body.size_hint().lower() > limit as u64 {
         return Err(ApiError::PayloadTooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let read = tokio::time::timeout(deadline, axum::body::to_bytes(body, limit)).await.map_err(|_| ApiError::BodyTimeout { limit: deadline })?;
+    read.map_err(|e| {
         let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
             ApiError::PayloadTooLarge { limit }

@@ -41,8 +41,8 @@ pub struct ServeConfig {
     pub shutdown_grace: String,
     /// Connections served at once (per listener); more get 503 with `Retry-After`.
     pub max_connections: usize,
-    /// Time a client has to send a request's headers, also the idle limit of a kept-alive
-    /// connection; then the connection is closed.
+    /// Time a client has to send a request's headers, then its body (408), also the idle
+    /// limit of a kept-alive connection; then the connection is closed.
     pub header_timeout: String,
     /// Streams send at most one text event per interval (text produced in between is joined);
     /// the first text goes out at once, the rest when generation ends. `"0ms"`: one event per

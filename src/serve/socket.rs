@@ -144,7 +144,9 @@ pub fn bind(options: &SocketOptions) -> Result<(UnixListener, SocketFile), Socke
     let setup = |step: &'static str| move |source: io::Error| SocketError::Setup { step, path: path.clone(), source };
     let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(setup("bind"))?;
     let finish = || -> Result<(), SocketError> {
-        if let Some(gid) = gid {
+        // Already the process's group (the unit's `Group=edgeflow-api`): no chown, which the
+        // unit's system call filter would refuse.
+        if let Some(gid) = gid.filter(|g| *g != nix::unistd::getegid().as_raw()) {
             std::os::unix::fs::chown(&tmp, None, Some(gid)).map_err(setup("set the group of"))?;
         }
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(options.mode)).map_err(setup("set the mode of"))?;
