@@ -338,3 +338,51 @@ fn bad_model_folders_name_the_file_and_field() {
     let e = load_err(d.path());
     assert!(matches!(&e, EngineError::Config { path, .. } if path.ends_with("genai_config.json")), "{e}");
 }
+
+/// The chat template of the security report (item 7): 10^10 loop iterations, hours of the
+/// engine thread without a bound.
+const NEVER_ENDING_TEMPLATE: &str = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+
+/// A copy of the tiny model whose tokenizer_config.json carries `template` as its chat_template.
+fn with_chat_template(template: &str) -> tempfile::TempDir {
+    let d = common::copy_model(&common::fixture_model(MODELS[0]));
+    let path = d.path().join("tokenizer_config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    v["chat_template"] = template.into();
+    std::fs::write(&path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    d
+}
+
+/// `f` on a thread of its own, failing the test when it takes longer than `limit` (the thread
+/// is left behind: a hung engine cannot be stopped).
+fn within<T: Send + 'static>(limit: std::time::Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what} still running after {limit:?}"))
+}
+
+#[test]
+fn a_never_ending_chat_template_errs_within_seconds_and_fails_the_registry_smoke_test() {
+    let d = with_chat_template(NEVER_ENDING_TEMPLATE);
+    let dir = d.path().to_path_buf();
+    // A chat request meets it: a template error (a 400 for the client) within seconds.
+    let err = within(std::time::Duration::from_secs(10), "a chat request", move || {
+        let model = Model::load(&dir, &common::load_options()).expect("the template compiles; it only loops");
+        model.encode_chat(&[ChatMessage { role: "user".into(), content: "Hello".into() }]).unwrap_err()
+    });
+    assert!(matches!(&err, EngineError::Template { message } if message.contains("ran out of fuel")), "{err}");
+    assert!(err.is_bad_request());
+
+    // The registry's smoke test renders the template, so such a version never becomes active.
+    let dir = d.path().to_path_buf();
+    let verdict = within(std::time::Duration::from_secs(30), "the registry's smoke test", move || edgeflow::pipeline::pull::smoke_test(&dir, &common::load_options(), 1));
+    let reason = verdict.expect_err("the smoke test refuses the version");
+    assert!(reason.contains("chat template") && reason.contains("ran out of fuel"), "{reason}");
+
+    // A template that does not compile fails the load itself, naming the file.
+    let d = with_chat_template("{% for m in messages %}{{ m.content }}");
+    let e = load_err(d.path());
+    assert!(matches!(&e, EngineError::Tokenizer { path, message } if path.ends_with("tokenizer_config.json") && message.contains("chat_template does not compile")), "{e}");
+}

@@ -877,3 +877,97 @@ async fn stop_the_world_swap_drains_first_and_answers_503_meanwhile() {
     p.manager.deactivate().await;
     assert_eq!(p.metrics.models_loaded.get(), 0);
 }
+
+// ---- a hostile artifact and a stuck engine (security review, item 7) ----
+
+/// `edgeflow serve` over a folder whose chat template loops 10^10 times: the smoke test
+/// renders the template, runs it out of fuel and refuses the folder with a clear error,
+/// instead of hanging the engine thread on every chat request.
+#[test]
+fn serve_refuses_a_folder_whose_chat_template_never_ends() {
+    let model = common::copy_model(&tiny("phi3-tiny-gqa"));
+    let config = model.path().join("tokenizer_config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    v["chat_template"] = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}".into();
+    std::fs::write(&config, v.to_string()).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let mut child = edgeflow()
+        .args(["serve", "--model-dir"])
+        .arg(model.path())
+        .arg("--socket")
+        .arg(dir.path().join("api.sock"))
+        .args(["--threads", "2", "--log", "info"])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            terminate(&mut child);
+            panic!("edgeflow serve still running 60 s after start (hung in the chat template?):\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "refused: {status}\n{text}");
+    assert!(text.contains("failed its smoke test") && text.contains("ran out of fuel"), "the error says why:\n{text}");
+}
+
+/// An engine busy on one step past its allowance is stuck: the version stops being ready
+/// (`/readyz` and new requests answer 503) and `stalled()`, which the daemon's watchdog
+/// checks before every ping, says so; once the step ends it is ready again. The allowance
+/// here is zero, so every step of a long stream counts as stuck while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_past_its_step_allowance_is_not_ready() {
+    use edgeflow::engine::StepAllowance;
+    let metrics = Arc::new(Metrics::new());
+    let options = ManagerOptions { load: common::load_options(), queue_depth: 4, max_prompt_tokens: None, smoke_test_tokens: 1, swap: SwapMode::Overlap, nice: 0 };
+    let manager = Manager::with_allowance(options, metrics.clone(), StepAllowance { base: Duration::ZERO, per_token: Duration::ZERO });
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("api.sock");
+    let (listener, _file) = serve::bind(&SocketOptions { path: socket.clone(), mode: 0o600, group: None }).unwrap();
+    let limits = Limits { max_tokens: 4000, request_timeout: Duration::from_secs(60), ..Limits::default() };
+    let app = App::new(manager.clone(), metrics, Access::default(), limits, Duration::from_secs(5));
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve::run(listener, app, shutdown.clone()));
+    manager.activate(source("phi3-tiny-gqa", "1")).await.unwrap();
+    let ready = {
+        let socket = socket.clone();
+        move || curl(&socket, &["/readyz"], None).status
+    };
+    assert_eq!(blocking(ready.clone()).await, 200, "idle: nothing is overdue");
+    assert!(manager.current().unwrap().stalled().is_none());
+
+    let s = socket.clone();
+    let (child, reader) = blocking(move || start_stream(&s, 3000)).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = None;
+    while seen.is_none() && Instant::now() < deadline {
+        let overdue = manager.current().unwrap().stalled();
+        let s = socket.clone();
+        let (ready, chat) = blocking(move || (curl(&s, &["/readyz"], None), curl_post(&s, "/v1/completions", r#"{"model":"m","prompt":"Hi","max_tokens":2}"#))).await;
+        if overdue.is_some() && ready.status == 503 && chat.status == 503 {
+            seen = Some(chat);
+        }
+    }
+    let chat = seen.expect("while the stream runs, the engine is past its (zero) allowance: not ready, and requests are turned away");
+    assert_eq!(chat.json()["error"]["code"], "model_not_ready", "{chat:?}");
+    let (_, tokens, done) = blocking(move || finish_stream(child, reader)).await;
+    assert!(done && tokens == 3000, "the running stream itself completes");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while manager.current().unwrap().stalled().is_some() {
+        assert!(Instant::now() < deadline, "the engine goes idle once the stream ends");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(blocking(ready).await, 200, "idle again: ready");
+    shutdown.cancel();
+    server.await.unwrap();
+    manager.deactivate().await;
+}

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use worker::{Event, Job, JobError, Prompt, StartError, SubmitError, TextDelivery, Worker};
 
-use crate::engine::{GenaiConfig, LoadOptions};
+use crate::engine::{GenaiConfig, LoadOptions, StepAllowance};
 use crate::telemetry::Metrics;
 
 /// A model version to serve: a verified folder in the ONNX Runtime GenAI layout and the
@@ -80,9 +80,15 @@ impl Active {
         self.worker.try_submit(job)
     }
 
-    /// Loaded, smoke-tested, and its worker thread still running.
+    /// Loaded, smoke-tested, its worker thread still running and not stuck on one step.
     pub fn is_healthy(&self) -> bool {
-        self.worker.is_alive()
+        self.worker.is_alive() && self.stalled().is_none()
+    }
+
+    /// How far the engine's current step (a template render, a forward pass) has run past
+    /// its allowance: a stuck engine, which the watchdog answers by not feeding systemd.
+    pub fn stalled(&self) -> Option<Duration> {
+        self.worker.overdue()
     }
 
     pub fn queued(&self) -> usize {
@@ -152,6 +158,7 @@ pub struct Manager {
 
 struct Inner {
     options: ManagerOptions,
+    allowance: StepAllowance,
     metrics: Arc<Metrics>,
     active: watch::Sender<Option<Arc<Active>>>,
     /// Serializes activations.
@@ -161,8 +168,14 @@ struct Inner {
 
 impl Manager {
     pub fn new(options: ManagerOptions, metrics: Arc<Metrics>) -> Self {
+        Manager::with_allowance(options, metrics, StepAllowance::DEFAULT)
+    }
+
+    /// As [`Manager::new`], with `allowance` for each step of an engine before it counts as
+    /// stuck ([`Active::stalled`]).
+    pub fn with_allowance(options: ManagerOptions, metrics: Arc<Metrics>, allowance: StepAllowance) -> Self {
         let (active, _) = watch::channel(None);
-        Manager { inner: Arc::new(Inner { options, metrics, active, swap: Mutex::new(()), swapping: AtomicBool::new(false) }) }
+        Manager { inner: Arc::new(Inner { options, allowance, metrics, active, swap: Mutex::new(()), swapping: AtomicBool::new(false) }) }
     }
 
     /// The version serving new requests, if any.
@@ -202,7 +215,9 @@ impl Manager {
     /// As [`Manager::activate`].
     pub async fn ensure(&self, source: ModelSource) -> Result<ModelInfo, ActivateError> {
         let _serial = self.inner.swap.lock().await;
-        if let Some(active) = self.current().filter(|a| source_of(a.info()) == source && a.is_healthy()) {
+        // DEVNOTE: a stuck engine (alive, `stalled`) is not loaded again beside itself: its
+        // thread still holds the model's memory. The watchdog restarts the daemon instead.
+        if let Some(active) = self.current().filter(|a| source_of(a.info()) == source && a.worker.is_alive()) {
             return Ok(active.info().clone());
         }
         self.activate_locked(source).await
@@ -307,7 +322,13 @@ impl Manager {
         let started = worker::start(
             source.dir.clone(),
             options.load.clone(),
-            worker::Limits { queue_depth: options.queue_depth, max_prompt_tokens: options.max_prompt_tokens, smoke_test_tokens: options.smoke_test_tokens, nice: options.nice },
+            worker::Limits {
+                queue_depth: options.queue_depth,
+                max_prompt_tokens: options.max_prompt_tokens,
+                smoke_test_tokens: options.smoke_test_tokens,
+                nice: options.nice,
+                allowance: self.inner.allowance,
+            },
             self.inner.metrics.clone(),
             &label,
         )

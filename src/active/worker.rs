@@ -6,6 +6,11 @@
 //! the queue is empty; then it drops the model. That ordering is what lets a hot swap drain:
 //! the manager drops its handle, queued and running jobs still finish, and the memory is
 //! released when the last one does.
+//!
+//! The thread keeps a [`Heartbeat`]: each job step (rendering and tokenizing the prompt, each
+//! forward pass) sets when it should be over, and the thread marks itself idle between jobs.
+//! [`Worker::overdue`] reads it, so the health checks and the watchdog see a stuck engine
+//! without waiting on it.
 
 use std::ops::ControlFlow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -16,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::engine::{ChatMessage, EngineError, GenaiConfig, GenerateParams, Generation, LoadOptions, Model};
+use crate::engine::{ChatMessage, EngineError, GenaiConfig, GenerateParams, Generation, Heartbeat, LoadOptions, Model, StepAllowance};
 use crate::telemetry::Metrics;
 
 /// What to generate from.
@@ -104,18 +109,19 @@ pub enum StartError {
     Spawn(#[source] std::io::Error),
     #[error("loading the model failed")]
     Load(#[source] EngineError),
-    #[error("the model loaded but failed its smoke test (one greedy token from a short chat)")]
+    #[error("the model loaded but failed its smoke test (its chat template on short chats, then greedy tokens from one)")]
     SmokeTest(#[source] EngineError),
     #[error("the engine thread ended before the model was ready")]
     Vanished,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared {
     queued: AtomicUsize,
     /// Exponentially weighted mean job time, for `Retry-After`.
     mean_job_micros: AtomicU64,
     alive: AtomicBool,
+    heartbeat: Arc<Heartbeat>,
 }
 
 /// A handle to a running worker. Cloning shares the queue; the thread ends once every
@@ -158,6 +164,12 @@ impl Worker {
         self.shared.alive.load(Ordering::SeqCst) && !self.jobs.is_closed()
     }
 
+    /// How far the engine's current step has run past its allowance; `None` while it is
+    /// idle or in time.
+    pub fn overdue(&self) -> Option<Duration> {
+        self.shared.heartbeat.overdue()
+    }
+
     /// Jobs waiting (not counting the one running).
     pub fn queued(&self) -> usize {
         self.shared.queued.load(Ordering::SeqCst)
@@ -187,6 +199,8 @@ pub(crate) struct Limits {
     pub smoke_test_tokens: usize,
     /// Added to the engine thread's niceness before the model loads.
     pub nice: i32,
+    /// How long one job step may take before the engine counts as stuck.
+    pub allowance: StepAllowance,
 }
 
 /// Starts a thread that loads `dir`, smoke-tests it and then serves jobs.
@@ -197,7 +211,8 @@ pub(crate) fn start(dir: PathBuf, options: LoadOptions, limits: Limits, metrics:
     let (jobs_tx, jobs_rx) = mpsc::channel(limits.queue_depth.max(1));
     let (ready_tx, ready_rx) = oneshot::channel();
     let (drained_tx, drained_rx) = watch::channel(());
-    let shared = Arc::new(Shared { alive: AtomicBool::new(true), ..Shared::default() });
+    let shared =
+        Arc::new(Shared { queued: AtomicUsize::new(0), mean_job_micros: AtomicU64::new(0), alive: AtomicBool::new(true), heartbeat: Arc::new(Heartbeat::new(limits.allowance)) });
     let worker = Worker { jobs: jobs_tx, shared: shared.clone(), metrics: metrics.clone() };
     let span = tracing::info_span!("engine", model = %label);
     std::thread::Builder::new()
@@ -254,7 +269,10 @@ impl Thread {
                 return;
             }
         };
-        if let Err(e) = smoke_test(&mut model, self.limits.smoke_test_tokens) {
+        model.watch_steps(self.shared.heartbeat.clone());
+        let smoke = smoke_test(&mut model, self.limits.smoke_test_tokens);
+        self.shared.heartbeat.idle();
+        if let Err(e) = smoke {
             self.shared.alive.store(false, Ordering::SeqCst);
             let _ = ready.send(Err(StartError::SmokeTest(e)));
             return;
@@ -269,7 +287,10 @@ impl Thread {
             self.metrics.queue_depth.dec();
             let events = job.events.clone();
             let began = Instant::now();
+            // The first step: rendering and tokenizing the prompt (forward passes follow).
+            self.shared.heartbeat.step(0);
             let outcome = catch_unwind(AssertUnwindSafe(|| self.serve(&mut model, job)));
+            self.shared.heartbeat.idle();
             let micros = began.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
             let mean = self.shared.mean_job_micros.load(Ordering::Relaxed);
             self.shared.mean_job_micros.store(if mean == 0 { micros } else { (mean * 7 + micros) / 8 }, Ordering::Relaxed);
@@ -370,11 +391,13 @@ impl Thread {
     }
 }
 
-/// Greedy tokens from a one-message chat: proves the template, tokenizer, graph and sampler
-/// work together before the model is published. Generation runs through end-of-sequence so
-/// every requested step executes.
+/// The chat template on short chats (within its fuel and output bounds), then greedy tokens
+/// from a one-message chat: proves the template, tokenizer, graph and sampler work together
+/// before the model is published. Generation runs through end-of-sequence so every requested
+/// step executes.
 fn smoke_test(model: &mut Model, tokens: usize) -> Result<(), EngineError> {
     let tokens = tokens.max(1);
+    model.tokenizer().check_chat_template()?;
     let ids = model.encode_chat(&[ChatMessage { role: "user".into(), content: "Hello".into() }])?;
     let params = GenerateParams { max_new_tokens: tokens, ignore_eos: true, ..GenerateParams::default() };
     let generation = model.generate(&ids, &params, &AtomicBool::new(false), |_| ControlFlow::Continue(()))?;

@@ -217,7 +217,8 @@ impl Daemon {
     }
 
     /// Until a stop request: reloads, STATUS= lines, and the watchdog, which is fed only
-    /// while the HTTP server answers its own /healthz.
+    /// while the HTTP server answers its own /healthz and the engine is not stuck on one step
+    /// (a template render or a forward pass past its allowance, see [`crate::engine::Heartbeat`]).
     async fn main_loop(&self, lifecycle: &Lifecycle, config_path: &Path, mut current: Config) {
         let link_state = self.link.as_ref().map(LinkHandle::state);
         let watchdog = self.notifier.watchdog();
@@ -242,9 +243,10 @@ impl Daemon {
                 }
                 _ = watchdog_tick.tick(), if watchdog.is_some() => {
                     let limit = watchdog.unwrap_or_default() / 4;
-                    match probe(&self.socket_path, limit).await {
-                        Ok(()) => self.notifier.ping(),
-                        Err(e) => tracing::warn!(error = %e, "the API did not answer its own health check; not feeding the watchdog"),
+                    match (probe(&self.socket_path, limit).await, self.manager.current().and_then(|a| a.stalled())) {
+                        (Ok(()), None) => self.notifier.ping(),
+                        (Err(e), _) => tracing::warn!(error = %e, "the API did not answer its own health check; not feeding the watchdog"),
+                        (Ok(()), Some(overdue)) => tracing::error!(overdue_s = overdue.as_secs(), "the engine is stuck on one step past its allowance; not feeding the watchdog"),
                     }
                 }
                 _ = status_tick.tick() => {

@@ -3,12 +3,13 @@
 //! `runtime` finds and loads libonnxruntime.so; `config` reads `genai_config.json`;
 //! `tokenizer` handles text, chat templates and streaming decode; `decoder` owns the ONNX
 //! session and its KV cache; `sampling` picks tokens; `model` ties them into the
-//! prefill/decode loop.
+//! prefill/decode loop; `heartbeat` lets other threads see a step that never ends.
 
 pub mod budget;
 mod config;
 mod decoder;
 mod error;
+mod heartbeat;
 mod model;
 pub mod runtime;
 mod sampling;
@@ -18,6 +19,7 @@ mod tokenizer;
 pub use budget::MemoryBudget;
 pub use config::{GenaiConfig, FILE_NAME as GENAI_CONFIG};
 pub use error::EngineError;
+pub use heartbeat::{Heartbeat, StepAllowance};
 pub use model::{FinishReason, GenerateParams, Generation, LoadOptions, Model, StepStats};
 pub use sampling::{argmax, SamplingParams};
-pub use tokenizer::{ChatMessage, StreamDecoder, Tokenizer, PHI3_CHAT_TEMPLATE};
+pub use tokenizer::{ChatMessage, StreamDecoder, Tokenizer, CHAT_TEMPLATE_FUEL, MAX_RENDERED_BYTES, PHI3_CHAT_TEMPLATE, RENDERED_BYTES_PER_TOKEN};

@@ -3,12 +3,14 @@
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use super::config::GenaiConfig;
 use super::decoder::Decoder;
+use super::heartbeat::Heartbeat;
 use super::runtime;
 use super::sampling::{Sampler, SamplingParams};
 use super::tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
@@ -115,6 +117,8 @@ pub struct Model {
     eos: Vec<u32>,
     byte_fallback: Vec<bool>,
     threads: usize,
+    /// Told of every forward pass, when someone watches this model's thread.
+    heartbeat: Option<Arc<Heartbeat>>,
 }
 
 impl Model {
@@ -131,7 +135,8 @@ impl Model {
         if let Some(budget) = &options.memory {
             super::budget::admit(dir, &config, budget).map_err(|message| EngineError::Memory { message })?;
         }
-        let tokenizer = Tokenizer::load(dir)?;
+        let mut tokenizer = Tokenizer::load(dir)?;
+        tokenizer.limit_to_context(config.model.context_length);
         if tokenizer.vocab_size() > config.model.vocab_size {
             return Err(EngineError::Tokenizer {
                 path: tokenizer.path().to_path_buf(),
@@ -145,7 +150,7 @@ impl Model {
         let vocab = decoder.vocab();
         let byte_fallback = (0..vocab as u32).map(|id| tokenizer.id_to_token(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))).collect();
         tracing::info!(dir = %dir.display(), model_type = %config.model.model_type, layers = config.model.decoder.num_hidden_layers, threads, "model loaded");
-        Ok(Model { dir: dir.to_path_buf(), config, tokenizer, decoder, eos, byte_fallback, threads })
+        Ok(Model { dir: dir.to_path_buf(), config, tokenizer, decoder, eos, byte_fallback, threads, heartbeat: None })
     }
 
     pub fn dir(&self) -> &Path {
@@ -168,12 +173,22 @@ impl Model {
         self.config.model.context_length
     }
 
+    /// Reports every forward pass of [`Model::generate`] to `heartbeat` (as a step over the
+    /// tokens it feeds), so a watchdog on another thread can see a pass that never returns.
+    pub fn watch_steps(&mut self, heartbeat: Arc<Heartbeat>) {
+        self.heartbeat = Some(heartbeat);
+    }
+
     /// Tokenizes raw text (special tokens recognised).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         self.tokenizer.encode(text)
     }
 
     /// Renders and tokenizes a chat with the generation prompt.
+    ///
+    /// # Errors
+    /// [`EngineError::Template`] when the chat template fails or exceeds its bounds (see
+    /// [`Tokenizer::apply_chat_template`]); [`EngineError::Tokenizer`] from tokenizing.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, EngineError> {
         let text = self.tokenizer.apply_chat_template(messages)?;
         self.tokenizer.encode(&text)
@@ -231,6 +246,9 @@ impl Model {
             if cancel.load(Ordering::Relaxed) {
                 finish = FinishReason::Cancelled;
                 break;
+            }
+            if let Some(heartbeat) = &self.heartbeat {
+                heartbeat.step(next_input.len());
             }
             self.decoder.forward(&mut cache, &next_input, &mut logits)?;
             if logits.iter().any(|l| !l.is_finite()) {

@@ -1,11 +1,41 @@
 //! Text in and out: the model's own `tokenizer.json`, its chat template, and streaming
 //! detokenization that never emits half a UTF-8 character.
+//!
+//! The chat template comes with the model artifact, so it is code from the registry run on
+//! every chat request. It is compiled once, when the model loads (a template that does not
+//! compile fails the load, naming `tokenizer_config.json`), and every render is bounded: at
+//! most [`CHAT_TEMPLATE_FUEL`] template instructions, minijinja's recursion limit, and at most
+//! [`MAX_RENDERED_BYTES`] of output (less for a short context, see
+//! [`Tokenizer::limit_to_context`]). A template past a bound is an [`EngineError::Template`],
+//! never a hung engine thread.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::EngineError;
+
+/// Template instructions one render may run. Real templates need about 25 per message
+/// (measured by the unit test `fuel_of_real_templates`, for a 50-message chat: Phi-3's 1,321,
+/// SmolLM2's ChatML 1,163, a Llama-3-style one 1,359; for 400 messages about 10,800). This is
+/// about 190x a 50-message chat, room for templates doing a few times more work per message
+/// (a second pass over the messages, tool handling) over thousands of messages, more than a
+/// context holds; a template looping without end stops within a fraction of a second.
+pub const CHAT_TEMPLATE_FUEL: u64 = 250_000;
+
+/// Rendered prompt bytes allowed per token of the model's context. Text averages 3-5 bytes a
+/// token; 32 leaves room for long runs of whitespace or punctuation that tokenize densely, and
+/// a prompt longer than this could not fit the context anyway.
+pub const RENDERED_BYTES_PER_TOKEN: usize = 32;
+
+/// The ceiling on a rendered prompt whatever the context (a 128k-token context reaches it):
+/// four times the default request body (`serve.max_body`), small enough that tokenizing it
+/// takes seconds, not minutes.
+pub const MAX_RENDERED_BYTES: usize = 4 << 20;
+
+/// The two conversations the smoke test renders (see [`Tokenizer::check_chat_template`]).
+const CHECK_SYSTEM: &str = "You are a helpful assistant.";
+const CHECK_USER: &str = "Hello";
 
 /// Phi-3's template, used when `tokenizer_config.json` has none.
 pub const PHI3_CHAT_TEMPLATE: &str = "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}";
@@ -61,16 +91,81 @@ impl TokenField {
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
-    chat_template: String,
+    /// The compiled chat template (named [`CHAT`]), with its functions and fuel.
+    chat: minijinja::Environment<'static>,
+    /// Longest rendered prompt accepted, in bytes.
+    max_rendered_bytes: usize,
     bos_token: String,
     eos_token: String,
 }
 
+/// The chat template's name in its environment.
+const CHAT: &str = "chat";
+
+/// Raised by the template itself (`raise_exception(...)`): it refuses the conversation, for
+/// instance a system message in a template that has no place for one.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Raised(String);
+
+/// Why a render failed, before it becomes an [`EngineError::Template`].
+#[derive(Debug, thiserror::Error)]
+enum RenderError {
+    #[error("the template raised: {0}")]
+    Raised(String),
+    #[error("the template ran out of fuel: it took more than {CHAT_TEMPLATE_FUEL} steps to render {messages} message(s)")]
+    OutOfFuel { messages: usize },
+    #[error("the rendered prompt is longer than {limit} bytes")]
+    TooLong { limit: usize },
+    #[error("the rendered prompt is empty")]
+    Empty,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Collects the rendered prompt and refuses to grow past `limit` bytes.
+struct Bounded {
+    text: Vec<u8>,
+    limit: usize,
+    exceeded: bool,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len().saturating_add(buf.len()) > self.limit {
+            self.exceeded = true;
+            return Err(std::io::Error::other("the rendered prompt is too long"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Compiles `source` into an environment with the functions Hugging Face templates use and
+/// the fuel that bounds every render.
+fn compile(source: String) -> Result<minijinja::Environment<'static>, minijinja::Error> {
+    let mut env = minijinja::Environment::new();
+    // Hugging Face templates call Python string methods (`.strip()`, `.startswith()`).
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg.clone()).with_source(Raised(msg)))
+    });
+    env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
+    env.add_template_owned(CHAT, source)?;
+    Ok(env)
+}
+
 impl Tokenizer {
-    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` from `dir`.
+    /// Loads `tokenizer.json` and, when present, `tokenizer_config.json` from `dir`, and
+    /// compiles the chat template.
     ///
     /// # Errors
-    /// [`EngineError::MissingFile`] / [`EngineError::Tokenizer`] naming the file at fault.
+    /// [`EngineError::MissingFile`] / [`EngineError::Tokenizer`] naming the file at fault,
+    /// including a `chat_template` that does not compile.
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
         let path = dir.join("tokenizer.json");
         let bytes = std::fs::read(&path).map_err(|e| EngineError::read(&path, e))?;
@@ -89,10 +184,12 @@ impl Tokenizer {
             }
             None => PHI3_CHAT_TEMPLATE.to_string(),
         };
+        let chat = compile(chat_template).map_err(|e| EngineError::Tokenizer { path: config_path.clone(), message: format!("its chat_template does not compile: {e}") })?;
         Ok(Tokenizer {
             inner,
             path,
-            chat_template,
+            chat,
+            max_rendered_bytes: MAX_RENDERED_BYTES,
             bos_token: config.bos_token.map(|t| t.text().to_string()).unwrap_or_else(|| "<s>".into()),
             eos_token: config.eos_token.map(|t| t.text().to_string()).unwrap_or_else(|| "<|endoftext|>".into()),
         })
@@ -100,6 +197,17 @@ impl Tokenizer {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Bounds rendered prompts to what a context of `tokens` could hold
+    /// ([`RENDERED_BYTES_PER_TOKEN`] each, at most [`MAX_RENDERED_BYTES`]).
+    pub fn limit_to_context(&mut self, tokens: usize) {
+        self.max_rendered_bytes = tokens.saturating_mul(RENDERED_BYTES_PER_TOKEN).clamp(1, MAX_RENDERED_BYTES);
+    }
+
+    /// The longest rendered prompt accepted, in bytes.
+    pub fn max_rendered_bytes(&self) -> usize {
+        self.max_rendered_bytes
     }
 
     /// Vocabulary size including added tokens.
@@ -135,24 +243,76 @@ impl Tokenizer {
     /// Renders a conversation with the model's chat template, ending with the generation prompt.
     ///
     /// # Errors
-    /// [`EngineError::Template`] when the template fails to compile or render (for instance a
-    /// template that raises on an unsupported role).
+    /// [`EngineError::Template`] when the template fails to render (for instance a template
+    /// that raises on an unsupported role), runs out of fuel, or renders more than
+    /// [`Tokenizer::max_rendered_bytes`].
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        let mut env = minijinja::Environment::new();
-        // Hugging Face templates call Python string methods (`.strip()`, `.startswith()`).
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> { Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg)) });
-        env.add_template("chat", &self.chat_template).map_err(|e| EngineError::Template { message: e.to_string() })?;
-        let template = env.get_template("chat").map_err(|e| EngineError::Template { message: e.to_string() })?;
-        template
-            .render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => true,
-                bos_token => &self.bos_token,
-                eos_token => &self.eos_token,
-            })
-            .map_err(|e| EngineError::Template { message: e.to_string() })
+        self.render(messages).map(|(text, _)| text).map_err(|e| EngineError::Template { message: e.to_string() })
     }
+
+    /// The smoke test's check of the chat template: a user message alone, and a system
+    /// message before it, must render within the bounds to something. A template may refuse
+    /// the system message with `raise_exception` (some have no place for one); any other
+    /// failure fails the check.
+    ///
+    /// # Errors
+    /// [`EngineError::Template`] naming the conversation that failed.
+    pub fn check_chat_template(&self) -> Result<(), EngineError> {
+        let user = ChatMessage { role: "user".into(), content: CHECK_USER.into() };
+        let system = ChatMessage { role: "system".into(), content: CHECK_SYSTEM.into() };
+        let fail = |what: &str, e: RenderError| EngineError::Template { message: format!("rendering {what}: {e}") };
+        match self.render(std::slice::from_ref(&user)) {
+            Ok((text, _)) if text.is_empty() => return Err(fail("a user message", RenderError::Empty)),
+            Ok(_) => {}
+            Err(e) => return Err(fail("a user message", e)),
+        }
+        match self.render(&[system, user]) {
+            Ok(_) => Ok(()),
+            Err(RenderError::Raised(reason)) => {
+                tracing::info!(%reason, "the chat template refuses system messages");
+                Ok(())
+            }
+            Err(e) => Err(fail("a system and a user message", e)),
+        }
+    }
+
+    /// Renders `messages` within the bounds; returns the text and the fuel it used.
+    fn render(&self, messages: &[ChatMessage]) -> Result<(String, u64), RenderError> {
+        let template = self.chat.get_template(CHAT).map_err(|e| RenderError::Failed(e.to_string()))?;
+        let mut out = Bounded { text: Vec::new(), limit: self.max_rendered_bytes, exceeded: false };
+        let context = minijinja::context! {
+            messages => messages,
+            add_generation_prompt => true,
+            bos_token => &self.bos_token,
+            eos_token => &self.eos_token,
+        };
+        let captured = template.render_captured_to(context, &mut out).map_err(|e| {
+            if out.exceeded {
+                RenderError::TooLong { limit: self.max_rendered_bytes }
+            } else if e.kind() == minijinja::ErrorKind::OutOfFuel {
+                RenderError::OutOfFuel { messages: messages.len() }
+            } else if let Some(raised) = raised(&e) {
+                RenderError::Raised(raised.0.clone())
+            } else {
+                RenderError::Failed(e.to_string())
+            }
+        })?;
+        let fuel = captured.state().fuel_levels().map_or(0, |(consumed, _)| consumed);
+        let text = String::from_utf8(out.text).map_err(|e| RenderError::Failed(e.to_string()))?;
+        Ok((text, fuel))
+    }
+}
+
+/// The template's own `raise_exception`, if that is what `e` comes from.
+fn raised(e: &minijinja::Error) -> Option<&Raised> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(r) = c.downcast_ref::<Raised>() {
+            return Some(r);
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// Turns a growing list of token ids into text deltas.
@@ -205,5 +365,157 @@ impl StreamDecoder {
         } else {
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// Phi-3's tokenizer files (their template is [`PHI3_CHAT_TEMPLATE`]).
+    fn fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer")
+    }
+
+    fn with_template(template: &str) -> Tokenizer {
+        let mut t = Tokenizer::load(&fixture()).unwrap();
+        t.chat = compile(template.to_string()).unwrap();
+        t
+    }
+
+    /// SmolLM2-135M-Instruct's template (ChatML with a default system prompt), verbatim.
+    const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    /// In the style of Llama 3's: trims, slices and `set` per message (more work per message).
+    const LLAMA3_STYLE: &str = "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}{{- '<|start_header_id|>system<|end_header_id|>\n\n' }}{{- 'Cutting Knowledge Date: December 2023\n' }}{{- system_message }}{{- '<|eot_id|>' }}{%- for message in messages %}{%- if not (message.role.startswith('user') or message.role.startswith('assistant')) %}{{- raise_exception('bad role') }}{%- endif %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}";
+
+    /// Mistral-7B-Instruct-v0.1's: raises on a system message.
+    const MISTRAL: &str = "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
+
+    /// The loop of the security report: 10^10 iterations, hours without fuel.
+    const HOSTILE_LOOP: &str = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+
+    /// A system message and `turns` user/assistant messages of chat-sized text.
+    fn long_chat(turns: usize) -> Vec<ChatMessage> {
+        let mut chat = vec![msg("system", "You are a helpful assistant. Answer briefly.")];
+        for i in 0..turns {
+            let role = if i % 2 == 0 { "user" } else { "assistant" };
+            chat.push(msg(role, &format!("  Message {i}: what is the capital of country number {i}, and why?  ")));
+        }
+        chat
+    }
+
+    fn template_error(result: Result<String, EngineError>) -> String {
+        match result {
+            Err(EngineError::Template { message }) => message,
+            other => panic!("expected a chat template error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_template_looping_without_end_runs_out_of_fuel_within_seconds() {
+        let t = with_template(HOSTILE_LOOP);
+        let started = Instant::now();
+        let message = template_error(t.apply_chat_template(&[msg("user", "Hello")]));
+        println!("out of fuel after {:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        assert!(message.contains("ran out of fuel"), "{message}");
+        let err = t.check_chat_template().unwrap_err();
+        assert!(err.to_string().contains("ran out of fuel"), "the smoke test refuses it: {err}");
+        assert!(err.is_bad_request(), "a request that meets it is answered 400");
+    }
+
+    #[test]
+    fn a_template_rendering_a_huge_prompt_is_refused() {
+        // 100,000 x 10,000 bytes = 1 GB, in few enough steps that fuel alone would let it by.
+        let mut t = with_template("{% for i in range(100000) %}{{ 'x' * 10000 }}{% endfor %}");
+        let message = template_error(t.apply_chat_template(&[msg("user", "Hello")]));
+        assert!(message.contains(&format!("longer than {MAX_RENDERED_BYTES} bytes")), "{message}");
+        // A model's context bounds it further.
+        t.limit_to_context(4096);
+        assert_eq!(t.max_rendered_bytes(), 4096 * RENDERED_BYTES_PER_TOKEN);
+        let message = template_error(t.apply_chat_template(&[msg("user", "Hello")]));
+        assert!(message.contains(&format!("longer than {} bytes", 4096 * 32)), "{message}");
+        assert!(t.check_chat_template().is_err());
+    }
+
+    #[test]
+    fn recursion_is_bounded() {
+        for source in ["{% include 'chat' %}", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"] {
+            let t = with_template(source);
+            let started = Instant::now();
+            let err = t.apply_chat_template(&[msg("user", "Hello")]).unwrap_err();
+            assert!(matches!(err, EngineError::Template { .. }), "{source}: {err}");
+            assert!(started.elapsed() < Duration::from_secs(2), "{source}: took {:?}", started.elapsed());
+        }
+    }
+
+    #[test]
+    fn real_templates_render_long_chats_within_the_bounds() {
+        // Phi-3's, read from its tokenizer_config.json.
+        let mut phi3 = Tokenizer::load(&fixture()).unwrap();
+        phi3.limit_to_context(4096);
+        assert_eq!(phi3.apply_chat_template(&[msg("system", "Be brief."), msg("user", "Hi")]).unwrap(), "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n");
+        phi3.check_chat_template().unwrap();
+        let smollm2 = with_template(SMOLLM2);
+        assert_eq!(
+            smollm2.apply_chat_template(&[msg("user", "Hi")]).unwrap(),
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        smollm2.check_chat_template().unwrap();
+        let llama = with_template(LLAMA3_STYLE);
+        llama.check_chat_template().unwrap();
+        // A chat as long as a 4k context holds (and longer): far within the fuel.
+        for t in [&phi3, &smollm2, &llama] {
+            let text = t.apply_chat_template(&long_chat(400)).unwrap();
+            assert!(text.contains("country number 399"));
+        }
+    }
+
+    /// The figures behind [`CHAT_TEMPLATE_FUEL`] (`cargo test --lib fuel_of_real -- --nocapture`).
+    #[test]
+    fn fuel_of_real_templates() {
+        for (name, source) in [("phi3", PHI3_CHAT_TEMPLATE), ("smollm2", SMOLLM2), ("llama3-style", LLAMA3_STYLE)] {
+            let t = with_template(source);
+            let fuel = |turns: usize| t.render(&long_chat(turns)).unwrap().1;
+            let (two, fifty) = (fuel(1), fuel(49));
+            println!("{name}: {two} fuel for 2 messages, {fifty} for 50, {} for 400", fuel(399));
+            assert!(fifty > 0, "fuel is counted");
+            assert!(fifty.saturating_mul(100) <= CHAT_TEMPLATE_FUEL, "{name}: {fifty} for 50 messages leaves less than a 100x margin");
+        }
+    }
+
+    #[test]
+    fn the_smoke_check_lets_a_template_refuse_system_messages_but_nothing_else() {
+        let mistral = with_template(MISTRAL);
+        mistral.check_chat_template().unwrap();
+        let err = template_error(mistral.apply_chat_template(&[msg("system", "s"), msg("user", "u")]));
+        assert!(err.contains("Conversation roles must alternate"), "the template's own words reach the client: {err}");
+
+        // Hostile only when a system message comes: the check renders that conversation too.
+        let sly = with_template(
+            "{% if messages[0].role == 'system' %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{% endif %}{{ messages[-1].content }}",
+        );
+        assert!(sly.check_chat_template().unwrap_err().to_string().contains("a system and a user message"));
+        // A template refusing the user is no template.
+        let refuses = with_template("{{ raise_exception('no') }}");
+        assert!(refuses.check_chat_template().unwrap_err().to_string().contains("rendering a user message"));
+        let empty = with_template("{# nothing #}");
+        assert!(empty.check_chat_template().unwrap_err().to_string().contains("empty"));
+    }
+
+    #[test]
+    fn a_template_that_does_not_compile_fails_the_load_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(fixture().join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"chat_template": "{% for m in messages %}{{ m.content }}"}"#).unwrap();
+        let err = Tokenizer::load(dir.path()).err().expect("a template without endfor does not load").to_string();
+        assert!(err.contains("tokenizer_config.json") && err.contains("chat_template does not compile"), "{err}");
     }
 }

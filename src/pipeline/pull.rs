@@ -530,14 +530,17 @@ fn known_digest(known: Option<&VersionRecord>, local: &str) -> Option<String> {
     known.and_then(|r| r.files.iter().find(|f| f.path == local)).map(|f| f.sha256.clone())
 }
 
-/// Loads the folder with the engine and generates `tokens` greedy tokens. The engine fails
-/// on non-finite logits; the count of tokens is checked here. Returns the reason on failure.
+/// Loads the folder with the engine (which compiles its chat template), renders the chat
+/// template on short chats within its fuel and output bounds, and generates `tokens` greedy
+/// tokens. The engine fails on non-finite logits; the count of tokens is checked here.
+/// Returns the reason on failure.
 ///
 /// # Errors
 /// The reason, as text for the record and the report.
 pub fn smoke_test(dir: &Path, options: &LoadOptions, tokens: usize) -> Result<(), String> {
     let started = std::time::Instant::now();
     let mut model = Model::load(dir, options).map_err(|e| format!("loading: {}", crate::util::chain(&e)))?;
+    model.tokenizer().check_chat_template().map_err(|e| format!("checking the chat template of tokenizer_config.json: {}", crate::util::chain(&e)))?;
     let mut ids = model.encode("Hello").map_err(|e| format!("tokenizing: {}", crate::util::chain(&e)))?;
     if ids.is_empty() {
         ids = model.config().model.bos_token_id.into_iter().collect();
