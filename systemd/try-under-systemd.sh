@@ -18,7 +18,8 @@
 # Everything else is the real unit: Type=notify (so READY=1 must come), the watchdog,
 # User=edgeflow (added to a private copy of /etc/passwd), the state and runtime directories
 # (under target/systemd-try/), the whole sandbox. Prints the unit's state, the journal, and
-# a GET /v1/models over the socket from a client in the edgeflow group and one outside it.
+# a GET /v1/models over the socket from a client in the edgeflow-api group and one outside it,
+# and that client's attempt to list the state directory.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/.." && pwd)"
@@ -48,6 +49,10 @@ uid=$(awk -F: '$3 >= 900 && $3 < 1000 { u[$3] = 1 } END { for (i = 999; i >= 900
 grep -q '^edgeflow:' "$work/passwd" || echo "edgeflow:x:$uid:$uid:edgeflow LLM endpoint:/var/lib/edgeflow:/usr/sbin/nologin" >> "$work/passwd"
 grep -q '^edgeflow:' "$work/group" || echo "edgeflow:x:$uid:" >> "$work/group"
 gid=$(awk -F: '$1 == "edgeflow" { print $3 }' "$work/group")
+# The API clients' group (edgeflow.sysusers: `g edgeflow-api -`), the unit's Group=.
+api=$(awk -F: '$3 >= 900 && $3 < 1000 { u[$3] = 1 } END { for (i = 998; i >= 900; i--) if (!(i in u)) { print i; exit } }' "$work/passwd" "$work/group")
+grep -q '^edgeflow-api:' "$work/group" || echo "edgeflow-api:x:$api:" >> "$work/group"
+api=$(awk -F: '$1 == "edgeflow-api" { print $3 }' "$work/group")
 
 # Only the units edgeflow needs run: everything the host would start at boot is masked.
 units="$work/etc-systemd"
@@ -129,7 +134,7 @@ sleep 1
 models() { # uid gid
   in_ns setpriv --reuid="$1" --regid="$2" --clear-groups curl -sS -m 30 --unix-socket /run/edgeflow/api.sock http://edgeflow/v1/models 2>&1 | cut -c1-300 || true
 }
-echo "== GET /v1/models as uid 1234 in group edgeflow ($gid):"; models 1234 "$gid"; echo
+echo "== GET /v1/models as uid 1234 in group edgeflow-api ($api):"; models 1234 "$api"; echo
 for _ in $(seq 150); do
   sub=$(in_ns systemctl show -p SubState --value edgeflow.service)
   [[ "$sub" != start && "$sub" != start-pre && "$sub" != auto-restart ]] && break
@@ -137,8 +142,10 @@ for _ in $(seq 150); do
 done
 echo "== edgeflow.service:"
 in_ns systemctl show edgeflow.service -p ActiveState -p SubState -p Result -p StatusText -p NRestarts -p ExecMainStatus -p WatchdogUSec -p MainPID
-echo "== GET /v1/models as uid 1234 in group edgeflow ($gid):"; models 1234 "$gid"; echo
+echo "== GET /v1/models as uid 1234 in group edgeflow-api ($api):"; models 1234 "$api"; echo
 echo "== GET /v1/models as uid 1234, group 1234 (expected: refused):"; models 1234 1234; echo
+echo "== the same API client lists /var/lib/edgeflow (expected: permission denied):"
+in_ns setpriv --reuid=1234 --regid="$api" --clear-groups ls /var/lib/edgeflow 2>&1 | head -3 || true
 echo "== /run/edgeflow and /var/lib/edgeflow:"
 in_ns ls -la /run/edgeflow /var/lib/edgeflow
 if ((keep)); then
