@@ -61,7 +61,7 @@ pub struct PollStatus {
     /// Unix seconds of the poll.
     pub checked_at: Option<u64>,
     /// `starting`, `up_to_date`, `updated`, `repaired`, `rolled_back`, `target_gone`, `model_deleted`,
-    /// `rejected`, `unreachable` or `failed`.
+    /// `rejected`, `unreachable`, `failed` or `interrupted` (a rollback or a pin stopped the pull).
     pub outcome: String,
     /// The error or the change, in words.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,6 +83,7 @@ impl From<&crate::pipeline::Status> for PollStatus {
             C::Rejected { version, reason } => ("rejected", Some(format!("version {version}: {reason}"))),
             C::Unreachable { error } => ("unreachable", Some(error.clone())),
             C::Failed { error } => ("failed", Some(error.clone())),
+            C::Interrupted { by } => ("interrupted", Some(format!("by {by}"))),
         };
         PollStatus { checked_at: s.checked_at, outcome: outcome.to_string(), detail, polls: s.polls }
     }
@@ -133,6 +134,7 @@ mod tests {
             (Condition::Updated { from: None, to: "3".into() }, "updated", Some("none -> 3")),
             (Condition::Rejected { version: "4".into(), reason: "smoke test".into() }, "rejected", Some("version 4: smoke test")),
             (Condition::Unreachable { error: "refused".into() }, "unreachable", Some("refused")),
+            (Condition::Interrupted { by: "a pin to version 1".into() }, "interrupted", Some("by a pin to version 1")),
         ];
         for (condition, outcome, detail) in table {
             let p = PollStatus::from(&RegistryStatus { condition, ..base.clone() });

@@ -187,7 +187,11 @@ impl Runner {
                         Ok(rx) => match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
                             Ok(Ok(o)) => Ok(o),
                             Ok(Err(_)) => Err(crate::command::CommandError::Dropped.to_string()),
-                            Err(_) => Err(format!("no answer within {}s", COMMAND_TIMEOUT.as_secs())),
+                            // The daemon's handler answers before this; if it did not, the
+                            // command may still be running: say so, not that it failed.
+                            Err(_) => {
+                                Err(format!("no answer within {}s; the command may still be running, and the status report will show its outcome", COMMAND_TIMEOUT.as_secs()))
+                            }
                         },
                     };
                     (Running { set, ..run }, outcome)

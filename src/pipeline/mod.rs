@@ -2,7 +2,8 @@
 //! [`pull`] job (resolve the stage or alias, list and download the artifact, verify every
 //! file, smoke-test the folder, activate it atomically in the cache) and the [`Poller`] that
 //! runs it on an interval and carries out the operations commands ask for (sync, pin,
-//! rollback, verify, reject), one at a time.
+//! rollback, verify, reject), one at a time; a rollback, reject or pin interrupts a running
+//! pull rather than wait for it.
 //!
 //! ```text
 //! registry::Client ──listing──▶ fetch::Downloader ──verified files──▶ cache::Store ──active──▶ (supervisor → engine)

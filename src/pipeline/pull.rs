@@ -6,6 +6,13 @@
 //! active version as it was. A version already in the cache is re-verified instead of
 //! downloaded; files whose bytes no longer match the digest recorded at first download are
 //! fetched again (and must match that digest again).
+//!
+//! A pull can be interrupted (a rollback or a pin preempting it, see [`Puller::interruptible`])
+//! only before it changes the cache: while it asks the registry, hashes cached files or
+//! downloads. Partial downloads stay in `cache/tmp/` and resume at the next attempt. Once the
+//! downloaded files are being stored, the version folder published, smoke-tested and
+//! activated, the pull finishes (those steps are short next to a download, and a half-done
+//! commit is what an interruption must never leave).
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -13,6 +20,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 use super::guard::Guard;
 use crate::cache::{CacheError, FileRecord, State, Store, VersionRecord};
@@ -106,6 +114,11 @@ pub enum PullError {
 
     #[error("a blocking task of the pull stopped unexpectedly: {message}")]
     Task { message: String },
+
+    /// Stopped before it changed the cache (a rollback or a pin went first); its partial
+    /// downloads are kept for the next attempt.
+    #[error("the pull was interrupted before it changed the cache")]
+    Interrupted,
 }
 
 impl PullError {
@@ -153,12 +166,33 @@ pub struct Puller {
     downloader: Downloader,
     load_options: LoadOptions,
     guard: Arc<Guard>,
+    /// Cancelled to interrupt this puller's pulls (never, unless [`Puller::interruptible`]).
+    interrupt: CancellationToken,
 }
 
 impl Puller {
     pub fn new(client: Client, store: Store, parallel_downloads: usize, bandwidth_limit: Option<u64>, load_options: LoadOptions) -> Puller {
         let downloader = Downloader::new(Arc::new(client.clone()), client.backoff(), store.tmp_dir(), parallel_downloads, bandwidth_limit);
-        Puller { client, store, downloader, load_options, guard: Arc::default() }
+        Puller { client, store, downloader, load_options, guard: Arc::default(), interrupt: CancellationToken::new() }
+    }
+
+    /// The same puller (same registry, cache, bandwidth cap and verification guard) whose
+    /// pulls stop with [`PullError::Interrupted`] once `token` is cancelled, if they have not
+    /// begun to change the cache yet (see the module doc); a pull past that point finishes.
+    pub fn interruptible(&self, token: CancellationToken) -> Puller {
+        Puller { interrupt: token, ..self.clone() }
+    }
+
+    /// `f`'s output, or [`PullError::Interrupted`] when the interrupt comes first (or came
+    /// already). Dropping `f` must leave the cache as it was: only registry requests, reads
+    /// and hashes of cached files, and downloads into `cache/tmp/` go through here (a
+    /// blocking hash dropped this way runs to its end and its result is ignored).
+    pub(super) async fn unless_interrupted<F: std::future::Future>(&self, f: F) -> Result<F::Output, PullError> {
+        tokio::select! {
+            biased;
+            () = self.interrupt.cancelled() => Err(PullError::Interrupted),
+            v = f => Ok(v),
+        }
     }
 
     pub fn store(&self) -> &Store {
@@ -191,9 +225,8 @@ impl Puller {
     /// [`PullError`] naming the step; the active version is unchanged by any error.
     pub async fn pull(&self, model: &str, target: &Target, observer: PullObserver, progress: Arc<Progress>, retry_bad: bool) -> Result<PullOutcome, PullError> {
         let mv = self
-            .client
-            .resolve(model, target)
-            .await
+            .unless_interrupted(self.client.resolve(model, target))
+            .await?
             .map_err(|source| PullError::Resolve { model: model.to_string(), target: describe(target), source })?
             .ok_or_else(|| PullError::NothingToFollow { model: model.to_string(), target: target.clone() })?;
         observer(&PullEvent::Resolved { version: mv.clone() });
@@ -221,7 +254,7 @@ impl Puller {
             Cached::Done(outcome) => return Ok(outcome),
             Cached::Partly { known, repairing, previous, is_active } => (known, repairing, previous, is_active),
         };
-        let (flavor, root, plan) = self.plan(mv, &job).await?;
+        let (flavor, root, plan) = self.unless_interrupted(self.plan(mv, &job)).await??;
         let fetched = self.download(mv, &job, &root, &plan, known.as_ref(), progress, &observer, flavor).await?;
 
         let files: Vec<FileRecord> = plan
@@ -260,11 +293,16 @@ impl Puller {
         }
 
         // The folder as the engine will read it: every file hashed again (commit_version
-        // checks sizes only), so no byte that was not verified reaches the smoke test.
-        let corrupt = self.verify(&rec).await?.map_err(job.cache_err("verifying the new version folder"))?;
+        // checks sizes only), so no byte that was not verified reaches the smoke test. An
+        // interruption here leaves a published folder that is neither good nor active; the
+        // next attempt finds it, verifies it and smoke-tests it without downloading.
+        let corrupt = self.unless_interrupted(self.verify(&rec)).await??.map_err(job.cache_err("verifying the new version folder"))?;
         if let Some(c) = corrupt.first() {
             return Err(PullError::Cache { step: "verifying the new version folder", model, version, source: CacheError::Corrupt { path: c.path.clone(), count: corrupt.len() } });
         }
+        // DEVNOTE: the smoke test is not interrupted: it holds the new version in memory, and
+        // abandoning it would leave it running beside the version a rollback makes the engine
+        // load. It takes seconds; the activation after it is one symlink swap.
         observer(&PullEvent::SmokeTest { version: version.clone() });
         let dir = self.store.version_dir(&rec);
         let options = self.load_options.clone();
@@ -309,7 +347,7 @@ impl Puller {
             // file of it changed since: a poll costs a few `stat` calls, not a read of the model.
             return Ok(Cached::Done(PullOutcome { model, version, dir, change: Change::Unchanged }));
         }
-        let corrupt = self.verify(&rec).await?.map_err(job.cache_err("verifying the cached files"))?;
+        let corrupt = self.unless_interrupted(self.verify(&rec)).await??.map_err(job.cache_err("verifying the cached files"))?;
         let mut repairing = Vec::new();
         if corrupt.is_empty() {
             if is_active {
@@ -391,8 +429,13 @@ impl Puller {
             let o = observer.clone();
             Arc::new(move |e: &fetch::Event| o(&PullEvent::Fetch(e.clone())))
         };
-        let fetched =
-            self.downloader.fetch_all(jobs, progress, fetch_observer).await.map_err(|source| PullError::Fetch { model: model.clone(), version: version.clone(), source })?;
+        // Interrupting drops the download tasks; what reached `<tmp>/<key>.part` stays there
+        // and the next attempt resumes after it.
+        let fetched = self.unless_interrupted(self.downloader.fetch_all(jobs, progress, fetch_observer)).await?.map_err(|source| PullError::Fetch {
+            model: model.clone(),
+            version: version.clone(),
+            source,
+        })?;
         for f in &fetched {
             if let Some(expected) = known_digest(known, &f.name) {
                 if expected != f.sha256 {
@@ -424,7 +467,7 @@ impl Puller {
         if !self.store.settings().verify_on_load {
             return Ok(Some(PullOutcome { model: rec.model, version: rec.version, dir, change: Change::Unchanged }));
         }
-        let corrupt = self.verify(&rec).await?.map_err(cache_err("verifying the active version"))?;
+        let corrupt = self.unless_interrupted(self.verify(&rec)).await??.map_err(cache_err("verifying the active version"))?;
         if corrupt.is_empty() {
             self.guard.verified(&dir, &rec.files);
             return Ok(Some(PullOutcome { model: rec.model, version: rec.version, dir, change: Change::Unchanged }));
@@ -441,6 +484,8 @@ impl Puller {
         };
         match self.install(&mv, observer.clone(), Arc::new(Progress::default()), false).await {
             Ok(outcome) => Ok(Some(outcome)),
+            // Whatever interrupted the repair decides what serves next, not this fallback.
+            Err(e @ PullError::Interrupted) => Err(e),
             Err(e) => {
                 tracing::warn!(error = %crate::util::chain(&e), "could not repair the active version; falling back to the last-known-good one");
                 let store = self.store.clone();
@@ -448,7 +493,7 @@ impl Puller {
                 let Some(lkg) = self.blocking(move || store.last_known_good(&m)).await?.map_err(cache_err("reading the cache index"))? else {
                     return Err(e);
                 };
-                let corrupt = self.verify(&lkg).await?.map_err(cache_err("verifying the last-known-good version"))?;
+                let corrupt = self.unless_interrupted(self.verify(&lkg)).await??.map_err(cache_err("verifying the last-known-good version"))?;
                 if !corrupt.is_empty() {
                     return Err(e);
                 }
