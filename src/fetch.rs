@@ -250,12 +250,16 @@ pub struct Downloader {
     parallel: usize,
     backoff: Backoff,
     limiter: Option<Arc<RateLimiter>>,
+    /// One lock per partial file. A download abandoned mid-way (its pull was preempted) has
+    /// a writer thread that may still be flushing; the writer holds the lock until it is
+    /// done, so a resume of the same file never appends beside it.
+    locks: Arc<Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 impl Downloader {
     /// Downloads from `source` into `tmp`, `parallel` files at a time, retrying with `backoff`.
     pub fn new(source: Arc<dyn Source>, backoff: Backoff, tmp: PathBuf, parallel: usize, bandwidth_limit: Option<u64>) -> Downloader {
-        Downloader { source, tmp, parallel: parallel.max(1), backoff, limiter: bandwidth_limit.map(|b| Arc::new(RateLimiter::new(b))) }
+        Downloader { source, tmp, parallel: parallel.max(1), backoff, limiter: bandwidth_limit.map(|b| Arc::new(RateLimiter::new(b))), locks: Arc::default() }
     }
 
     /// Downloads every job, `parallel` at a time; stops at the first error that retries
@@ -289,11 +293,22 @@ impl Downloader {
         Ok(done.into_iter().map(|(_, f)| f).collect())
     }
 
+    /// The lock of the partial file `key` (entries no one holds are dropped on the way).
+    fn lock_for(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = match self.locks.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(key.to_string()).or_default().clone()
+    }
+
     /// Downloads one file, resuming whatever an earlier attempt or run left.
     ///
     /// # Errors
     /// As [`Downloader::fetch_all`].
     pub async fn fetch_one(&self, job: &Job, progress: &Progress, observer: &Observer) -> Result<Fetched, FetchError> {
+        let held = Arc::new(self.lock_for(&job.key).lock_owned().await);
         let part = self.tmp.join(format!("{}.part", job.key));
         let state_path = self.tmp.join(format!("{}.part.json", job.key));
         let url = job.url.to_string();
@@ -307,7 +322,7 @@ impl Downloader {
         let mut retry = 0;
         while have < job.size || (job.size == 0 && !part.exists()) {
             let before = have;
-            let result = self.attempt(job, &part, &state_path, &mut hasher, &mut have, &mut validator, progress).await;
+            let result = self.attempt(job, &part, &state_path, &mut hasher, &mut have, &mut validator, progress, &held).await;
             match result {
                 Ok(()) => {}
                 Err(e) if e.is_retryable() && retry + 1 < self.backoff.max_attempts => {
@@ -347,6 +362,7 @@ impl Downloader {
         have: &mut u64,
         validator: &mut Option<String>,
         progress: &Progress,
+        held: &Arc<tokio::sync::OwnedMutexGuard<()>>,
     ) -> Result<(), FetchError> {
         let reg = |source| FetchError::Source { name: job.name.clone(), source };
         let mut resp = self.source.get(&job.url, *have, validator.as_deref()).await.map_err(reg)?;
@@ -403,7 +419,12 @@ impl Downloader {
             path: state_path.to_path_buf(),
             state: PartState { url: job.url.to_string(), size: job.size, validator: validator.clone(), durable: 0, durable_sha256: None, boot_id: boot_id() },
         };
-        let writer = tokio::task::spawn_blocking(move || write_loop(file, base, taken, rx, &path, checkpoint));
+        let lock = held.clone();
+        let writer = tokio::task::spawn_blocking(move || {
+            let written = write_loop(file, base, taken, rx, &path, checkpoint);
+            drop(lock);
+            written
+        });
         let stream_result = self.receive(job, &mut resp, &tx, base, progress).await;
         drop(tx);
         let (back, written) = writer.await.map_err(|_| FetchError::WriterGone { name: job.name.clone() })??;
