@@ -13,6 +13,9 @@ use super::EngineError;
 
 pub const FILE_NAME: &str = "genai_config.json";
 
+/// Largest `genai_config.json` read (real ones are about 2 KiB).
+const MAX_BYTES: u64 = 1 << 20;
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct GenaiConfig {
     pub model: ModelSection,
@@ -130,8 +133,8 @@ impl GenaiConfig {
     /// not valid JSON of the expected shape or a field is out of range (the message names it).
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
         let path = dir.join(FILE_NAME);
-        let text = std::fs::read_to_string(&path).map_err(|source| EngineError::read(&path, source))?;
-        let config: GenaiConfig = serde_json::from_str(&text).map_err(|e| EngineError::Config { path: path.clone(), field: json_error_field(&e), message: e.to_string() })?;
+        let text = EngineError::read_capped(&path, MAX_BYTES)?;
+        let config: GenaiConfig = serde_json::from_slice(&text).map_err(|e| EngineError::Config { path: path.clone(), field: json_error_field(&e), message: e.to_string() })?;
         config.validate(&path)?;
         Ok(config)
     }
@@ -234,6 +237,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("edgeflow-cfg-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn an_oversized_config_is_refused_unparsed() {
+        // Valid JSON padded with whitespace past the cap: refused by size, not by content.
+        let padded = format!("{PHI3}{}", " ".repeat(MAX_BYTES as usize));
+        assert!(matches!(parse(&padded), Err(EngineError::TooLarge { limit: MAX_BYTES, .. })));
+        assert!(parse(PHI3).is_ok());
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub enum EngineError {
         source: std::io::Error,
     },
 
+    #[error("{path} is larger than {limit} bytes, more than any real model's file of its kind; refusing to parse it")]
+    TooLarge { path: PathBuf, limit: u64 },
+
     #[error("{path}: field `{field}`: {message}")]
     Config { path: PathBuf, field: String, message: String },
 
@@ -58,6 +61,19 @@ impl EngineError {
         } else {
             EngineError::Read { path: path.to_path_buf(), source }
         }
+    }
+
+    /// Reads `path` whole, refusing a file larger than `limit` bytes before it is parsed (an
+    /// artifact's author must not be able to make the engine allocate gigabytes for JSON).
+    pub(crate) fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, Self> {
+        use std::io::Read;
+        let file = std::fs::File::open(path).map_err(|e| Self::read(path, e))?;
+        let mut bytes = Vec::new();
+        file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| Self::read(path, e))?;
+        if bytes.len() as u64 > limit {
+            return Err(Self::TooLarge { path: path.to_path_buf(), limit });
+        }
+        Ok(bytes)
     }
 
     pub(crate) fn inference(during: &'static str) -> impl FnOnce(ort::Error) -> EngineError {

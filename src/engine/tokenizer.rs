@@ -33,6 +33,14 @@ pub const RENDERED_BYTES_PER_TOKEN: usize = 32;
 /// takes seconds, not minutes.
 pub const MAX_RENDERED_BYTES: usize = 4 << 20;
 
+/// Largest `tokenizer.json` loaded (real ones: 2 MiB for Phi-3, 9 MiB for Llama 3, 33 MiB for
+/// Gemma's 256k vocabulary).
+pub const MAX_TOKENIZER_BYTES: u64 = 128 << 20;
+
+/// Largest `tokenizer_config.json` loaded (real ones stay under 1 MiB, added-token tables and
+/// all).
+pub const MAX_TOKENIZER_CONFIG_BYTES: u64 = 16 << 20;
+
 /// The two conversations the smoke test renders (see [`Tokenizer::check_chat_template`]).
 const CHECK_SYSTEM: &str = "You are a helpful assistant.";
 const CHECK_USER: &str = "Hello";
@@ -168,14 +176,14 @@ impl Tokenizer {
     /// including a `chat_template` that does not compile.
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
         let path = dir.join("tokenizer.json");
-        let bytes = std::fs::read(&path).map_err(|e| EngineError::read(&path, e))?;
+        let bytes = EngineError::read_capped(&path, MAX_TOKENIZER_BYTES)?;
         let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| EngineError::Tokenizer { path: path.clone(), message: e.to_string() })?;
 
         let config_path = dir.join("tokenizer_config.json");
-        let config: TokenizerConfig = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| EngineError::Tokenizer { path: config_path.clone(), message: e.to_string() })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => TokenizerConfig::default(),
-            Err(e) => return Err(EngineError::read(&config_path, e)),
+        let config: TokenizerConfig = match EngineError::read_capped(&config_path, MAX_TOKENIZER_CONFIG_BYTES) {
+            Ok(text) => serde_json::from_slice(&text).map_err(|e| EngineError::Tokenizer { path: config_path.clone(), message: e.to_string() })?,
+            Err(EngineError::MissingFile { .. }) => TokenizerConfig::default(),
+            Err(e) => return Err(e),
         };
         let chat_template = match config.chat_template {
             Some(ChatTemplateField::One(t)) => t,
@@ -517,5 +525,27 @@ mod tests {
         std::fs::write(dir.path().join("tokenizer_config.json"), r#"{"chat_template": "{% for m in messages %}{{ m.content }}"}"#).unwrap();
         let err = Tokenizer::load(dir.path()).err().expect("a template without endfor does not load").to_string();
         assert!(err.contains("tokenizer_config.json") && err.contains("chat_template does not compile"), "{err}");
+    }
+
+    #[test]
+    fn oversized_tokenizer_files_are_refused_before_they_are_parsed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(fixture().join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+        // A sparse file: one byte over the cap costs no disk, and must cost no parse.
+        let config = std::fs::File::create(dir.path().join("tokenizer_config.json")).unwrap();
+        config.set_len(MAX_TOKENIZER_CONFIG_BYTES + 1).unwrap();
+        let err = Tokenizer::load(dir.path()).err().expect("an oversized tokenizer_config.json does not load");
+        assert!(matches!(err, EngineError::TooLarge { limit: MAX_TOKENIZER_CONFIG_BYTES, .. }), "{err}");
+        assert!(err.to_string().contains("tokenizer_config.json"), "{err}");
+
+        // At the cap exactly it is read (and fails as the JSON it is not).
+        config.set_len(MAX_TOKENIZER_CONFIG_BYTES).unwrap();
+        let err = Tokenizer::load(dir.path()).err().expect("zeros are not JSON");
+        assert!(matches!(err, EngineError::Tokenizer { .. }), "{err}");
+
+        std::fs::remove_file(dir.path().join("tokenizer_config.json")).unwrap();
+        std::fs::File::options().write(true).open(dir.path().join("tokenizer.json")).unwrap().set_len(MAX_TOKENIZER_BYTES + 1).unwrap();
+        let err = Tokenizer::load(dir.path()).err().expect("an oversized tokenizer.json does not load");
+        assert!(matches!(err, EngineError::TooLarge { limit: MAX_TOKENIZER_BYTES, .. }), "{err}");
     }
 }
