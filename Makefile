@@ -14,7 +14,7 @@ VENV_BENCH := .venv/bench
 # local API tests' real clients: the openai SDK and prometheus_client (tests/serve/).
 VENV_TEST := .venv/test
 
-.PHONY: all system build ort venv smollm2 test demo bench bench-serve bench-pull bench-fleet models clean
+.PHONY: all system build ort venv smollm2 test demo bench bench-prefix bench-serve bench-pull bench-fleet models clean
 
 all: build
 
@@ -56,6 +56,9 @@ bench: build
 	benches/run.sh
 
 # The other benchmarks, each against its anchor in the same run (see benches/README.md).
+bench-prefix: build smollm2
+	benches/run.sh --prefix
+
 bench-serve: build
 	benches/serve.sh --runs 31
 bench-pull: build venv

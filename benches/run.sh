@@ -2,6 +2,7 @@
 # `make bench`: edgeflow's engine side by side with onnxruntime-genai (the reference runtime).
 #
 #   benches/run.sh [--build-phi3] [engine_bench.py options...]
+#   benches/run.sh --prefix [prefix_bench.py options...]   (`make bench-prefix`)
 #
 # - sets up .venv/bench (onnxruntime-genai 0.18.0, which pulls onnxruntime 1.32.0, tokenizers,
 #   numpy) when missing;
@@ -21,10 +22,12 @@ phi3="$root/.models/phi3-mini-int4"
 GENAI_VERSION="0.18.0"
 
 build_phi3=0
+prefix=0
 args=()
 for a in "$@"; do
   case "$a" in
     --build-phi3) build_phi3=1 ;;
+    --prefix) prefix=1 ;;
     *) args+=("$a") ;;
   esac
 done
@@ -56,6 +59,16 @@ fi
 # 3. Models (--model NAME=DIR replaces the defaults).
 has_model=0
 for a in "${args[@]+"${args[@]}"}"; do [[ $a == --model || $a == --model=* ]] && has_model=1; done
+if [[ $prefix == 1 ]]; then
+  # Prefix reuse: the tiny fixture, the trained model (make smollm2) and, when built, Phi-3-mini.
+  if [[ $has_model == 0 ]]; then
+    args+=(--model "phi3-tiny-gqa=tests/fixtures/models/phi3-tiny-gqa")
+    [[ -f .models/smollm2-135m-instruct/genai_config.json ]] && args+=(--model "smollm2=.models/smollm2-135m-instruct")
+    [[ -f "$phi3/genai_config.json" ]] && args+=(--model "phi3-mini-int4=$phi3")
+  fi
+  [[ $custom_bin == 1 ]] || args+=(--edgeflow "$bin")
+  exec "$venv/bin/python" benches/prefix_bench.py --genai-python "$venv/bin/python" "${args[@]+"${args[@]}"}"
+fi
 tiny="$root/tests/fixtures/models/phi3-tiny-gqa"
 if [[ $has_model == 0 && ! -f "$tiny/genai_config.json" ]]; then
   echo "benches/run.sh: the tiny fixture $tiny is missing (make models regenerates the fixtures)" >&2

@@ -166,13 +166,15 @@ fn openai_sdk_streams_the_engines_greedy_output() {
     let chat = &r["chat"];
     assert_eq!(chat["text"], chat_text.as_str(), "non-streamed chat = the engine's greedy output");
     assert_eq!((chat["role"].as_str(), chat["finish_reason"].as_str(), chat["object"].as_str()), (Some("assistant"), Some(chat_finish), Some("chat.completion")));
-    assert_eq!(chat["usage"], json!({"prompt_tokens": chat_prompt_tokens, "completion_tokens": chat_tokens, "total_tokens": chat_prompt_tokens + chat_tokens}));
+    let usage = |cached: usize| json!({"prompt_tokens": chat_prompt_tokens, "completion_tokens": chat_tokens, "total_tokens": chat_prompt_tokens + chat_tokens, "prompt_tokens_details": {"cached_tokens": cached}});
+    assert_eq!(chat["usage"], usage(0), "the SDK parses the usage, prefix reuse included");
     assert_eq!((chat["model"].as_str(), chat["system_fingerprint"].as_str()), (Some("tiny-chat"), Some("tiny-chat@7")));
 
     let stream = &r["chat_stream"];
     assert_eq!(stream["text"], chat_text.as_str(), "streamed chat = the engine's greedy output");
     assert_eq!(stream["finish_reason"], chat_finish);
-    assert_eq!(stream["usage"], chat["usage"], "stream_options.include_usage reports the same usage");
+    // The same chat again: all but its last prompt token come from the live KV cache.
+    assert_eq!(stream["usage"], usage(chat_prompt_tokens - 1), "stream_options.include_usage reports the usage");
     assert_eq!(stream["roles"], json!(["assistant"]), "the role is sent once, first");
     assert!(stream["chunks"].as_u64().unwrap() >= 3, "{stream}");
 
@@ -970,4 +972,39 @@ async fn an_engine_past_its_step_allowance_is_not_ready() {
     shutdown.cancel();
     server.await.unwrap();
     manager.deactivate().await;
+}
+
+/// A system prompt sent again is not computed again: the second request reports the reused
+/// tokens in OpenAI's `usage.prompt_tokens_details.cached_tokens`, the metrics count the hit,
+/// and its text is the engine's greedy output without reuse. With `prefix_cache = "off"`
+/// nothing is reused.
+#[test]
+fn a_repeated_system_prompt_is_reused_and_reported() {
+    let system = "You are the assistant of a small device at the edge of a network. Answer briefly, in plain words, and never make anything up; when you do not know, say so.";
+    let messages = |q: &str| json!([{"role": "system", "content": system}, {"role": "user", "content": q}]);
+    let ask = |server: &Server, q: &str| -> Value {
+        let body = json!({"model": "m", "messages": messages(q), "max_tokens": 10, "temperature": 0}).to_string();
+        let r = curl_post(&server.socket, "/v1/chat/completions", &body);
+        assert_eq!(r.status, 200, "{r:?}");
+        serde_json::from_str(&r.body).unwrap()
+    };
+    let server = Server::start("phi3-tiny-gqa", "", &[], &[]);
+    let first = ask(&server, "What is the capital of France?");
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{first}");
+    let second = ask(&server, "How far away is the moon?");
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    let (text, prompt_tokens, _, _) = engine_greedy("phi3-tiny-gqa", &messages("How far away is the moon?"), 10);
+    assert_eq!(second["choices"][0]["message"]["content"], text.as_str(), "reuse changed the greedy answer");
+    assert_eq!(second["usage"]["prompt_tokens"], prompt_tokens);
+    assert!(cached >= 30 && (cached as usize) < prompt_tokens, "the system prompt's tokens are reused: {second}");
+    assert_eq!(server.metric("edgeflow_prefix_cache_hits_total"), 1.0);
+    assert_eq!(server.metric("edgeflow_prefix_reused_tokens_total"), cached as f64);
+    drop(server);
+
+    let off = Server::start("phi3-tiny-gqa", "[engine]\nprefix_cache = \"off\"\n", &[], &[]);
+    ask(&off, "What is the capital of France?");
+    let again = ask(&off, "How far away is the moon?");
+    assert_eq!(again["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{again}");
+    assert_eq!(again["choices"][0]["message"]["content"], second["choices"][0]["message"]["content"]);
+    assert_eq!(off.metric("edgeflow_prefix_cache_hits_total"), 0.0);
 }

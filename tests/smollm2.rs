@@ -15,7 +15,7 @@ use std::ops::ControlFlow;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
 
-use edgeflow::engine::{ChatMessage, FinishReason, GenerateParams, Generation, Model, SamplingParams};
+use edgeflow::engine::{ChatMessage, FinishReason, GenerateParams, Generation, LoadOptions, Model, SamplingParams};
 use serde::Deserialize;
 
 const MAX_NEW_TOKENS: usize = 32;
@@ -390,4 +390,40 @@ fn sampling_on_real_distributions() {
     }
     let (cold, hot) = (&spreads[0].1, &spreads[2].1);
     assert!(hot.entropy_sum / hot.tokens as f64 > cold.entropy_sum / cold.tokens as f64, "hot sampling visits less certain states");
+}
+
+/// A chat continued turn after turn, with prefix reuse: every answer is token for token the one
+/// computed from scratch, and each turn reuses at least the whole earlier prompt (the earlier
+/// turns render the same; the model's answer, re-tokenized from its text, mostly matches too).
+#[test]
+fn a_chat_continued_reuses_its_earlier_turns_without_changing_a_token() {
+    let mut plain = load();
+    let options = LoadOptions { prefix_cache: Some(32 << 20), ..common::load_options() };
+    let dir = common::smollm2_dir();
+    let mut reusing = Model::load(&dir, &options).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()));
+    let mut chat = vec![msg("system", "You are a helpful assistant. Answer in one or two sentences.")];
+    let mut previous = 0;
+    for (turn, question) in
+        ["What is the capital of France?", "How many people live there?", "Name a famous museum in that city.", "What is its most famous painting?"].into_iter().enumerate()
+    {
+        chat.push(msg("user", question));
+        let ids = plain.encode_chat(&chat).expect("encode_chat");
+        let (a, _) = run(&mut plain, &ids, &greedy(24));
+        let (b, _) = run(&mut reusing, &ids, &greedy(24));
+        assert_eq!(b.token_ids, a.token_ids, "turn {}: reuse changed the answer ({:?} vs {:?})", turn + 1, b.text, a.text);
+        assert_eq!(a.reused_tokens, 0);
+        if turn == 0 {
+            assert_eq!(b.reused_tokens, 0);
+        } else {
+            assert!(
+                b.reused_tokens >= previous && b.reused_tokens < ids.len(),
+                "turn {}: reused {} of {} (the earlier prompt had {previous})",
+                turn + 1,
+                b.reused_tokens,
+                ids.len()
+            );
+        }
+        previous = ids.len();
+        chat.push(msg("assistant", &a.text));
+    }
 }

@@ -379,6 +379,11 @@ impl Thread {
         match result {
             Ok(generation) => {
                 self.metrics.generated_tokens.inc_by((generation.token_ids.len() as u64).saturating_sub(counted));
+                if generation.reused_tokens > 0 {
+                    self.metrics.prefix_hits.inc();
+                    self.metrics.prefix_reused_tokens.inc_by(generation.reused_tokens as u64);
+                }
+                self.metrics.prefix_cache_bytes.set(i64::try_from(model.prefix_cache_bytes()).unwrap_or(i64::MAX));
                 if generation.finish_reason == crate::engine::FinishReason::Cancelled {
                     self.metrics.generations_cancelled.inc();
                 }

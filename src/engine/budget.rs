@@ -23,6 +23,8 @@ pub struct MemoryBudget {
     pub reserve: u64,
     /// Tokens the KV cache must hold; `None` means the model's context length.
     pub kv_tokens: Option<usize>,
+    /// Bytes prefix snapshots may take (`engine.prefix_cache`).
+    pub prefix_cache: u64,
     /// Where `/proc` and `/sys/fs/cgroup` are (tests point these at fixtures).
     pub proc_root: PathBuf,
     pub cgroup_root: PathBuf,
@@ -30,7 +32,7 @@ pub struct MemoryBudget {
 
 impl MemoryBudget {
     pub fn new(reserve: u64, kv_tokens: Option<usize>) -> MemoryBudget {
-        MemoryBudget { reserve, kv_tokens, proc_root: PathBuf::from("/proc"), cgroup_root: PathBuf::from("/sys/fs/cgroup") }
+        MemoryBudget { reserve, kv_tokens, prefix_cache: 0, proc_root: PathBuf::from("/proc"), cgroup_root: PathBuf::from("/sys/fs/cgroup") }
     }
 }
 
@@ -39,12 +41,13 @@ impl MemoryBudget {
 pub struct Need {
     pub weights: u64,
     pub kv_cache: u64,
+    pub prefix_cache: u64,
     pub reserve: u64,
 }
 
 impl Need {
     pub fn total(&self) -> u64 {
-        self.weights + self.kv_cache + self.reserve
+        self.weights + self.kv_cache + self.prefix_cache + self.reserve
     }
 }
 
@@ -81,7 +84,7 @@ pub fn need(dir: &Path, config: &GenaiConfig, budget: &MemoryBudget) -> std::io:
     let d = &config.model.decoder;
     let tokens = budget.kv_tokens.unwrap_or(config.model.context_length).min(config.model.context_length) as u64;
     let kv_cache = 2 * d.num_hidden_layers as u64 * d.num_key_value_heads as u64 * d.head_size as u64 * tokens * 4;
-    Ok(Need { weights: weight_bytes(dir)?, kv_cache, reserve: budget.reserve })
+    Ok(Need { weights: weight_bytes(dir)?, kv_cache, prefix_cache: budget.prefix_cache, reserve: budget.reserve })
 }
 
 /// What the process may still use; `None` when `/proc/meminfo` cannot be read (then no
@@ -127,10 +130,11 @@ pub fn admit(dir: &Path, config: &GenaiConfig, budget: &MemoryBudget) -> Result<
     };
     if need.total() > avail.bytes {
         return Err(format!(
-            "not enough memory to load the model: it needs {} (weights {}, KV cache {}, reserve {}) but only {} is available (limited by {})",
+            "not enough memory to load the model: it needs {} (weights {}, KV cache {}, prefix cache {}, reserve {}) but only {} is available (limited by {})",
             mib(need.total()),
             mib(need.weights),
             mib(need.kv_cache),
+            mib(need.prefix_cache),
             mib(need.reserve),
             mib(avail.bytes),
             avail.limited_by
@@ -166,7 +170,7 @@ mod tests {
                 std::fs::write(d.join("memory.current"), format!("{current}\n")).unwrap();
             }
         }
-        (t, MemoryBudget { reserve: 0, kv_tokens: None, proc_root, cgroup_root })
+        (t, MemoryBudget { reserve: 0, kv_tokens: None, prefix_cache: 0, proc_root, cgroup_root })
     }
 
     #[test]

@@ -9,6 +9,9 @@
 //!   decode step copies nothing. Buffers are kept and reused by later requests that fit.
 //! - **growing**: each step's `present.*` outputs become the next step's `past_*` inputs
 //!   (moved, not copied).
+//!
+//! With the shared buffers, a request that starts with tokens an earlier one ran reuses their
+//! keys and values (see [`super::prefix`]); the growing strategy always starts empty.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +20,7 @@ use ort::session::{builder::GraphOptimizationLevel, Session};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
 use super::config::{layer_name, GenaiConfig};
+use super::prefix::{PrefixStore, Reuse};
 use super::EngineError;
 
 struct Names {
@@ -37,6 +41,10 @@ pub(crate) struct Decoder {
     vocab: usize,
     share_buffer: bool,
     shared: Option<SharedCache>,
+    context: usize,
+    /// Whether requests reuse the keys and values of the prefix they share with earlier ones.
+    reuse: bool,
+    prefix: PrefixStore,
 }
 
 /// Shared past/present buffers, `[1, kv_heads, capacity, head_size]` per layer.
@@ -44,8 +52,12 @@ struct SharedCache {
     capacity: usize,
     binding: ort::session::IoBinding,
     // Held so the bound buffers outlive the binding's use; bound by reference.
-    _buffers: Vec<Tensor<f32>>,
+    /// Bound by reference; read and written between runs only (snapshots). Layer 0 key,
+    /// layer 0 value, layer 1 key, ...
+    buffers: Vec<Tensor<f32>>,
     decode_logits: Option<Tensor<f32>>,
+    /// The tokens whose keys and values the buffers hold, at positions `0..held.len()`.
+    held: Vec<u32>,
 }
 
 /// Per-request cache state.
@@ -67,7 +79,9 @@ fn dims(t: &ValueType) -> Option<Vec<i64>> {
 }
 
 impl Decoder {
-    pub(crate) fn load(dir: &Path, config: &GenaiConfig, env: &ort::environment::Environment, threads: usize) -> Result<Self, EngineError> {
+    /// Loads the decoder graph of `dir`. `prefix_cache`: `None` turns prefix reuse off; `Some(bytes)`
+    /// reuses the live buffers and keeps up to `bytes` of snapshots.
+    pub(crate) fn load(dir: &Path, config: &GenaiConfig, env: &ort::environment::Environment, threads: usize, prefix_cache: Option<u64>) -> Result<Self, EngineError> {
         let path = config.decoder_path(dir);
         if !path.is_file() {
             return Err(EngineError::MissingFile { path });
@@ -102,6 +116,9 @@ impl Decoder {
             vocab: config.model.vocab_size,
             share_buffer: config.search.past_present_share_buffer,
             shared: None,
+            context: config.model.context_length,
+            reuse: prefix_cache.is_some(),
+            prefix: PrefixStore::new(prefix_cache.unwrap_or(0), 2 * (d.num_hidden_layers * d.num_key_value_heads * d.head_size) as u64 * 4),
         };
         decoder.check_io()?;
         Ok(decoder)
@@ -177,8 +194,21 @@ impl Decoder {
         Ok(())
     }
 
-    /// Starts a request that will hold at most `capacity` tokens.
-    pub(crate) fn start(&mut self, capacity: usize) -> Result<Cache, EngineError> {
+    /// Bytes of prefix snapshots held now.
+    pub(crate) fn prefix_bytes(&self) -> u64 {
+        self.prefix.bytes()
+    }
+
+    /// Forgets what the live buffers hold (after a failed request their contents are suspect).
+    pub(crate) fn forget(&mut self) {
+        if let Some(s) = self.shared.as_mut() {
+            s.held.clear();
+        }
+    }
+
+    /// Starts a request for `prompt` that will hold at most `capacity` tokens, and returns how
+    /// many of the prompt's first tokens are already in the cache (feed the rest).
+    pub(crate) fn start(&mut self, capacity: usize, prompt: &[u32]) -> Result<(Cache, usize), EngineError> {
         if !self.share_buffer {
             let layers = self.names.past.len();
             let mut past = Vec::with_capacity(layers);
@@ -188,14 +218,89 @@ impl Decoder {
                 let v = Tensor::<f32>::from_array((shape, Vec::<f32>::new())).map_err(EngineError::inference("allocating the KV cache"))?;
                 past.push((k.into_dyn(), v.into_dyn()));
             }
-            return Ok(Cache::Growing { len: 0, past });
+            return Ok((Cache::Growing { len: 0, past }, 0));
         }
         if self.shared.as_ref().is_none_or(|s| s.capacity < capacity) {
+            // What the old buffers hold goes to the snapshots (the new ones start empty).
+            if self.reuse {
+                self.save_live(0)?;
+            }
+            // Grow by doubling (up to the context), so a prefix is not lost to every slightly
+            // longer request; pages never written are never resident.
+            let grown = self.shared.as_ref().map_or(capacity, |s| s.capacity.saturating_mul(2).min(self.context).max(capacity));
             // Drop the old buffers before allocating new ones: peak memory matters on a device.
             self.shared = None;
-            self.shared = Some(self.allocate_shared(capacity)?);
+            self.shared = Some(self.allocate_shared(grown)?);
         }
-        Ok(Cache::Shared { len: 0 })
+        let plan = match (&self.shared, self.reuse) {
+            (Some(shared), true) => self.prefix.plan(&shared.held, prompt),
+            _ => Reuse::None,
+        };
+        let keep = match plan {
+            Reuse::None => 0,
+            Reuse::Live(n) => n,
+            Reuse::Snapshot { live, .. } => live,
+        };
+        if self.reuse {
+            // The request overwrites the live tokens from `keep` on: keep them first.
+            self.save_live(keep)?;
+        }
+        if let Reuse::Snapshot { index, n, live } = plan {
+            self.restore(index, live, n)?;
+        }
+        let reused = plan.tokens();
+        if let Some(shared) = self.shared.as_mut() {
+            shared.held.truncate(reused);
+        }
+        Ok((Cache::Shared { len: reused }, reused))
+    }
+
+    /// Copies the live tokens into a snapshot (as many as the store may hold) when a request is
+    /// about to overwrite them from position `keep` on and they are worth keeping.
+    fn save_live(&mut self, keep: usize) -> Result<(), EngineError> {
+        let Some(shared) = self.shared.as_mut() else { return Ok(()) };
+        // A request that keeps most of the live tokens (the same prompt sampled again, an answer
+        // regenerated) leaves little worth a copy; one that keeps less than half switches context.
+        if shared.held.len() <= keep || keep * 2 >= shared.held.len() {
+            return Ok(());
+        }
+        let n = shared.held.len().min(self.prefix.max_tokens());
+        if !self.prefix.wants(&shared.held[..n]) {
+            return Ok(());
+        }
+        let (cap, hs) = (shared.capacity, self.head_size);
+        let mut data = Vec::with_capacity(shared.buffers.len());
+        for buffer in &mut shared.buffers {
+            let (_, all) = buffer.try_extract_tensor_mut::<f32>().map_err(EngineError::inference("copying a prefix out of the KV cache"))?;
+            let mut out = Vec::with_capacity(self.kv_heads * n * hs);
+            for h in 0..self.kv_heads {
+                out.extend_from_slice(&all[h * cap * hs..h * cap * hs + n * hs]);
+            }
+            data.push(out);
+        }
+        self.prefix.insert(shared.held[..n].to_vec(), data);
+        Ok(())
+    }
+
+    /// Copies positions `from..n` of snapshot `index` into the live buffers (the first `from`
+    /// are already there), which then hold its first `n` tokens.
+    fn restore(&mut self, index: usize, from: usize, n: usize) -> Result<(), EngineError> {
+        let during = "copying a prefix into the KV cache";
+        let shared = self.shared.as_mut().ok_or(EngineError::Inference { during, message: "KV cache not allocated".into() })?;
+        let entry = self.prefix.touch(index).ok_or(EngineError::Inference { during, message: format!("no snapshot {index}") })?;
+        let (cap, hs, len) = (shared.capacity, self.head_size, entry.tokens.len());
+        if n > len || n > cap || entry.data.len() != shared.buffers.len() {
+            return Err(EngineError::Inference { during, message: format!("a snapshot of {len} tokens cannot give {n} to a cache of {cap}") });
+        }
+        for (buffer, saved) in shared.buffers.iter_mut().zip(&entry.data) {
+            let (_, all) = buffer.try_extract_tensor_mut::<f32>().map_err(EngineError::inference(during))?;
+            for h in 0..self.kv_heads {
+                all[h * cap * hs + from * hs..h * cap * hs + n * hs].copy_from_slice(&saved[h * len * hs + from * hs..h * len * hs + n * hs]);
+            }
+        }
+        shared.held.clear();
+        shared.held.extend_from_slice(&entry.tokens[..n]);
+        Ok(())
     }
 
     fn allocate_shared(&mut self, capacity: usize) -> Result<SharedCache, EngineError> {
@@ -216,7 +321,7 @@ impl Decoder {
                 buffers.push(t);
             }
         }
-        Ok(SharedCache { capacity, binding, _buffers: buffers, decode_logits: None })
+        Ok(SharedCache { capacity, binding, buffers, decode_logits: None, held: Vec::new() })
     }
 
     /// Runs `tokens` through the graph after the cached prefix and returns the logits of the
@@ -268,6 +373,8 @@ impl Decoder {
                 let logits = outputs.get(self.names.logits.as_str()).ok_or(EngineError::Inference { during, message: "no logits output".into() })?;
                 copy_last_row(logits, self.vocab, logits_out)?;
                 *len = total;
+                shared.held.truncate(past_len);
+                shared.held.extend_from_slice(tokens);
             }
             Cache::Growing { len, past } => {
                 let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(3 + past.len() * 2);

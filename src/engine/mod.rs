@@ -3,7 +3,7 @@
 //! `runtime` finds and loads libonnxruntime.so; `config` reads `genai_config.json`;
 //! `tokenizer` handles text, chat templates and streaming decode; `decoder` owns the ONNX
 //! session and its KV cache; `sampling` picks tokens; `model` ties them into the
-//! prefill/decode loop; `heartbeat` lets other threads see a step that never ends.
+//! prefill/decode loop; `prefix` keeps the keys and values of prompt prefixes for later requests; `heartbeat` lets other threads see a step that never ends.
 
 pub mod budget;
 mod config;
@@ -11,6 +11,7 @@ mod decoder;
 mod error;
 mod heartbeat;
 mod model;
+mod prefix;
 pub mod runtime;
 mod sampling;
 pub mod settings;

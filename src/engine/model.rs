@@ -24,6 +24,9 @@ pub struct LoadOptions {
     pub ort_lib: Option<PathBuf>,
     /// Refuse to load a model that does not fit in memory (see [`super::budget`]).
     pub memory: Option<super::MemoryBudget>,
+    /// Prefix reuse (see [`super::prefix`]): `None` recomputes every prompt; `Some(bytes)`
+    /// reuses the live KV cache and keeps up to `bytes` of prefix snapshots.
+    pub prefix_cache: Option<u64>,
 }
 
 /// What to generate.
@@ -94,6 +97,8 @@ pub struct Generation {
     pub top_logits: Vec<Vec<(u32, f32)>>,
     #[serde(skip)]
     pub stats: StepStats,
+    /// Prompt tokens whose keys and values were reused from an earlier request, not computed.
+    pub reused_tokens: usize,
 }
 
 impl Generation {
@@ -145,7 +150,7 @@ impl Model {
         }
         let rt = runtime::load(options.ort_lib.as_deref())?;
         let threads = options.threads.unwrap_or_else(runtime::default_threads).max(1);
-        let decoder = Decoder::load(dir, &config, rt.environment(), threads)?;
+        let decoder = Decoder::load(dir, &config, rt.environment(), threads, options.prefix_cache)?;
         let eos = config.eos_token_ids();
         let vocab = decoder.vocab();
         let byte_fallback = (0..vocab as u32).map(|id| tokenizer.id_to_token(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))).collect();
@@ -171,6 +176,11 @@ impl Model {
 
     pub fn context_length(&self) -> usize {
         self.config.model.context_length
+    }
+
+    /// Bytes held by prefix snapshots now (see [`super::prefix`]).
+    pub fn prefix_cache_bytes(&self) -> u64 {
+        self.decoder.prefix_bytes()
     }
 
     /// Reports every forward pass of [`Model::generate`] to `heartbeat` (as a step over the
@@ -202,13 +212,17 @@ impl Model {
     /// # Errors
     /// [`EngineError::ContextOverflow`] when the prompt leaves no room, invalid parameters,
     /// ONNX Runtime failures, and non-finite logits.
-    pub fn generate(
-        &mut self,
-        prompt_ids: &[u32],
-        params: &GenerateParams,
-        cancel: &AtomicBool,
-        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
-    ) -> Result<Generation, EngineError> {
+    pub fn generate(&mut self, prompt_ids: &[u32], params: &GenerateParams, cancel: &AtomicBool, on_text: impl FnMut(&str) -> ControlFlow<()>) -> Result<Generation, EngineError> {
+        let result = self.run(prompt_ids, params, cancel, on_text);
+        if result.is_err() {
+            // A step that failed (or gave non-finite logits) may have left keys and values no
+            // later request should start from.
+            self.decoder.forget();
+        }
+        result
+    }
+
+    fn run(&mut self, prompt_ids: &[u32], params: &GenerateParams, cancel: &AtomicBool, mut on_text: impl FnMut(&str) -> ControlFlow<()>) -> Result<Generation, EngineError> {
         let started = Instant::now();
         params.sampling.validate()?;
         if prompt_ids.is_empty() {
@@ -226,7 +240,7 @@ impl Model {
         }
         let max_new = params.max_new_tokens.min(context - prompt_ids.len());
         // The last sampled token is never fed back, so the cache holds prompt + max_new - 1.
-        let mut cache = self.decoder.start(prompt_ids.len() + max_new)?;
+        let (mut cache, reused_tokens) = self.decoder.start(prompt_ids.len() + max_new, prompt_ids)?;
         let mut sampler = Sampler::new(params.sampling.clone());
         let mut stream = StreamDecoder::new();
         let mut text = String::new();
@@ -240,7 +254,7 @@ impl Model {
         let mut time_to_first_token = Duration::ZERO;
         let mut finish = FinishReason::Length;
         let mut stopped_by_string = false;
-        let mut next_input: Vec<u32> = prompt_ids.to_vec();
+        let mut next_input: Vec<u32> = prompt_ids[reused_tokens..].to_vec();
 
         for step in 0..max_new {
             if cancel.load(Ordering::Relaxed) {
@@ -311,7 +325,17 @@ impl Model {
         if text.len() > emitted && finish != FinishReason::Cancelled {
             let _ = on_text(&text[emitted..]);
         }
-        Ok(Generation { prompt_token_ids: prompt_ids.to_vec(), token_ids, text, finish_reason: finish, time_to_first_token, total_time: started.elapsed(), top_logits, stats })
+        Ok(Generation {
+            prompt_token_ids: prompt_ids.to_vec(),
+            token_ids,
+            text,
+            finish_reason: finish,
+            time_to_first_token,
+            total_time: started.elapsed(),
+            top_logits,
+            stats,
+            reused_tokens,
+        })
     }
 }
 

@@ -23,11 +23,16 @@ pub struct EngineConfig {
     /// request handling, the fleet link and other programs preempt inference without delay.
     /// (The registry's one-off smoke test of a new version runs at the daemon's priority.)
     pub nice: i32,
+    /// Prefix reuse: a request starting with tokens an earlier one ran (a system prompt, the
+    /// turns of a chat) reuses their keys and values. This is the memory for snapshots of
+    /// prefixes the live cache no longer holds, e.g. `"256MiB"`; `"0"` keeps only the live
+    /// cache's; `"off"` recomputes every prompt. Counted in the memory check.
+    pub prefix_cache: String,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { ort_lib: None, threads: None, memory_check: true, memory_reserve: "256MiB".into(), nice: 5 }
+        EngineConfig { ort_lib: None, threads: None, memory_check: true, memory_reserve: "256MiB".into(), nice: 5, prefix_cache: "256MiB".into() }
     }
 }
 
@@ -37,7 +42,18 @@ impl EngineConfig {
     #[must_use]
     pub fn load_options(&self, kv_tokens: Option<usize>) -> super::LoadOptions {
         let reserve = parse_size(&self.memory_reserve).unwrap_or(256 << 20);
-        super::LoadOptions { threads: self.threads, ort_lib: self.ort_lib.clone(), memory: self.memory_check.then(|| super::MemoryBudget::new(reserve, kv_tokens)) }
+        let prefix_cache = self.prefix_cache_bytes();
+        let memory = self.memory_check.then(|| super::MemoryBudget { prefix_cache: prefix_cache.unwrap_or(0), ..super::MemoryBudget::new(reserve, kv_tokens) });
+        super::LoadOptions { threads: self.threads, ort_lib: self.ort_lib.clone(), memory, prefix_cache }
+    }
+
+    /// `prefix_cache` in bytes; `None` when it is `"off"` (or not a size, which `problems` reports).
+    fn prefix_cache_bytes(&self) -> Option<u64> {
+        if self.prefix_cache.trim().eq_ignore_ascii_case("off") {
+            None
+        } else {
+            parse_size(&self.prefix_cache).ok()
+        }
     }
 }
 
@@ -54,6 +70,9 @@ impl EngineConfig {
         }
         if parse_size(&self.memory_reserve).is_err() {
             problems.push(format!("engine.memory_reserve: `{}` is not a size such as \"256MiB\"", self.memory_reserve));
+        }
+        if !self.prefix_cache.trim().eq_ignore_ascii_case("off") && parse_size(&self.prefix_cache).is_err() {
+            problems.push(format!("engine.prefix_cache: `{}` is not a size such as \"256MiB\" (or \"0\", or \"off\")", self.prefix_cache));
         }
         problems
     }

@@ -200,7 +200,7 @@ async fn collect(mut run: Run) -> Result<Response, ApiError> {
 }
 
 fn usage(g: &Generation) -> Usage {
-    Usage::new(g.prompt_token_ids.len(), g.token_ids.len())
+    Usage::new(g.prompt_token_ids.len(), g.token_ids.len(), g.reused_tokens)
 }
 
 fn with_version(mut response: Response, header: &Header) -> Response {
@@ -243,7 +243,7 @@ fn stream_response(run: Run, prompt_tokens: usize, include_usage: bool) -> Respo
                             phase = Phase::Done;
                             pending.push(SseEvent::default().data("[DONE]"));
                             if include_usage {
-                                pending.push(usage_chunk(&run, Usage::new(prompt_tokens, g.token_ids.len())));
+                                pending.push(usage_chunk(&run, Usage::new(prompt_tokens, g.token_ids.len(), g.reused_tokens)));
                             }
                             pending.push(chunk(&run, "", false, Some(openai::finish_reason(g.finish_reason)), include_usage.then_some(None)));
                         }

@@ -34,6 +34,12 @@ pub struct Metrics {
     pub generations_in_progress: IntGauge,
     /// Generations stopped early: client gone, timeout or shutdown.
     pub generations_cancelled: IntCounter,
+    /// Generations that reused an earlier request's prefix (its keys and values).
+    pub prefix_hits: IntCounter,
+    /// Prompt tokens reused rather than computed.
+    pub prefix_reused_tokens: IntCounter,
+    /// Bytes held by prefix snapshots (within `engine.prefix_cache`).
+    pub prefix_cache_bytes: IntGauge,
     /// 1 for the version serving new requests, labelled with its identity.
     pub active_model: IntGaugeVec,
     /// Activations by result (`ok`, `failed`).
@@ -78,6 +84,9 @@ impl Metrics {
         let queue_depth = gauge("queue_depth", "Generation jobs admitted and waiting for an engine worker.");
         let generations_in_progress = gauge("generations_in_progress", "Generations running on engine workers.");
         let generations_cancelled = counter("generations_cancelled_total", "Generations stopped early (client gone, timeout, shutdown).");
+        let prefix_hits = counter("prefix_cache_hits_total", "Generations that reused the keys and values of a prompt prefix an earlier request ran.");
+        let prefix_reused_tokens = counter("prefix_reused_tokens_total", "Prompt tokens reused from an earlier request rather than computed.");
+        let prefix_cache_bytes = gauge("prefix_cache_bytes", "Bytes held by prefix snapshots (at most engine.prefix_cache).");
         let active_model = reg(
             &registry,
             IntGaugeVec::new(Opts::new("active_model_info", "1 for the model version serving new requests."), &["name", "version", "digest"]).expect("valid metric"),
@@ -97,6 +106,9 @@ impl Metrics {
             queue_depth,
             generations_in_progress,
             generations_cancelled,
+            prefix_hits,
+            prefix_reused_tokens,
+            prefix_cache_bytes,
             active_model,
             model_swaps,
             models_loaded,
