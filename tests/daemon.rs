@@ -444,6 +444,46 @@ fn a_command_killed_right_after_it_ran_is_not_run_again_when_redelivered() {
     assert!(!again.log().contains("command accepted"), "the second process accepted it as new:\n{}", again.log());
 }
 
+/// A version whose smoke test kills the daemon (out of memory, a crash in its graph or
+/// template; here SIGKILL while it runs) is tried again after a restart, since a power cut can
+/// end a smoke test too, but not forever: after two deaths it is refused without another try,
+/// and the daemon keeps serving the version it had instead of dying in a restart loop.
+#[test]
+fn a_version_that_keeps_killing_the_daemon_is_refused_after_two_deaths() {
+    let mlflow = Mlflow::start(&[]);
+    mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-gqa"), "pyfunc", Some("Production"), None);
+    let dir = tempfile::tempdir().unwrap();
+    // Version 2 is the trained model with the longest smoke test (64 tokens on one thread):
+    // about a second from the log line to the verdict, time enough to be killed inside it.
+    let config = config(&mlflow.url, dir.path(), "").replace("[cache]\n", "[cache]\nsmoke_test_tokens = 64\n");
+    {
+        let mut daemon = Daemon::start(dir.path(), &config, None);
+        daemon.wait_serving("1");
+        assert!(daemon.stop().success());
+    }
+    mlflow.log_model(MODEL, &common::smollm2_dir(), "pyfunc", Some("Production"), None);
+    for death in 1..=2 {
+        let mut daemon = Daemon::start(dir.path(), &config, None);
+        let deadline = Instant::now() + WAIT;
+        while !daemon.log().contains("smoke test starting") {
+            assert!(daemon.child.try_wait().unwrap().is_none() && Instant::now() < deadline, "no smoke test of version 2 (death {death}):\n{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(daemon.child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+        let _ = daemon.child.wait();
+        assert!(!daemon.log().contains("smoke test passed"), "killed too late (death {death}): the smoke test finished:\n{}", daemon.log());
+    }
+    let mut daemon = Daemon::start(dir.path(), &config, None);
+    let s = daemon.wait_status(|s| s["registry"]["outcome"] == "rejected", "version 2 rejected");
+    assert_eq!(s["serving"]["version"], "1", "{s:#}");
+    let log = daemon.log();
+    assert!(log.contains("refusing a version that keeps killing the daemon"), "{log}");
+    assert!(!log.contains("smoke test starting"), "no third smoke test:\n{log}");
+    let (code, fingerprint, _) = daemon.chat();
+    assert_eq!((code, fingerprint.as_str()), (200, "phi-3@1"));
+    assert!(daemon.stop().success(), "{}", daemon.log());
+}
+
 /// Issue 14 items 13 and 14: credentials never cross plaintext to another machine unless the
 /// operator says the network is trusted, and credentials written into the registry URL are
 /// refused without being repeated anywhere (exit 64, the message redacted).

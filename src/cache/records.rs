@@ -55,6 +55,10 @@ pub struct VersionRecord {
     /// Unix seconds.
     pub fetched_at: u64,
     pub activated_at: Option<u64>,
+    /// Smoke tests of this version that started and never ended: the process died during
+    /// them (out of memory, a crash in the model's graph or chat template, a power cut).
+    #[serde(default)]
+    pub unfinished_smoke_tests: u32,
 }
 
 impl VersionRecord {

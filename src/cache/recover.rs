@@ -70,6 +70,7 @@ impl Store {
                 dir,
                 fetched_at: now,
                 activated_at: Some(now),
+                unfinished_smoke_tests: 0,
             };
             self.put_version(&rec)?;
             self.put_model(&ModelRecord { model: model.clone(), active: Some(version.clone()), history: vec![version.clone()], pinned: None })?;

@@ -177,6 +177,7 @@ impl Store {
     pub fn mark_bad(&self, model: &str, version: &str, reason: &str) -> Result<(), CacheError> {
         let mut rec = self.version(model, version)?.ok_or_else(|| CacheError::UnknownVersion { model: model.into(), version: version.into() })?;
         rec.state = State::Bad { reason: reason.to_string() };
+        rec.unfinished_smoke_tests = 0;
         let active = self.model(model)?.and_then(|m| m.active);
         if active.as_deref() != Some(version) && !rec.dir.is_empty() {
             let dir = self.version_dir(&rec);
@@ -190,6 +191,20 @@ impl Store {
         Ok(())
     }
 
+    /// Records, durably, that a smoke test of a version starts, and returns how many started
+    /// before and never ended (the process died during them). [`Store::mark_good`] and
+    /// [`Store::mark_bad`] end the count.
+    ///
+    /// # Errors
+    /// [`CacheError::UnknownVersion`]; index errors.
+    pub fn begin_smoke_test(&self, model: &str, version: &str) -> Result<u32, CacheError> {
+        let mut rec = self.version(model, version)?.ok_or_else(|| CacheError::UnknownVersion { model: model.into(), version: version.into() })?;
+        let unfinished = rec.unfinished_smoke_tests;
+        rec.unfinished_smoke_tests = unfinished.saturating_add(1);
+        self.put_version(&rec)?;
+        Ok(unfinished)
+    }
+
     /// Marks a fetched version as having passed its smoke test.
     ///
     /// # Errors
@@ -197,6 +212,7 @@ impl Store {
     pub fn mark_good(&self, model: &str, version: &str) -> Result<(), CacheError> {
         let mut rec = self.version(model, version)?.ok_or_else(|| CacheError::UnknownVersion { model: model.into(), version: version.into() })?;
         rec.state = State::Good;
+        rec.unfinished_smoke_tests = 0;
         self.put_version(&rec)
     }
 
@@ -314,6 +330,23 @@ mod tests {
         assert_eq!(store.last_known_good("m").unwrap().unwrap().version, "3");
         // The blob store holds each content once.
         assert_eq!(std::fs::read_dir(tmp.path().join("blobs")).unwrap().count(), 4);
+    }
+
+    #[test]
+    fn unfinished_smoke_tests_are_counted_across_reopening_until_a_verdict() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(&settings(tmp.path())).unwrap();
+            add(&store, "m", "1", &[("a", b"one")]);
+            assert_eq!(store.begin_smoke_test("m", "1").unwrap(), 0);
+        }
+        // The process died; the next one sees the start on disk.
+        let store = Store::open(&settings(tmp.path())).unwrap();
+        assert_eq!(store.begin_smoke_test("m", "1").unwrap(), 1);
+        assert_eq!(store.begin_smoke_test("m", "1").unwrap(), 2);
+        store.mark_good("m", "1").unwrap();
+        assert_eq!(store.version("m", "1").unwrap().unwrap().unfinished_smoke_tests, 0, "a verdict ends the count");
+        assert!(store.begin_smoke_test("m", "9").is_err(), "an unknown version");
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub(super) fn add(store: &Store, model: &str, version: &str, files: &[(&str, &[u
         dir: String::new(),
         fetched_at: unix_now(),
         activated_at: None,
+        unfinished_smoke_tests: 0,
     };
     store.commit_version(rec).unwrap()
 }

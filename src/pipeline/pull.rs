@@ -276,6 +276,8 @@ impl Puller {
             dir: String::new(),
             fetched_at: crate::util::unix_now(),
             activated_at: None,
+            // Deaths during earlier smoke tests of these bytes still count.
+            unfinished_smoke_tests: known.as_ref().map_or(0, |r| r.unfinished_smoke_tests),
         };
         let store = self.store.clone();
         let mut rec = self.blocking(move || store.commit_version(rec)).await?.map_err(job.cache_err("publishing the version folder"))?;
@@ -304,6 +306,20 @@ impl Puller {
         // abandoning it would leave it running beside the version a rollback makes the engine
         // load. It takes seconds; the activation after it is one symlink swap.
         observer(&PullEvent::SmokeTest { version: version.clone() });
+        let store = self.store.clone();
+        let (m, v) = (model.clone(), version.clone());
+        let died = self.blocking(move || store.begin_smoke_test(&m, &v)).await?.map_err(job.cache_err("recording the smoke test"))?;
+        if died >= SMOKE_TEST_DEATHS {
+            let reason = format!(
+                "the daemon died during each of the last {died} smoke tests of this version (out of memory, or a crash in its graph or chat template); refused without another try"
+            );
+            tracing::error!(%model, %version, %reason, "refusing a version that keeps killing the daemon; keeping the active version");
+            let store = self.store.clone();
+            let (m, v, r) = (model.clone(), version.clone(), reason.clone());
+            self.blocking(move || store.mark_bad(&m, &v, &r)).await?.map_err(job.cache_err("recording the refusal"))?;
+            return Err(PullError::Rejected { model, version, reason });
+        }
+        tracing::info!(%model, %version, earlier_unfinished = died, "smoke test starting");
         let dir = self.store.version_dir(&rec);
         let options = self.load_options.clone();
         let tokens = self.store.settings().smoke_test_tokens;
@@ -574,6 +590,11 @@ enum Cached {
 fn known_digest(known: Option<&VersionRecord>, local: &str) -> Option<String> {
     known.and_then(|r| r.files.iter().find(|f| f.path == local)).map(|f| f.sha256.clone())
 }
+
+/// Smoke tests of one version the daemon may die during before the version is refused: a power
+/// cut or a restart can end one, but a version that kills the daemon every time it is tried must
+/// not hold the device in a restart loop.
+pub const SMOKE_TEST_DEATHS: u32 = 2;
 
 /// Loads the folder with the engine (which compiles its chat template), renders the chat
 /// template on short chats within its fuel and output bounds, and generates `tokens` greedy
