@@ -414,6 +414,66 @@ fn a_never_ending_chat_template_errs_within_seconds_and_fails_the_registry_smoke
     assert!(matches!(&e, EngineError::Tokenizer { path, message } if path.ends_with("tokenizer_config.json") && message.contains("chat_template does not compile")), "{e}");
 }
 
+/// The chat template's sandbox (a child `edgeflow` process under a memory limit) renders
+/// real templates byte for byte as the engine does in process, at a cost per render that the
+/// test prints; a render that outlasts the timeout (fuel counts instructions, not what they
+/// cost: here 50 MB string repetitions) has its child stopped, and the next render runs in a
+/// new one.
+#[test]
+fn the_template_sandbox_renders_as_the_engine_does_and_stops_a_render_that_outlasts_it() {
+    use edgeflow::engine::template::sandbox::{Sandbox, Settings};
+    use edgeflow::engine::template::{RenderError, Spec, Template};
+    const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+    const SLOW: &str =
+        "{% if messages[-1].content == 'slow' %}{% for i in range(50000) %}{% set x = messages[-1].content[:1] * 50000000 %}{% endfor %}{% endif %}{{ messages[-1].content }}";
+    let settings = Settings::new(env!("CARGO_BIN_EXE_edgeflow").into());
+    let spec = |source: &str| Spec { source: source.into(), bos_token: "<s>".into(), eos_token: "</s>".into() };
+    let mut chat = vec![ChatMessage { role: "system".into(), content: "Answer briefly.".into() }];
+    for i in 0..40 {
+        let role = if i % 2 == 0 { "user" } else { "assistant" };
+        chat.push(ChatMessage { role: role.into(), content: format!("message {i}: caf\u{e9} \u{1f600} \"quoted\"\n\ttabbed") });
+    }
+    for source in [edgeflow::engine::PHI3_CHAT_TEMPLATE, CHATML] {
+        let here = Template::compile(spec(source)).unwrap();
+        let sandbox = Sandbox::new(settings.clone(), spec(source));
+        for n in [1, 2, chat.len()] {
+            let (a, b) = (here.render(&chat[..n], 1 << 20).unwrap(), sandbox.render(&chat[..n], 1 << 20).unwrap());
+            assert_eq!((&a.text, a.fuel), (&b.text, b.fuel), "{n} messages");
+        }
+        let limit = here.render(&chat, 1 << 20).unwrap().text.len() - 1;
+        assert!(matches!(sandbox.render(&chat, limit), Err(RenderError::TooLong { .. })), "the output bound holds in the sandbox");
+        let timed = |f: &dyn Fn()| {
+            let started = std::time::Instant::now();
+            for _ in 0..50 {
+                f();
+            }
+            started.elapsed() / 50
+        };
+        let in_process = timed(&|| drop(here.render(&chat, 1 << 20).unwrap()));
+        let sandboxed = timed(&|| drop(sandbox.render(&chat, 1 << 20).unwrap()));
+        println!("41-message render: {in_process:?} in process, {sandboxed:?} in the sandbox");
+    }
+
+    let sandbox = Sandbox::new(Settings { timeout: std::time::Duration::from_secs(1), ..settings }, spec(SLOW));
+    let hello = [ChatMessage { role: "user".into(), content: "hello".into() }];
+    assert_eq!(sandbox.render(&hello, 1024).unwrap().text, "hello");
+    let started = std::time::Instant::now();
+    let slow = [ChatMessage { role: "user".into(), content: "slow".into() }];
+    match sandbox.render(&slow, 1024) {
+        Err(RenderError::Sandbox(why)) => assert!(why.contains("took longer than 1s"), "{why}"),
+        other => panic!("expected the sandbox to be stopped, got {other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "stopped after {:?}", started.elapsed());
+    assert_eq!(sandbox.render(&hello, 1024).unwrap().text, "hello", "a new child renders the next request");
+
+    // A program that is not an edgeflow binary fails the handshake, loudly.
+    let impostor = Sandbox::new(Settings::new("/bin/cat".into()), spec(CHATML));
+    match impostor.render(&hello, 1024) {
+        Err(RenderError::Sandbox(why)) => assert!(why.contains("did not start"), "{why}"),
+        other => panic!("expected a failed start, got {other:?}"),
+    }
+}
+
 /// Greedy output with prefix reuse is, token for token, the output without it, through every
 /// way a request can share a prefix: the same system prompt again (live), a context switch and
 /// back (from a snapshot), a chat continued with the model's own answer, the exact prompt

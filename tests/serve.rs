@@ -40,6 +40,10 @@ struct Server {
 
 impl Server {
     fn start(model: &str, config: &str, args: &[&str], envs: &[(&str, &str)]) -> Server {
+        Server::start_folder(&tiny(model), config, args, envs)
+    }
+
+    fn start_folder(model: &Path, config: &str, args: &[&str], envs: &[(&str, &str)]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
         let config_path = dir.path().join("edgeflow.toml");
@@ -47,7 +51,7 @@ impl Server {
         let log = dir.path().join("server.log");
         let mut cmd = edgeflow();
         cmd.args(["serve", "--model-dir"])
-            .arg(tiny(model))
+            .arg(model)
             .arg("--socket")
             .arg(&socket)
             .arg("--config")
@@ -920,6 +924,49 @@ fn serve_refuses_a_folder_whose_chat_template_never_ends() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!status.success(), "refused: {status}\n{text}");
     assert!(text.contains("failed its smoke test") && text.contains("ran out of fuel"), "the error says why:\n{text}");
+}
+
+/// A chat template that doubles a string forty times (a terabyte, in a few dozen
+/// instructions: within its fuel and its output bound) when a message says "boom". The
+/// smoke test's conversations do not; a client's can. `edgeflow serve` renders templates in a
+/// child process under a memory limit: that request gets a 400 naming the limit, the child is
+/// replaced, the next request is answered, and the server itself never grew.
+#[test]
+fn a_chat_template_past_its_memory_limit_fails_the_request_not_the_server() {
+    let model = common::copy_model(&tiny("phi3-tiny-gqa"));
+    let config = model.path().join("tokenizer_config.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    v["chat_template"] = concat!(
+        "{% if messages[-1].content == 'boom' %}{% set ns = namespace(s='x') %}",
+        "{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}{% endif %}",
+        "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}<|assistant|>\n"
+    )
+    .into();
+    std::fs::write(&config, v.to_string()).unwrap();
+    let server = Server::start_folder(model.path(), "", &[], &[]);
+    let chat = |content: &str| {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 4});
+        curl_post(&server.socket, "/v1/chat/completions", body.to_string())
+    };
+    let started = Instant::now();
+    let boom = chat("boom");
+    assert_eq!(boom.status, 400, "{boom:?}");
+    let message = boom.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("memory limit"), "the client is told why: {message}");
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    assert!(server.log().contains("the chat template's sandbox was lost"), "logged:\n{}", server.log());
+    for _ in 0..2 {
+        let fine = chat("Hello");
+        assert_eq!(fine.status, 200, "the next request is served by a new sandbox: {fine:?}");
+        assert_eq!(chat("boom").status, 400);
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
+    let peak_kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap();
+    println!("server peak RSS {} MiB", peak_kib >> 10);
+    assert!(peak_kib < 512 << 10, "the server's own memory stayed small: peak {} MiB", peak_kib >> 10);
+    assert_eq!(server.curl(&["/readyz"]).status, 200);
+    let (status, log) = server.stop();
+    assert!(status.success(), "{status}\n{log}");
 }
 
 /// An engine busy on one step past its allowance is stuck: the version stops being ready

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::engine::EngineError;
+use crate::engine::{template, EngineError};
 
 /// Exit code for usage and configuration errors (sysexits EX_USAGE); systemd's
 /// `RestartPreventExitStatus=64` keeps a misconfigured agent from restart-looping.
@@ -67,7 +67,13 @@ pub(crate) struct RuntimeArgs {
 
 /// Runs the command line this process was started with; the process exits with the returned code.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == template::sandbox::ARG) {
+        return template::sandbox::child_main(&args[2..]);
+    }
+    // Chat templates of the models this process loads render in children of this binary.
+    template::sandbox::host(Some(template::sandbox::Settings::this_binary()));
+    let cli = match Cli::try_parse_from(args) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();

@@ -1,7 +1,8 @@
 //! The inference engine: an ONNX Runtime GenAI model folder in, text out.
 //!
 //! `runtime` finds and loads libonnxruntime.so; `config` reads `genai_config.json`;
-//! `tokenizer` handles text, chat templates and streaming decode; `decoder` owns the ONNX
+//! `tokenizer` handles text and streaming decode; `template` renders the chat template (in a
+//! memory-limited child process where the binary hosts one); `decoder` owns the ONNX
 //! session and its KV cache; `sampling` picks tokens; `model` ties them into the
 //! prefill/decode loop; `prefix` keeps the keys and values of prompt prefixes for later requests; `heartbeat` lets other threads see a step that never ends.
 
@@ -15,6 +16,7 @@ mod prefix;
 pub mod runtime;
 mod sampling;
 pub mod settings;
+pub mod template;
 mod tokenizer;
 
 pub use budget::MemoryBudget;
@@ -23,4 +25,5 @@ pub use error::EngineError;
 pub use heartbeat::{Heartbeat, StepAllowance};
 pub use model::{FinishReason, GenerateParams, Generation, LoadOptions, Model, StepStats};
 pub use sampling::{argmax, SamplingParams};
-pub use tokenizer::{ChatMessage, StreamDecoder, Tokenizer, CHAT_TEMPLATE_FUEL, MAX_RENDERED_BYTES, PHI3_CHAT_TEMPLATE, RENDERED_BYTES_PER_TOKEN};
+pub use template::CHAT_TEMPLATE_FUEL;
+pub use tokenizer::{ChatMessage, StreamDecoder, Tokenizer, MAX_RENDERED_BYTES, PHI3_CHAT_TEMPLATE, RENDERED_BYTES_PER_TOKEN};

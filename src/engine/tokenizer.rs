@@ -4,24 +4,18 @@
 //! The chat template comes with the model artifact, so it is code from the registry run on
 //! every chat request. It is compiled once, when the model loads (a template that does not
 //! compile fails the load, naming `tokenizer_config.json`), and every render is bounded: at
-//! most [`CHAT_TEMPLATE_FUEL`] template instructions, minijinja's recursion limit, and at most
-//! [`MAX_RENDERED_BYTES`] of output (less for a short context, see
-//! [`Tokenizer::limit_to_context`]). A template past a bound is an [`EngineError::Template`],
-//! never a hung engine thread.
+//! most [`super::template::CHAT_TEMPLATE_FUEL`] template instructions, minijinja's recursion
+//! limit, at most [`MAX_RENDERED_BYTES`] of output (less for a short context, see
+//! [`Tokenizer::limit_to_context`]), and, in the `edgeflow` binary, the memory and time of a
+//! sandboxed child process ([`super::template::sandbox`]). A template past a bound is an
+//! [`EngineError::Template`], never a hung engine thread or an exhausted device.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::template::{ChatTemplate, RenderError, Rendered, Spec};
 use super::EngineError;
-
-/// Template instructions one render may run. Real templates need about 25 per message
-/// (measured by the unit test `fuel_of_real_templates`, for a 50-message chat: Phi-3's 1,321,
-/// SmolLM2's ChatML 1,163, a Llama-3-style one 1,359; for 400 messages about 10,800). This is
-/// about 190x a 50-message chat, room for templates doing a few times more work per message
-/// (a second pass over the messages, tool handling) over thousands of messages, more than a
-/// context holds; a template looping without end stops within a fraction of a second.
-pub const CHAT_TEMPLATE_FUEL: u64 = 250_000;
 
 /// Rendered prompt bytes allowed per token of the model's context. Text averages 3-5 bytes a
 /// token; 32 leaves room for long runs of whitespace or punctuation that tokenize densely, and
@@ -99,72 +93,10 @@ impl TokenField {
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
-    /// The compiled chat template (named [`CHAT`]), with its functions and fuel.
-    chat: minijinja::Environment<'static>,
+    /// The compiled chat template, rendered in a sandbox when this binary hosts one.
+    chat: ChatTemplate,
     /// Longest rendered prompt accepted, in bytes.
     max_rendered_bytes: usize,
-    bos_token: String,
-    eos_token: String,
-}
-
-/// The chat template's name in its environment.
-const CHAT: &str = "chat";
-
-/// Raised by the template itself (`raise_exception(...)`): it refuses the conversation, for
-/// instance a system message in a template that has no place for one.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct Raised(String);
-
-/// Why a render failed, before it becomes an [`EngineError::Template`].
-#[derive(Debug, thiserror::Error)]
-enum RenderError {
-    #[error("the template raised: {0}")]
-    Raised(String),
-    #[error("the template ran out of fuel: it took more than {CHAT_TEMPLATE_FUEL} steps to render {messages} message(s)")]
-    OutOfFuel { messages: usize },
-    #[error("the rendered prompt is longer than {limit} bytes")]
-    TooLong { limit: usize },
-    #[error("the rendered prompt is empty")]
-    Empty,
-    #[error("{0}")]
-    Failed(String),
-}
-
-/// Collects the rendered prompt and refuses to grow past `limit` bytes.
-struct Bounded {
-    text: Vec<u8>,
-    limit: usize,
-    exceeded: bool,
-}
-
-impl std::io::Write for Bounded {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.text.len().saturating_add(buf.len()) > self.limit {
-            self.exceeded = true;
-            return Err(std::io::Error::other("the rendered prompt is too long"));
-        }
-        self.text.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Compiles `source` into an environment with the functions Hugging Face templates use and
-/// the fuel that bounds every render.
-fn compile(source: String) -> Result<minijinja::Environment<'static>, minijinja::Error> {
-    let mut env = minijinja::Environment::new();
-    // Hugging Face templates call Python string methods (`.strip()`, `.startswith()`).
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg.clone()).with_source(Raised(msg)))
-    });
-    env.set_fuel(Some(CHAT_TEMPLATE_FUEL));
-    env.add_template_owned(CHAT, source)?;
-    Ok(env)
 }
 
 impl Tokenizer {
@@ -192,15 +124,13 @@ impl Tokenizer {
             }
             None => PHI3_CHAT_TEMPLATE.to_string(),
         };
-        let chat = compile(chat_template).map_err(|e| EngineError::Tokenizer { path: config_path.clone(), message: format!("its chat_template does not compile: {e}") })?;
-        Ok(Tokenizer {
-            inner,
-            path,
-            chat,
-            max_rendered_bytes: MAX_RENDERED_BYTES,
+        let spec = Spec {
+            source: chat_template,
             bos_token: config.bos_token.map(|t| t.text().to_string()).unwrap_or_else(|| "<s>".into()),
             eos_token: config.eos_token.map(|t| t.text().to_string()).unwrap_or_else(|| "<|endoftext|>".into()),
-        })
+        };
+        let chat = ChatTemplate::new(spec).map_err(|e| EngineError::Tokenizer { path: config_path.clone(), message: format!("its chat_template does not compile: {e}") })?;
+        Ok(Tokenizer { inner, path, chat, max_rendered_bytes: MAX_RENDERED_BYTES })
     }
 
     pub fn path(&self) -> &Path {
@@ -255,7 +185,7 @@ impl Tokenizer {
     /// that raises on an unsupported role), runs out of fuel, or renders more than
     /// [`Tokenizer::max_rendered_bytes`].
     pub fn apply_chat_template(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        self.render(messages).map(|(text, _)| text).map_err(|e| EngineError::Template { message: e.to_string() })
+        self.render(messages).map(|r| r.text).map_err(|e| EngineError::Template { message: e.to_string() })
     }
 
     /// The smoke test's check of the chat template: a user message alone, and a system
@@ -270,7 +200,7 @@ impl Tokenizer {
         let system = ChatMessage { role: "system".into(), content: CHECK_SYSTEM.into() };
         let fail = |what: &str, e: RenderError| EngineError::Template { message: format!("rendering {what}: {e}") };
         match self.render(std::slice::from_ref(&user)) {
-            Ok((text, _)) if text.is_empty() => return Err(fail("a user message", RenderError::Empty)),
+            Ok(r) if r.text.is_empty() => return Err(fail("a user message", RenderError::Empty)),
             Ok(_) => {}
             Err(e) => return Err(fail("a user message", e)),
         }
@@ -284,43 +214,15 @@ impl Tokenizer {
         }
     }
 
-    /// Renders `messages` within the bounds; returns the text and the fuel it used.
-    fn render(&self, messages: &[ChatMessage]) -> Result<(String, u64), RenderError> {
-        let template = self.chat.get_template(CHAT).map_err(|e| RenderError::Failed(e.to_string()))?;
-        let mut out = Bounded { text: Vec::new(), limit: self.max_rendered_bytes, exceeded: false };
-        let context = minijinja::context! {
-            messages => messages,
-            add_generation_prompt => true,
-            bos_token => &self.bos_token,
-            eos_token => &self.eos_token,
-        };
-        let captured = template.render_captured_to(context, &mut out).map_err(|e| {
-            if out.exceeded {
-                RenderError::TooLong { limit: self.max_rendered_bytes }
-            } else if e.kind() == minijinja::ErrorKind::OutOfFuel {
-                RenderError::OutOfFuel { messages: messages.len() }
-            } else if let Some(raised) = raised(&e) {
-                RenderError::Raised(raised.0.clone())
-            } else {
-                RenderError::Failed(e.to_string())
-            }
-        })?;
-        let fuel = captured.state().fuel_levels().map_or(0, |(consumed, _)| consumed);
-        let text = String::from_utf8(out.text).map_err(|e| RenderError::Failed(e.to_string()))?;
-        Ok((text, fuel))
+    /// Renders `messages` within the bounds.
+    fn render(&self, messages: &[ChatMessage]) -> Result<Rendered, RenderError> {
+        self.chat.render(messages, self.max_rendered_bytes)
     }
-}
 
-/// The template's own `raise_exception`, if that is what `e` comes from.
-fn raised(e: &minijinja::Error) -> Option<&Raised> {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        if let Some(r) = c.downcast_ref::<Raised>() {
-            return Some(r);
-        }
-        cause = c.source();
+    /// Whether chat templates render in a child process under a memory limit.
+    pub fn chat_template_is_sandboxed(&self) -> bool {
+        self.chat.is_sandboxed()
     }
-    None
 }
 
 /// Turns a growing list of token ids into text deltas.
@@ -380,6 +282,7 @@ impl StreamDecoder {
 mod tests {
     use std::time::{Duration, Instant};
 
+    use super::super::template::{Template, CHAT_TEMPLATE_FUEL};
     use super::*;
 
     /// Phi-3's tokenizer files (their template is [`PHI3_CHAT_TEMPLATE`]).
@@ -389,7 +292,8 @@ mod tests {
 
     fn with_template(template: &str) -> Tokenizer {
         let mut t = Tokenizer::load(&fixture()).unwrap();
-        t.chat = compile(template.to_string()).unwrap();
+        let spec = Spec { source: template.to_string(), bos_token: "<s>".into(), eos_token: "<|endoftext|>".into() };
+        t.chat = ChatTemplate::InProcess(Template::compile(spec).unwrap());
         t
     }
 
@@ -491,7 +395,7 @@ mod tests {
     fn fuel_of_real_templates() {
         for (name, source) in [("phi3", PHI3_CHAT_TEMPLATE), ("smollm2", SMOLLM2), ("llama3-style", LLAMA3_STYLE)] {
             let t = with_template(source);
-            let fuel = |turns: usize| t.render(&long_chat(turns)).unwrap().1;
+            let fuel = |turns: usize| t.render(&long_chat(turns)).unwrap().fuel;
             let (two, fifty) = (fuel(1), fuel(49));
             println!("{name}: {two} fuel for 2 messages, {fifty} for 50, {} for 400", fuel(399));
             assert!(fifty > 0, "fuel is counted");
