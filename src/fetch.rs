@@ -268,7 +268,7 @@ impl Downloader {
     /// # Errors
     /// The first [`FetchError`] that was not retryable or ran out of attempts.
     pub async fn fetch_all(&self, jobs: Vec<Job>, progress: Arc<Progress>, observer: Observer) -> Result<Vec<Fetched>, FetchError> {
-        progress.total.fetch_add(jobs.iter().map(|j| j.size).sum(), Ordering::Relaxed);
+        progress.total.fetch_add(jobs.iter().fold(0u64, |sum, j| sum.saturating_add(j.size)), Ordering::Relaxed);
         let semaphore = Arc::new(tokio::sync::Semaphore::new(self.parallel));
         let mut set = tokio::task::JoinSet::new();
         for (i, job) in jobs.into_iter().enumerate() {
@@ -390,8 +390,9 @@ impl Downloader {
             }
         }
         if let Some(len) = resp.content_length() {
-            if *have + len != job.size {
-                return Err(FetchError::SizeMismatch { name: job.name.clone(), expected: job.size, actual: *have + len });
+            // The server's Content-Length is untrusted: it may be near u64::MAX.
+            if have.saturating_add(len) != job.size {
+                return Err(FetchError::SizeMismatch { name: job.name.clone(), expected: job.size, actual: have.saturating_add(len) });
             }
         }
         let new_validator =

@@ -69,6 +69,9 @@ pub struct PollStatus {
     pub polls: u64,
 }
 
+/// Longest `detail` reported (health reports go to the broker whole or not at all).
+const MAX_DETAIL: usize = 2048;
+
 impl From<&crate::pipeline::Status> for PollStatus {
     fn from(s: &crate::pipeline::Status) -> Self {
         use crate::pipeline::Condition as C;
@@ -85,6 +88,8 @@ impl From<&crate::pipeline::Status> for PollStatus {
             C::Failed { error } => ("failed", Some(error.clone())),
             C::Interrupted { by } => ("interrupted", Some(format!("by {by}"))),
         };
+        // Errors carry text from the registry: bounded, so a health report always fits.
+        let detail = detail.map(|d| crate::util::clip(&d, MAX_DETAIL));
         PollStatus { checked_at: s.checked_at, outcome: outcome.to_string(), detail, polls: s.polls }
     }
 }

@@ -1,5 +1,5 @@
-//! Small helpers every subsystem shares and none owns: an error's causes on one line, the
-//! wall clock in Unix seconds, and the parsers for the config's duration and size strings.
+//! Small helpers every subsystem shares and none owns: an error's causes on one line, untrusted
+//! text bounded and on one line, files read up to a size, the wall clock in Unix seconds, and the parsers for the config's duration and size strings.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +17,58 @@ pub fn chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Why [`read_capped`] returned no bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum CappedRead {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("larger than {limit} bytes")]
+    TooLarge { limit: u64 },
+}
+
+/// Reads a whole file of at most `limit` bytes. Of a larger one (a file from a model
+/// artifact may be any size, sparse, or still growing) at most `limit + 1` bytes are read.
+///
+/// # Errors
+/// [`CappedRead::Io`] from opening or reading; [`CappedRead::TooLarge`] past `limit`.
+pub fn read_capped(path: &std::path::Path, limit: u64) -> Result<Vec<u8>, CappedRead> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(CappedRead::TooLarge { limit });
+    }
+    Ok(bytes)
+}
+
+/// At most `max` bytes of `s` (cut at a character boundary, `…` marking the cut): free text
+/// from a peer, bounded before it goes into a report, a status or an event.
+#[must_use]
+pub fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    format!("{}…", crate::command::truncate(s, max))
+}
+
+/// Untrusted text on one line: every run of whitespace and control characters (a newline
+/// would forge a log line, an escape sequence would drive a terminal) becomes one space, and
+/// the result is [`clip`]ped to `max` bytes.
+#[must_use]
+pub fn one_line(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max));
+    for word in s.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()) {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+        if out.len() > max {
+            break;
+        }
+    }
+    clip(&out, max)
 }
 
 /// Whether `host` (a URL's host, IPv6 without brackets) names this machine: `localhost` or a
@@ -96,4 +148,18 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         other => return Err(format!("unknown unit `{other}`")),
     };
     Ok((num * mult).round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untrusted_text_is_bounded_and_on_one_line() {
+        assert_eq!(one_line("a\n\r\x1b[31mb\t\u{85}  c ", 100), "a [31mb c");
+        assert_eq!(one_line(&"é".repeat(100), 9), format!("{}…", "é".repeat(4)));
+        assert_eq!(clip("short", 10), "short");
+        assert_eq!(clip("abcdef", 3), "abc…");
+        assert_eq!(one_line("", 5), "");
+    }
 }

@@ -582,6 +582,104 @@ async fn bad_requests_and_bad_models_fail_clearly_and_activate_nothing() {
     assert_eq!(proxy.seen().len(), 4, "4 attempts in all");
 }
 
+/// A hostile registry (or one answering in its place) is refused before it costs memory, disk
+/// or the rollback version: an MLmodel YAML alias bomb, a listed size past the quota or past
+/// any model file, an answer about another model, a version that is not a number (it becomes a
+/// folder, a log field, a header), control characters in `source`, a directory name longer
+/// than a file system holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_registry_answer_is_refused_before_it_costs_anything() {
+    let s = server();
+    let proxy = Proxy::start(&s.url).await;
+    let cache = tempfile::tempdir().unwrap();
+    let p = puller_with(&proxy.url, cache.path(), Auth::None, "[cache]\nquota = \"64MiB\"\n");
+    let chain = |e: &PullError| edgeflow::util::chain(e);
+    let champion = alias("champion");
+    s.log_model("hostile", &tiny(), "pyfunc", None, Some("champion"));
+    assert_eq!(p.pull("hostile", &champion, quiet(), progress(), false).await.unwrap().version, "1");
+    s.log_model("hostile", &other(), "pyfunc", None, Some("champion"));
+    assert_eq!(p.pull("hostile", &champion, quiet(), progress(), false).await.unwrap().version, "2");
+    s.log_model("hostile", &tiny(), "onnx", None, Some("champion"));
+    let rollback_target_kept = || {
+        let v1 = p.store().versions(Some("hostile")).unwrap().into_iter().find(|r| r.version == "1").expect("version 1 is still known");
+        assert!(!v1.dir.is_empty() && v1.state == State::Good, "version 1, the rollback target, is still cached: {v1:?}");
+        assert_eq!(p.store().active("hostile").unwrap().map(|(r, _)| r.version).as_deref(), Some("2"), "version 2 still active");
+    };
+    let downloaded_nothing = |proxy: &Proxy| {
+        let fetched: Vec<_> = proxy.seen().into_iter().filter(|r| r.path.contains(".onnx") || r.path.contains("tokenizer")).collect();
+        assert!(fetched.is_empty(), "no model file was requested: {fetched:?}");
+    };
+
+    // An MLmodel of 12 KB standing for four million values (and a list of aliases in a flavor
+    // that is read): refused at once, unexpanded.
+    let (items, aliases) = (vec!["1"; 2000].join(","), vec!["*a"; 2000].join(","));
+    for bomb in [
+        format!("x: &a [{items}]\nflavors:\n  bomb: [{aliases}]\n"),
+        format!("x: &a {{path: {}}}\nflavors:\n  onnx:\n    data: model.onnx\n    extra_files: [{aliases}]\n", "y".repeat(4000)),
+    ] {
+        proxy.clear();
+        proxy.add("MLmodel", Action::Body(bomb.into_bytes()), None);
+        let started = std::time::Instant::now();
+        let e = p.pull("hostile", &champion, quiet(), progress(), false).await.unwrap_err();
+        assert!(matches!(&e, PullError::Registry { source: RegistryError::UnsupportedFlavor { .. } | RegistryError::MlModel { .. }, .. }), "{}", chain(&e));
+        assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+        downloaded_nothing(&proxy);
+    }
+
+    // Listed sizes: past the quota (32 GiB), and past any model file (2 TiB). Nothing is
+    // evicted for a download that could never fit, so the rollback target stays.
+    fn sizes(v: &mut serde_json::Value, size: u64) {
+        for f in v["files"].as_array_mut().into_iter().flatten() {
+            if f["is_dir"] != true {
+                f["file_size"] = size.into();
+            }
+        }
+    }
+    proxy.clear();
+    proxy.add("mlflow-artifacts/artifacts?path=", Action::Rewrite(|v| sizes(v, 32 << 30)), None);
+    let e = p.pull("hostile", &champion, quiet(), progress(), false).await.unwrap_err();
+    assert!(chain(&e).contains("quota"), "{}", chain(&e));
+    downloaded_nothing(&proxy);
+    rollback_target_kept();
+    proxy.clear();
+    proxy.add("mlflow-artifacts/artifacts?path=", Action::Rewrite(|v| sizes(v, 2 << 40)), None);
+    let e = p.pull("hostile", &champion, quiet(), progress(), false).await.unwrap_err();
+    assert!(chain(&e).contains("more than any model file"), "{}", chain(&e));
+    downloaded_nothing(&proxy);
+
+    // A directory name no file system holds: refused before it is listed.
+    proxy.clear();
+    proxy.add(
+        "mlflow-artifacts/artifacts?path=",
+        Action::Rewrite(|v| v["files"].as_array_mut().unwrap().push(serde_json::json!({"path": "d".repeat(300), "is_dir": true}))),
+        Some(1),
+    );
+    let e = p.pull("hostile", &champion, quiet(), progress(), false).await.unwrap_err();
+    assert!(matches!(&e, PullError::Registry { source: RegistryError::UnsafePath { .. }, .. }), "{}", chain(&e));
+    assert!(!proxy.seen().iter().any(|r| r.path.contains("ddddd")), "the long directory was never listed");
+
+    // The version description itself.
+    type Rewrite = fn(&mut serde_json::Value);
+    let cases: [(Rewrite, &str); 4] = [
+        (|v| v["model_version"]["name"] = "someone-else".into(), "describes model \"someone-else\""),
+        (|v| v["model_version"]["version"] = "1_0".into(), "version \"1_0\" is not a version number"),
+        (|v| v["model_version"]["version"] = "3\nversion 9 activated".into(), "is not a version number"),
+        (|v| v["model_version"]["source"] = "models:/m-1\u{1b}[2J".into(), "its source"),
+    ];
+    for (rewrite, expected) in cases {
+        proxy.clear();
+        proxy.add("registered-models/alias", Action::Rewrite(rewrite), None);
+        let e = p.pull("hostile", &champion, quiet(), progress(), false).await.unwrap_err();
+        assert!(chain(&e).contains(expected), "expected `{expected}` in: {}", chain(&e));
+        assert!(!chain(&e).contains(['\n', '\u{1b}']), "shown escaped: {:?}", chain(&e));
+        assert!(proxy.seen().iter().all(|r| !r.path.contains("mlflow-artifacts")), "nothing was fetched for it");
+    }
+    rollback_target_kept();
+    // Honest again: version 3 installs.
+    proxy.clear();
+    assert_eq!(p.pull("hostile", &champion, quiet(), progress(), false).await.unwrap().version, "3");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_tokens_are_sent_and_refused_credentials_are_reported() {
     let s = server();

@@ -31,9 +31,10 @@ impl Store {
     /// [`CacheError::QuotaExceeded`] when that is not enough.
     pub fn make_room(&self, needed: u64, keep: (&str, &str)) -> Result<(), CacheError> {
         let Some(quota) = self.settings().quota else { return Ok(()) };
+        let mut first = true;
         loop {
             let used = self.usage()?;
-            if used + needed <= quota {
+            if used.saturating_add(needed) <= quota {
                 return Ok(());
             }
             let mut candidates: Vec<VersionRecord> = self
@@ -42,6 +43,14 @@ impl Store {
                 .filter(|r| !r.dir.is_empty() && (r.model.as_str(), r.version.as_str()) != keep && !self.is_pinned(r))
                 .filter(|r| self.model(&r.model).ok().flatten().and_then(|m| m.active).as_deref() != Some(&r.version))
                 .collect();
+            // Evicting everything it may would not be enough (a listed size past the quota,
+            // say): refuse before evicting anything, so the last-known-good version stays.
+            // Sizes of blobs shared between versions count once per version: an upper bound.
+            let evictable = candidates.iter().fold(0u64, |sum, r| sum.saturating_add(r.size()));
+            if first && (needed > quota || used.saturating_add(needed) > quota.saturating_add(evictable)) {
+                return Err(CacheError::QuotaExceeded { quota, needed, used });
+            }
+            first = false;
             candidates.sort_by_key(|r| self.recency(r));
             let Some(victim) = candidates.first() else {
                 return Err(CacheError::QuotaExceeded { quota, needed, used });

@@ -63,7 +63,7 @@ pub struct VersionRecord {
 
 impl VersionRecord {
     pub fn size(&self) -> u64 {
-        self.files.iter().map(|f| f.size).sum()
+        self.files.iter().fold(0u64, |sum, f| sum.saturating_add(f.size))
     }
 
     /// One digest for the whole version, `sha256:<hex>` over each file's path and sha256

@@ -66,14 +66,10 @@ impl EngineError {
     /// Reads `path` whole, refusing a file larger than `limit` bytes before it is parsed (an
     /// artifact's author must not be able to make the engine allocate gigabytes for JSON).
     pub(crate) fn read_capped(path: &Path, limit: u64) -> Result<Vec<u8>, Self> {
-        use std::io::Read;
-        let file = std::fs::File::open(path).map_err(|e| Self::read(path, e))?;
-        let mut bytes = Vec::new();
-        file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| Self::read(path, e))?;
-        if bytes.len() as u64 > limit {
-            return Err(Self::TooLarge { path: path.to_path_buf(), limit });
-        }
-        Ok(bytes)
+        crate::util::read_capped(path, limit).map_err(|e| match e {
+            crate::util::CappedRead::Io(e) => Self::read(path, e),
+            crate::util::CappedRead::TooLarge { limit } => Self::TooLarge { path: path.to_path_buf(), limit },
+        })
     }
 
     pub(crate) fn inference(during: &'static str) -> impl FnOnce(ort::Error) -> EngineError {

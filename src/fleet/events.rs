@@ -65,11 +65,7 @@ impl Event {
 
     /// Cuts free text to a bounded length, so one event can never be large.
     pub(crate) fn bounded(mut self) -> Event {
-        let cut = |s: &mut String| {
-            if s.len() > MAX_TEXT {
-                *s = format!("{}…", crate::command::truncate(s, MAX_TEXT));
-            }
-        };
+        let cut = |s: &mut String| *s = crate::util::clip(s, MAX_TEXT);
         match &mut self {
             Event::SmokeTestFailed { reason, .. } | Event::RolledBack { reason, .. } | Event::PullFailed { reason, .. } | Event::CommandRefused { reason, .. } => cut(reason),
             _ => {}

@@ -120,22 +120,23 @@ impl Runner {
         self.artifacts_checked.insert(key.clone());
         let path = dir.join(BASELINE_FILE);
         // A sketch is a few KiB; the file comes with the artifact, whose author may not be kind.
-        match tokio::fs::metadata(&path).await {
-            Ok(m) if m.len() > MAX_BASELINE_BYTES => {
-                tracing::warn!(path = %path.display(), bytes = m.len(), limit = MAX_BASELINE_BYTES, "ignoring a drift baseline larger than any sketch; the first window will be the baseline");
-                return;
-            }
-            _ => {}
-        }
-        match tokio::fs::read(&path).await {
-            Ok(bytes) => match serde_json::from_slice::<Sketch>(&bytes) {
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || crate::util::read_capped(&path, MAX_BASELINE_BYTES)).await
+        };
+        match read {
+            Ok(Ok(bytes)) => match serde_json::from_slice::<Sketch>(&bytes) {
                 Ok(sketch) => {
                     tracing::info!(path = %path.display(), n = sketch.n, "drift baseline from the model version's artifact");
                     self.baselines.insert(key.clone(), Baseline { source: BaselineSource::Artifact, sketch });
                 }
                 Err(e) => tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable drift baseline; the first window will be the baseline"),
             },
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(Err(crate::util::CappedRead::Io(e))) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(Err(crate::util::CappedRead::TooLarge { limit })) => {
+                tracing::warn!(path = %path.display(), limit, "ignoring a drift baseline larger than any sketch; the first window will be the baseline");
+            }
+            Ok(Err(e)) => tracing::warn!(path = %path.display(), error = %e, "reading the drift baseline failed"),
             Err(e) => tracing::warn!(path = %path.display(), error = %e, "reading the drift baseline failed"),
         }
     }

@@ -30,7 +30,7 @@ use crate::registry::mlmodel::{self, Layout, PlannedFile};
 use crate::registry::Target;
 use crate::registry::{Client, ModelVersion, RegistryError};
 
-/// Largest `MLmodel` or `genai_config.json` read.
+/// Largest `genai_config.json` read.
 const MAX_SMALL_FILE: usize = 1 << 20;
 
 /// What a pull is doing, for progress output.
@@ -314,10 +314,7 @@ impl Puller {
                 "the daemon died during each of the last {died} smoke tests of this version (out of memory, or a crash in its graph or chat template); refused without another try"
             );
             tracing::error!(%model, %version, %reason, "refusing a version that keeps killing the daemon; keeping the active version");
-            let store = self.store.clone();
-            let (m, v, r) = (model.clone(), version.clone(), reason.clone());
-            self.blocking(move || store.mark_bad(&m, &v, &r)).await?.map_err(job.cache_err("recording the refusal"))?;
-            return Err(PullError::Rejected { model, version, reason });
+            return self.reject(&job, "recording the refusal", reason).await;
         }
         tracing::info!(%model, %version, earlier_unfinished = died, "smoke test starting");
         let dir = self.store.version_dir(&rec);
@@ -327,13 +324,19 @@ impl Puller {
         let verdict = self.blocking(move || smoke_test(&d, &options, tokens)).await?;
         if let Err(reason) = verdict {
             tracing::warn!(%model, %version, %reason, "smoke test failed; keeping the active version");
-            let store = self.store.clone();
-            let (m, v, r) = (model.clone(), version.clone(), reason.clone());
-            self.blocking(move || store.mark_bad(&m, &v, &r)).await?.map_err(job.cache_err("recording the failed smoke test"))?;
-            return Err(PullError::Rejected { model, version, reason });
+            return self.reject(&job, "recording the failed smoke test", reason).await;
         }
         let dir = self.activate(&rec, &observer).await?;
         Ok(PullOutcome { model, version, dir, change: if repairing.is_empty() { Change::Activated { previous, downloaded: true } } else { Change::Repaired { files: repairing } } })
+    }
+
+    /// Records the version of `job` as bad (its files released, never fetched again by a
+    /// poll) and refuses it with `reason`.
+    async fn reject(&self, job: &Install, step: &'static str, reason: String) -> Result<PullOutcome, PullError> {
+        let store = self.store.clone();
+        let (m, v, r) = (job.model.clone(), job.version.clone(), reason.clone());
+        self.blocking(move || store.mark_bad(&m, &v, &r)).await?.map_err(job.cache_err(step))?;
+        Err(PullError::Rejected { model: job.model.clone(), version: job.version.clone(), reason })
     }
 
     /// What the cache already holds of `mv`: done when it is active (or served before) and
@@ -397,7 +400,7 @@ impl Puller {
         if !tree.iter().any(|f| f.path == "MLmodel") {
             return Err(job.reg("reading MLmodel")(RegistryError::MlModel { name: model.clone(), version: version.clone(), message: "the artifacts hold no MLmodel file".into() }));
         }
-        let text = self.client.read_text(&format!("{root}/MLmodel"), MAX_SMALL_FILE).await.map_err(job.reg("reading MLmodel"))?;
+        let text = self.client.read_text(&format!("{root}/MLmodel"), mlmodel::MAX_MLMODEL_BYTES).await.map_err(job.reg("reading MLmodel"))?;
         let layout = mlmodel::parse(&text, model, version).map_err(job.reg("reading MLmodel"))?;
         let decoder = match &layout {
             Layout::Onnx { extra_files, .. } => match extra_files.iter().find(|e| e.ends_with("genai_config.json")) {
@@ -426,8 +429,9 @@ impl Puller {
     ) -> Result<Vec<fetch::Fetched>, PullError> {
         let Install { model, version } = job.clone();
         let to_fetch: Vec<_> = plan.iter().filter(|p| known_digest(known, &p.local).is_none_or(|d| !self.store.blob_path(&d).is_file())).cloned().collect();
-        let total: u64 = plan.iter().map(|p| p.size).sum();
-        let needed: u64 = to_fetch.iter().map(|p| p.size).sum();
+        // Listed sizes are at most registry::MAX_FILE_BYTES each, but never trust a sum.
+        let total = plan.iter().fold(0u64, |sum, p| sum.saturating_add(p.size));
+        let needed = to_fetch.iter().fold(0u64, |sum, p| sum.saturating_add(p.size));
         observer(&PullEvent::Planned { flavor, files: plan.len(), bytes: total, to_download: needed });
         let store = self.store.clone();
         let (m, v) = (model.clone(), version.clone());

@@ -30,6 +30,14 @@ const MAX_ERROR_BODY: usize = 64 << 10;
 /// Bounds on the artifact tree walk.
 pub const MAX_TREE_ENTRIES: usize = 10_000;
 pub const MAX_TREE_DEPTH: usize = 16;
+/// Largest listed file size believed (1 TiB; Phi-3-medium's fp16 weights are 28 GB). With at
+/// most [`MAX_TREE_ENTRIES`] files, sums of listed sizes cannot overflow.
+pub const MAX_FILE_BYTES: u64 = 1 << 40;
+/// Longest version string, run id or stage accepted from the registry (MLflow's are short
+/// integers, 32 hex digits and a word).
+const MAX_ID_BYTES: usize = 64;
+/// Longest `source` or `status` accepted.
+const MAX_SOURCE_BYTES: usize = 4096;
 
 /// How requests authenticate, from the same environment variables MLflow's clients read.
 #[derive(Clone, Default)]
@@ -102,6 +110,38 @@ impl ModelVersion {
     /// Version numbers compare numerically ("10" > "9").
     fn number(&self) -> u64 {
         self.version.parse().unwrap_or(0)
+    }
+
+    /// Checks an answer about model `name` before anything is done with it. The version
+    /// becomes a folder name, an index key, a log field, a response header and a metric label,
+    /// so it must be what MLflow makes (a decimal number); the model must be the one asked
+    /// about (the cache files it under the configured name); the other texts that reach logs,
+    /// status and telemetry are short and free of control characters.
+    ///
+    /// # Errors
+    /// [`RegistryError::Decode`] naming the field, its value shown escaped and cut short.
+    fn checked(self, name: &str) -> Result<ModelVersion, RegistryError> {
+        let refuse = |message: String| RegistryError::Decode { url: format!("the registry's answer about model `{name}`"), message };
+        let shown = |v: &str| format!("{:?}", crate::command::truncate(v, MAX_ID_BYTES));
+        if self.name != name {
+            return Err(refuse(format!("it describes model {} instead", shown(&self.name))));
+        }
+        let number = !self.version.is_empty() && self.version.len() <= 19 && !self.version.starts_with('0') && self.version.bytes().all(|b| b.is_ascii_digit());
+        if !number {
+            return Err(refuse(format!("version {} is not a version number", shown(&self.version))));
+        }
+        let texts = [
+            ("status", self.status.as_str(), MAX_ID_BYTES),
+            ("run_id", self.run_id.as_deref().unwrap_or_default(), MAX_ID_BYTES),
+            ("current_stage", self.current_stage.as_deref().unwrap_or_default(), MAX_ID_BYTES),
+            ("source", self.source.as_str(), MAX_SOURCE_BYTES),
+        ];
+        for (field, value, max) in texts {
+            if value.len() > max || value.chars().any(char::is_control) {
+                return Err(refuse(format!("its {field} {} is longer than {max} bytes or holds control characters", shown(value))));
+            }
+        }
+        Ok(self)
     }
 }
 
@@ -221,7 +261,8 @@ impl Client {
             model_versions: Vec<ModelVersion>,
         }
         let a: Answer = self.api_get("registered-models/get-latest-versions", &[("name", name), ("stages", stage)]).await.map_err(|e| not_found_as_model(e, name))?;
-        Ok(a.model_versions.into_iter().filter(|v| v.current_stage.as_deref().is_none_or(|s| s.eq_ignore_ascii_case(stage))).max_by_key(ModelVersion::number))
+        let versions = a.model_versions.into_iter().map(|v| v.checked(name)).collect::<Result<Vec<_>, _>>()?;
+        Ok(versions.into_iter().filter(|v| v.current_stage.as_deref().is_none_or(|s| s.eq_ignore_ascii_case(stage))).max_by_key(ModelVersion::number))
     }
 
     /// The version `alias` points at.
@@ -234,7 +275,7 @@ impl Client {
             model_version: ModelVersion,
         }
         match self.api_get::<Answer>("registered-models/alias", &[("name", name), ("alias", alias)]).await {
-            Ok(a) => Ok(Some(a.model_version)),
+            Ok(a) => a.model_version.checked(name).map(Some),
             Err(RegistryError::Status { status: 400, code, message, .. })
                 if code.as_deref() == Some("INVALID_PARAMETER_VALUE") && message.contains("alias") && message.contains("not found") =>
             {
@@ -254,7 +295,14 @@ impl Client {
             model_version: ModelVersion,
         }
         let a: Answer = self.api_get("model-versions/get", &[("name", name), ("version", version)]).await.map_err(|e| not_found_as_model(e, name))?;
-        Ok(a.model_version)
+        let mv = a.model_version.checked(name)?;
+        if mv.version != version {
+            return Err(RegistryError::Decode {
+                url: format!("the registry's answer about model `{name}`"),
+                message: format!("version {version} was asked for and {} described", mv.version),
+            });
+        }
+        Ok(mv)
     }
 
     /// The artifact-proxy path of a version's files (e.g. `1/models/m-<id>/artifacts`).
@@ -292,10 +340,18 @@ impl Client {
                 let name = e.path.strip_prefix(&format!("{full}/")).unwrap_or(&e.path);
                 check_name(name)?;
                 let rel = if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") };
+                super::mlmodel::check_relative(&rel)?;
                 if e.is_dir {
                     dirs.push((rel, depth + 1));
                 } else {
-                    files.push(RemoteFile { path: rel, size: e.file_size.unwrap_or(0) });
+                    let size = e.file_size.unwrap_or(0);
+                    if size > MAX_FILE_BYTES {
+                        return Err(RegistryError::Decode {
+                            url: full.clone(),
+                            message: format!("{rel:?} is listed at {size} bytes, more than any model file ({MAX_FILE_BYTES})"),
+                        });
+                    }
+                    files.push(RemoteFile { path: rel, size });
                 }
             }
         }
@@ -450,7 +506,8 @@ fn parse_error_body(body: &[u8]) -> (Option<String>, String) {
     }
     if let Ok(e) = serde_json::from_slice::<ApiError>(body) {
         if e.error_code.is_some() || e.message.is_some() {
-            return (e.error_code, e.message.unwrap_or_default());
+            // Both go into logs, the status and fleet reports: one bounded line each.
+            return (e.error_code.map(|c| crate::util::one_line(&c, 64)), crate::util::one_line(&e.message.unwrap_or_default(), 1000));
         }
     }
     let text = String::from_utf8_lossy(body);
@@ -468,16 +525,7 @@ fn parse_error_body(body: &[u8]) -> (Option<String>, String) {
             _ => {}
         }
     }
-    let words: Vec<&str> = plain.split_whitespace().collect();
-    let mut message = words.join(" ");
-    if message.len() > 300 {
-        let mut cut = 300;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-        message.push('…');
-    }
+    let mut message = crate::util::one_line(&plain, 300);
     if message.is_empty() {
         message = "(empty body)".into();
     }
@@ -500,9 +548,10 @@ pub fn proxy_path(uri: &str) -> Option<String> {
     Some(path.to_string())
 }
 
-/// A listed name must be one plain path component.
+/// A listed name must be one plain path component a Linux file system can hold (at most 255
+/// bytes, no control character).
 fn check_name(name: &str) -> Result<(), RegistryError> {
-    if name.is_empty() || name == "." || name == ".." || name.contains('/') || name.contains('\\') || name.contains('\0') {
+    if name.is_empty() || name.len() > 255 || name == "." || name == ".." || name.contains('/') || name.contains('\\') || name.chars().any(char::is_control) {
         return Err(RegistryError::UnsafePath { path: name.to_string() });
     }
     Ok(())

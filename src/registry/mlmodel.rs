@@ -10,7 +10,7 @@
 //!
 //! Anything else (e.g. a `transformers` flavor without ONNX) is refused with a message.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Component, Path};
 
 use serde::Deserialize;
@@ -60,17 +60,69 @@ pub struct PlannedFile {
     pub size: u64,
 }
 
+/// Largest `MLmodel` read (MLflow writes 1-10 KiB; metadata and a signature stay far below).
+pub const MAX_MLMODEL_BYTES: usize = 128 << 10;
+
+/// Most `extra_files` of the onnx flavor, and most artifacts of a pyfunc model, read.
+const MAX_LISTED: usize = 128;
+
+// DEVNOTE: YAML aliases let a short document stand for many copies of a long value (one
+// anchored list of 200k items, aliased 100k times, is 2x10^10 values from 1 MiB of text), and
+// serde_norway bounds the number of aliases, not what they expand to. So nothing here is
+// parsed into a `serde_norway::Value`: flavors other than the two read are skipped with
+// `IgnoredAny` (which does not expand aliases), and every list read is capped at
+// [`MAX_LISTED`] before its next item is parsed. What a document can expand to is then at
+// most (2 + 2 x MAX_LISTED) strings of at most [`MAX_MLMODEL_BYTES`] each.
+
 #[derive(Deserialize)]
 struct MlModel {
     #[serde(default)]
-    flavors: BTreeMap<String, serde_norway::Value>,
+    flavors: Flavors,
+}
+
+/// The two flavors edgeflow reads, and the names of the others (for the error).
+#[derive(Default)]
+struct Flavors {
+    onnx: Option<OnnxFlavor>,
+    python_function: Option<PyfuncFlavor>,
+    names: Vec<String>,
+}
+
+impl<'de> Deserialize<'de> for Flavors {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Flavors;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map of flavors")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Flavors, A::Error> {
+                let mut flavors = Flavors::default();
+                while let Some(name) = map.next_key::<String>()? {
+                    if flavors.names.len() >= MAX_LISTED {
+                        return Err(serde::de::Error::custom(format!("more than {MAX_LISTED} flavors")));
+                    }
+                    match name.as_str() {
+                        "onnx" => flavors.onnx = Some(map.next_value()?),
+                        "python_function" => flavors.python_function = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                    flavors.names.push(crate::command::truncate(&name, 64).to_string());
+                }
+                Ok(flavors)
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 #[derive(Deserialize)]
 struct OnnxFlavor {
     data: String,
     #[serde(default)]
-    extra_files: Vec<ExtraFile>,
+    extra_files: Capped<ExtraFile>,
 }
 
 #[derive(Deserialize)]
@@ -81,12 +133,74 @@ struct ExtraFile {
 #[derive(Deserialize)]
 struct PyfuncFlavor {
     #[serde(default)]
-    artifacts: Option<BTreeMap<String, PyfuncArtifact>>,
+    artifacts: Option<CappedMap<PyfuncArtifact>>,
 }
 
 #[derive(Deserialize)]
 struct PyfuncArtifact {
     path: String,
+}
+
+/// A YAML list of at most [`MAX_LISTED`] items, refused at the next one.
+struct Capped<T>(Vec<T>);
+
+/// A YAML map of at most [`MAX_LISTED`] entries, refused at the next one.
+struct CappedMap<T>(Vec<(String, T)>);
+
+impl<T> Default for Capped<T> {
+    fn default() -> Self {
+        Capped(Vec::new())
+    }
+}
+
+fn too_many<E: serde::de::Error>() -> E {
+    E::custom(format!("more than {MAX_LISTED} items"))
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Capped<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+            type Value = Capped<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a list of at most {MAX_LISTED} items")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Capped<T>, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element()? {
+                    if items.len() == MAX_LISTED {
+                        return Err(too_many());
+                    }
+                    items.push(item);
+                }
+                Ok(Capped(items))
+            }
+        }
+        d.deserialize_seq(V(std::marker::PhantomData))
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for CappedMap<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for V<T> {
+            type Value = CappedMap<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a map of at most {MAX_LISTED} entries")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<CappedMap<T>, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    if entries.len() == MAX_LISTED {
+                        return Err(too_many());
+                    }
+                    entries.push(entry);
+                }
+                Ok(CappedMap(entries))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
 }
 
 /// Parses `MLmodel` text.
@@ -97,30 +211,31 @@ struct PyfuncArtifact {
 /// logging is present.
 pub fn parse(text: &str, name: &str, version: &str) -> Result<Layout, RegistryError> {
     let bad = |message: String| RegistryError::MlModel { name: name.to_string(), version: version.to_string(), message };
+    if text.len() > MAX_MLMODEL_BYTES {
+        return Err(bad(format!("larger than {MAX_MLMODEL_BYTES} bytes")));
+    }
     let m: MlModel = serde_norway::from_str(text).map_err(|e| bad(format!("not valid YAML: {e}")))?;
-    if let Some(v) = m.flavors.get("onnx") {
-        let f: OnnxFlavor = serde_norway::from_value(v.clone()).map_err(|e| bad(format!("flavors.onnx: {e}")))?;
+    if let Some(f) = m.flavors.onnx {
         check_relative(&f.data)?;
         let mut extra_files = Vec::new();
-        for e in f.extra_files {
+        for e in f.extra_files.0 {
             check_relative(&e.path)?;
             extra_files.push(e.path);
         }
         return Ok(Layout::Onnx { data: f.data, extra_files });
     }
-    if let Some(v) = m.flavors.get("python_function") {
-        let f: PyfuncFlavor = serde_norway::from_value(v.clone()).map_err(|e| bad(format!("flavors.python_function: {e}")))?;
-        let artifacts = f.artifacts.unwrap_or_default();
+    if let Some(f) = m.flavors.python_function {
+        let artifacts = f.artifacts.map(|a| a.0).unwrap_or_default();
         if !artifacts.is_empty() {
             let mut list = Vec::new();
             for (key, a) in artifacts {
                 check_relative(&a.path)?;
-                list.push((key, a.path.trim_end_matches('/').to_string()));
+                list.push((crate::command::truncate(&key, 256).to_string(), a.path.trim_end_matches('/').to_string()));
             }
             return Ok(Layout::Pyfunc { artifacts: list });
         }
     }
-    Err(RegistryError::UnsupportedFlavor { name: name.to_string(), version: version.to_string(), flavors: m.flavors.keys().cloned().collect() })
+    Err(RegistryError::UnsupportedFlavor { name: name.to_string(), version: version.to_string(), flavors: m.flavors.names })
 }
 
 /// Picks the files of the ONNX folder out of the whole artifact tree and names them
@@ -317,6 +432,27 @@ flavors:
         assert!(matches!(err, RegistryError::UnsafePath { .. }), "{err}");
         let err = plan(&layout, &[f("model.onnx", 1), f("../evil", 1)], None, "m", "1").unwrap_err();
         assert!(matches!(err, RegistryError::UnsafePath { .. }), "{err}");
+    }
+
+    /// YAML aliases cannot make a small MLmodel expand without bound: another flavor's
+    /// aliases are skipped unexpanded, a list of the read flavors is capped, and so is the size.
+    #[test]
+    fn an_alias_bomb_is_refused_quickly_and_small() {
+        let items = vec!["1"; 2000].join(",");
+        let aliases = vec!["*a"; 2000].join(",");
+        // 4 million values if expanded: skipped as another flavor, listed by name.
+        let elsewhere = format!("x: &a [{items}]\nflavors:\n  bomb: [{aliases}]\n");
+        let started = std::time::Instant::now();
+        let err = parse(&elsewhere, "m", "3").unwrap_err();
+        assert!(matches!(&err, RegistryError::UnsupportedFlavor { flavors, .. } if flavors == &["bomb"]), "{err}");
+        // Inside the onnx flavor: the list stops at its cap.
+        let long = "x".repeat(500);
+        let inside = format!("f: &f {{path: {long}}}\nflavors:\n  onnx:\n    data: model.onnx\n    extra_files: [{}]\n", vec!["*f"; 1000].join(","));
+        let err = parse(&inside, "m", "3").unwrap_err();
+        assert!(err.to_string().contains(&format!("more than {MAX_LISTED} items")), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "took {:?}", started.elapsed());
+        let huge = format!("flavors: {{}}\n# {}\n", "x".repeat(MAX_MLMODEL_BYTES));
+        assert!(parse(&huge, "m", "3").unwrap_err().to_string().contains("larger than"));
     }
 
     #[test]

@@ -166,6 +166,10 @@ pub enum Action {
     InjectListing(String),
     /// Forward the body at this many bytes per second.
     Throttle(u64),
+    /// Forward, with the JSON body changed by this function.
+    Rewrite(fn(&mut serde_json::Value)),
+    /// Answer 200 with this body without forwarding.
+    Body(Vec<u8>),
 }
 
 #[derive(Debug, Clone)]
@@ -271,6 +275,12 @@ async fn handle(mut client: AsyncTcpStream, upstream: &str, state: Arc<Mutex<Pro
             client.write_all(resp.as_bytes()).await?;
             return client.shutdown().await;
         }
+        Some(Action::Body(body)) => {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            client.write_all(head.as_bytes()).await?;
+            client.write_all(body).await?;
+            return client.shutdown().await;
+        }
         Some(Action::RequireBearer(token)) if authorization.as_deref() != Some(&format!("Bearer {token}")) => {
             let body = r#"{"error_code": "UNAUTHENTICATED", "message": "a valid bearer token is required"}"#;
             let resp = format!("HTTP/1.1 401 Unauthorized\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
@@ -302,25 +312,14 @@ async fn handle(mut client: AsyncTcpStream, upstream: &str, state: Arc<Mutex<Pro
     }
     match action {
         Some(Action::InjectListing(name)) => {
-            let mut body = Vec::new();
-            up.read_to_end(&mut body).await?;
-            let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|_| serde_json::json!({"files": []}));
-            if let Some(files) = v.get_mut("files").and_then(|f| f.as_array_mut()) {
-                files.push(serde_json::json!({"path": name, "is_dir": false, "file_size": 10}));
-            }
-            let body = serde_json::to_vec(&v).unwrap();
-            let head_text = String::from_utf8_lossy(&response).into_owned();
-            let mut new_head = String::new();
-            for l in head_text.split("\r\n").filter(|l| !l.is_empty()) {
-                if !l.to_ascii_lowercase().starts_with("content-length:") {
-                    new_head.push_str(l);
-                    new_head.push_str("\r\n");
+            let add = move |v: &mut serde_json::Value| {
+                if let Some(files) = v.get_mut("files").and_then(|f| f.as_array_mut()) {
+                    files.push(serde_json::json!({"path": name, "is_dir": false, "file_size": 10}));
                 }
-            }
-            new_head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-            client.write_all(new_head.as_bytes()).await?;
-            client.write_all(&body).await?;
+            };
+            rewrite_json(&mut client, &mut up, &response, add).await?;
         }
+        Some(Action::Rewrite(f)) => rewrite_json(&mut client, &mut up, &response, f).await?,
         Some(Action::CutAfter(n)) => {
             client.write_all(&response).await?;
             let mut left = n;
@@ -356,6 +355,27 @@ async fn handle(mut client: AsyncTcpStream, upstream: &str, state: Arc<Mutex<Pro
         }
     }
     client.shutdown().await
+}
+
+/// Forwards the upstream answer whose head is `head`, its JSON body changed by `f` (a body
+/// that is not JSON becomes `{"files": []}` first).
+async fn rewrite_json(client: &mut AsyncTcpStream, up: &mut AsyncTcpStream, head: &[u8], f: impl FnOnce(&mut serde_json::Value)) -> std::io::Result<()> {
+    let mut body = Vec::new();
+    up.read_to_end(&mut body).await?;
+    let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|_| serde_json::json!({"files": []}));
+    f(&mut v);
+    let body = serde_json::to_vec(&v).unwrap();
+    let head_text = String::from_utf8_lossy(head).into_owned();
+    let mut new_head = String::new();
+    for l in head_text.split("\r\n").filter(|l| !l.is_empty()) {
+        if !l.to_ascii_lowercase().starts_with("content-length:") {
+            new_head.push_str(l);
+            new_head.push_str("\r\n");
+        }
+    }
+    new_head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
+    client.write_all(new_head.as_bytes()).await?;
+    client.write_all(&body).await
 }
 
 /// sha256 of a file, hex.
