@@ -15,6 +15,7 @@ mod model;
 mod prefix;
 pub mod runtime;
 mod sampling;
+mod sequence;
 pub mod settings;
 pub mod template;
 mod tokenizer;

@@ -12,8 +12,9 @@ use super::config::GenaiConfig;
 use super::decoder::Decoder;
 use super::heartbeat::Heartbeat;
 use super::runtime;
-use super::sampling::{Sampler, SamplingParams};
-use super::tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
+use super::sampling::SamplingParams;
+use super::sequence::{Sequence, Vocabulary};
+use super::tokenizer::{ChatMessage, Tokenizer};
 use super::EngineError;
 
 #[derive(Debug, Clone, Default)]
@@ -241,155 +242,28 @@ impl Model {
         let max_new = params.max_new_tokens.min(context - prompt_ids.len());
         // The last sampled token is never fed back, so the cache holds prompt + max_new - 1.
         let (mut cache, reused_tokens) = self.decoder.start(prompt_ids.len() + max_new, prompt_ids)?;
-        let mut sampler = Sampler::new(params.sampling.clone());
-        let mut stream = StreamDecoder::new();
-        let mut text = String::new();
-        let mut emitted = 0usize; // bytes of `text` already handed to on_text
-        let max_stop = params.stop.iter().map(String::len).max().unwrap_or(0);
-        let mut history: Vec<u32> = prompt_ids.to_vec();
-        let mut token_ids = Vec::new();
+        let mut sequence = Sequence::new(prompt_ids, params, reused_tokens, max_new, started);
+        let vocab = Vocabulary { tokenizer: &self.tokenizer, eos: &self.eos, byte_fallback: &self.byte_fallback };
         let mut logits = Vec::with_capacity(self.decoder.vocab());
-        let mut top_logits = Vec::new();
-        let mut stats = StepStats::default();
-        let mut time_to_first_token = Duration::ZERO;
-        let mut finish = FinishReason::Length;
-        let mut stopped_by_string = false;
-        let mut next_input: Vec<u32> = prompt_ids[reused_tokens..].to_vec();
-
-        for step in 0..max_new {
+        while !sequence.is_finished() {
             if cancel.load(Ordering::Relaxed) {
-                finish = FinishReason::Cancelled;
+                sequence.cancel();
                 break;
             }
             if let Some(heartbeat) = &self.heartbeat {
-                heartbeat.step(next_input.len());
+                heartbeat.step(sequence.next_input().len());
             }
-            self.decoder.forward(&mut cache, &next_input, &mut logits)?;
-            if logits.iter().any(|l| !l.is_finite()) {
-                return Err(EngineError::NonFiniteLogits { step });
-            }
-            if params.record_top_logits > 0 {
-                top_logits.push(top_n(&logits, params.record_top_logits));
-            }
-            let id = sampler.sample(&mut logits, &history);
-            if params.collect_stats {
-                let (lp, entropy) = super::sampling::logprob_and_entropy(&logits, id);
-                stats.logprob_sum += f64::from(lp);
-                stats.entropy_sum += f64::from(entropy);
-            }
-            if self.byte_fallback.get(id as usize).copied().unwrap_or(false) {
-                stats.byte_fallback_tokens += 1;
-            }
-            if step == 0 {
-                time_to_first_token = started.elapsed();
-            }
-            token_ids.push(id);
-            history.push(id);
-            if !params.ignore_eos && self.eos.contains(&id) {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if let Some(piece) = stream.push(&self.tokenizer, id)? {
-                text.push_str(&piece);
-            }
-            // Stop strings: search only the region the new text can complete.
-            if max_stop > 0 {
-                let from = floor_char_boundary(&text, emitted.saturating_sub(max_stop));
-                if let Some(cut) = params.stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i)).min() {
-                    text.truncate(cut);
-                    stopped_by_string = true;
-                    finish = FinishReason::Stop;
-                    break;
+            self.decoder.forward(&mut cache, sequence.next_input(), &mut logits)?;
+            if let Some(text) = sequence.accept(&mut logits, &vocab)? {
+                if on_text(text).is_break() {
+                    sequence.cancel();
                 }
             }
-            // Hold back a tail that could still become a stop string.
-            let safe = floor_char_boundary(&text, text.len().saturating_sub(held_back(&text, &params.stop)));
-            if safe > emitted {
-                let flow = on_text(&text[emitted..safe]);
-                emitted = safe;
-                if flow.is_break() {
-                    finish = FinishReason::Cancelled;
-                    break;
-                }
-            }
-            next_input.clear();
-            next_input.push(id);
         }
-        // An incomplete character still held by the stream decoder is flushed (as U+FFFD, as
-        // a full decode would show it) unless a stop string already cut the text.
-        if !stopped_by_string && finish != FinishReason::Cancelled {
-            if let Some(rest) = stream.finish(&self.tokenizer)? {
-                text.push_str(&rest);
-            }
+        let (generation, tail) = sequence.finish(&self.tokenizer)?;
+        if let Some(tail) = tail {
+            let _ = on_text(&tail);
         }
-        if text.len() > emitted && finish != FinishReason::Cancelled {
-            let _ = on_text(&text[emitted..]);
-        }
-        Ok(Generation {
-            prompt_token_ids: prompt_ids.to_vec(),
-            token_ids,
-            text,
-            finish_reason: finish,
-            time_to_first_token,
-            total_time: started.elapsed(),
-            top_logits,
-            stats,
-            reused_tokens,
-        })
-    }
-}
-
-/// Length of the longest suffix of `text` that is a proper prefix of a stop string.
-fn held_back(text: &str, stops: &[String]) -> usize {
-    let mut best = 0;
-    for s in stops {
-        for len in (1..s.len()).rev() {
-            if len <= best {
-                break;
-            }
-            if text.len() >= len && s.is_char_boundary(len) && text.ends_with(&s[..len]) {
-                best = len;
-                break;
-            }
-        }
-    }
-    best
-}
-
-fn floor_char_boundary(s: &str, mut i: usize) -> usize {
-    if i >= s.len() {
-        return s.len();
-    }
-    while !s.is_char_boundary(i) {
-        i -= 1;
-    }
-    i
-}
-
-fn top_n(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let mut idx: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
-    let n = n.min(idx.len());
-    let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-    idx.select_nth_unstable_by(n - 1, cmp);
-    idx.truncate(n);
-    idx.sort_unstable_by(cmp);
-    idx
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn held_back_finds_partial_stop() {
-        let stops = vec!["\n\nUser:".to_string(), "END".to_string()];
-        assert_eq!(held_back("hello\n\nUs", &stops), 4);
-        assert_eq!(held_back("hello E", &stops), 1);
-        assert_eq!(held_back("hello", &stops), 0);
-    }
-
-    #[test]
-    fn top_n_orders_and_breaks_ties_low() {
-        assert_eq!(top_n(&[1.0, 3.0, 3.0, 2.0], 3), vec![(1, 3.0), (2, 3.0), (3, 2.0)]);
+        Ok(generation)
     }
 }
