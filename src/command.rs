@@ -153,7 +153,7 @@ impl Command {
                 }
                 Command::Set(Settings { log_level, ..settings })
             }
-            other => return Err(format!("unknown command `{}` (known: {})", truncate(other, 64), NAMES.join(", "))),
+            other => return Err(format!("unknown command `{}` (known: {})", crate::util::truncate(other, 64), NAMES.join(", "))),
         };
         Ok(command)
     }
@@ -182,18 +182,6 @@ fn kind(v: &Value) -> &'static str {
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
     }
-}
-
-/// At most `max` bytes of `s`, cut at a character boundary (for echoing untrusted input).
-pub fn truncate(s: &str, max: usize) -> &str {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 /// Where a command came from, for logs and for handlers that treat sources differently.

@@ -43,6 +43,19 @@ pub fn read_capped(path: &std::path::Path, limit: u64) -> Result<Vec<u8>, Capped
     Ok(bytes)
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary (for echoing untrusted input).
+#[must_use]
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// At most `max` bytes of `s` (cut at a character boundary, `…` marking the cut): free text
 /// from a peer, bounded before it goes into a report, a status or an event.
 #[must_use]
@@ -50,7 +63,7 @@ pub fn clip(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }
-    format!("{}…", crate::command::truncate(s, max))
+    format!("{}…", truncate(s, max))
 }
 
 /// Untrusted text on one line: every run of whitespace and control characters (a newline

@@ -153,10 +153,6 @@ impl ChatTemplate {
             ChatTemplate::Sandboxed(s) => s.render(messages, limit),
         }
     }
-
-    pub fn is_sandboxed(&self) -> bool {
-        matches!(self, ChatTemplate::Sandboxed(_))
-    }
 }
 
 /// Collects the rendered prompt and refuses to grow past `limit` bytes.

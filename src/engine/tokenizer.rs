@@ -218,11 +218,6 @@ impl Tokenizer {
     fn render(&self, messages: &[ChatMessage]) -> Result<Rendered, RenderError> {
         self.chat.render(messages, self.max_rendered_bytes)
     }
-
-    /// Whether chat templates render in a child process under a memory limit.
-    pub fn chat_template_is_sandboxed(&self) -> bool {
-        self.chat.is_sandboxed()
-    }
 }
 
 /// Turns a growing list of token ids into text deltas.

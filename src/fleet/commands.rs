@@ -117,7 +117,7 @@ pub struct Refused {
 }
 
 fn refuse(request_id: Option<&str>, refusal: Refusal, reason: impl Into<String>) -> Refused {
-    Refused { request_id: request_id.map(|s| crate::command::truncate(s, 128).to_string()), refusal, reason: reason.into() }
+    Refused { request_id: request_id.map(|s| crate::util::truncate(s, 128).to_string()), refusal, reason: reason.into() }
 }
 
 /// Opens a command payload published on `cmd/<name>` for `device_id`, at Unix time `now`.

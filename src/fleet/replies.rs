@@ -87,7 +87,7 @@ impl Runner {
     }
 
     pub(super) fn on_command(&mut self, topic: &str, payload: &[u8], response_topic: Option<String>, correlation: Option<Bytes>) {
-        let Some(name) = self.topics.command_name(topic).map(|n| crate::command::truncate(n, 64).to_string()) else {
+        let Some(name) = self.topics.command_name(topic).map(|n| crate::util::truncate(n, 64).to_string()) else {
             tracing::debug!(topic, "ignoring a message outside cmd/<name>");
             return;
         };
@@ -96,7 +96,7 @@ impl Runner {
         let reply_to = match response_topic {
             Some(t) if self.topics.is_reply(&t) => t,
             Some(t) => {
-                tracing::warn!(response_topic = %crate::command::truncate(&t, 128), command = %name, "response topic outside this device's reply namespace; replying on the default topic");
+                tracing::warn!(response_topic = %crate::util::truncate(&t, 128), command = %name, "response topic outside this device's reply namespace; replying on the default topic");
                 self.topics.reply(&name)
             }
             None => self.topics.reply(&name),

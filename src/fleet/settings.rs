@@ -241,7 +241,7 @@ impl FleetConfig {
             None => crate::backoff::machine_id(),
         };
         if let Err(e) = topic_level(&device_id) {
-            p.push(format!("fleet.device_id: `{}` {e}", crate::command::truncate(&device_id, 80)));
+            p.push(format!("fleet.device_id: `{}` {e}", crate::util::truncate(&device_id, 80)));
         }
         let topic_prefix = self.topic_prefix.trim().to_string();
         if topic_prefix.is_empty()

@@ -122,7 +122,7 @@ impl ModelVersion {
     /// [`RegistryError::Decode`] naming the field, its value shown escaped and cut short.
     fn checked(self, name: &str) -> Result<ModelVersion, RegistryError> {
         let refuse = |message: String| RegistryError::Decode { url: format!("the registry's answer about model `{name}`"), message };
-        let shown = |v: &str| format!("{:?}", crate::command::truncate(v, MAX_ID_BYTES));
+        let shown = |v: &str| format!("{:?}", crate::util::truncate(v, MAX_ID_BYTES));
         if self.name != name {
             return Err(refuse(format!("it describes model {} instead", shown(&self.name))));
         }

@@ -109,7 +109,7 @@ impl<'de> Deserialize<'de> for Flavors {
                             map.next_value::<serde::de::IgnoredAny>()?;
                         }
                     }
-                    flavors.names.push(crate::command::truncate(&name, 64).to_string());
+                    flavors.names.push(crate::util::truncate(&name, 64).to_string());
                 }
                 Ok(flavors)
             }
@@ -230,7 +230,7 @@ pub fn parse(text: &str, name: &str, version: &str) -> Result<Layout, RegistryEr
             let mut list = Vec::new();
             for (key, a) in artifacts {
                 check_relative(&a.path)?;
-                list.push((crate::command::truncate(&key, 256).to_string(), a.path.trim_end_matches('/').to_string()));
+                list.push((crate::util::truncate(&key, 256).to_string(), a.path.trim_end_matches('/').to_string()));
             }
             return Ok(Layout::Pyfunc { artifacts: list });
         }
