@@ -14,7 +14,7 @@ VENV_BENCH := .venv/bench
 # local API tests' real clients: the openai SDK and prometheus_client (tests/serve/).
 VENV_TEST := .venv/test
 
-.PHONY: all system build ort venv smollm2 test demo bench bench-prefix bench-serve bench-pull bench-fleet models clean
+.PHONY: all system build ort venv smollm2 test demo bench bench-prefix bench-batch bench-serve bench-pull bench-fleet models clean
 
 all: build
 
@@ -58,6 +58,8 @@ bench: build
 # The other benchmarks, each against its anchor in the same run (see benches/README.md).
 bench-prefix: build smollm2
 	benches/run.sh --prefix
+bench-batch: build smollm2
+	benches/run.sh --batch
 
 bench-serve: build
 	benches/serve.sh --runs 31

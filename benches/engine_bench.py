@@ -355,6 +355,34 @@ def first_divergence(a, b):
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
+def serve_bench_args(doc, out):
+    """The options every serve-level bench takes; add its own, then parse."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--edgeflow", required=True)
+    ap.add_argument("--model", action="append", required=True, help="NAME=DIR")
+    ap.add_argument("--genai-python", default=sys.executable)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--wait-idle", type=float, default=30)
+    ap.add_argument("--out", default=out)
+    return ap
+
+
+def run_models(args, bench_model, report):
+    """The shared main of the serve-level benches: machine line, each `--model NAME=DIR` benched
+    and reported, everything written as JSON to `--out`."""
+    out = {"machine": machine_info(), "load_at_start": os.getloadavg()[0], "command": " ".join(sys.argv), "models": []}
+    print(f"machine: {out['machine'].get('Model name')}, {out['machine'].get('cpus_available')} cores, SIMD {' '.join(out['machine'].get('simd', []))}")
+    for spec in args.model:
+        name, _, d = spec.partition("=")
+        res = bench_model(name, d, args)
+        out["models"].append(res)
+        report(res)
+    out["load_at_end"] = os.getloadavg()[0]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"\nload average: {out['load_at_start']:.2f} at start, {out['load_at_end']:.2f} at end; results in {args.out}")
+
+
 def median(xs):
     return statistics.median(xs) if xs else None
 

@@ -21,7 +21,6 @@ every prompt. Both servers run alone (one at a time) with the same threads, each
 short unrelated request after start.
 """
 
-import argparse
 import http.client
 import json
 import os
@@ -66,9 +65,9 @@ class UnixHTTP(http.client.HTTPConnection):
         self.sock = s
 
 
-def chat(sock, messages, max_tokens):
-    """One streamed chat request: (ttft_s, total_s, text, usage)."""
-    body = json.dumps({"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+def chat(sock, messages, max_tokens, extra=None):
+    """One streamed chat request: (ttft_s, total_s, text, usage). `extra`: more request fields."""
+    body = json.dumps({"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **(extra or {})})
     conn = UnixHTTP(sock)
     t0 = time.perf_counter()
     conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
@@ -103,14 +102,14 @@ def chat(sock, messages, max_tokens):
 
 
 class Server:
-    """`edgeflow serve` on a private socket, with prefix reuse on or off."""
+    """`edgeflow serve` on a private socket, with prefix reuse on or off (and more `[engine]` lines)."""
 
-    def __init__(self, binary, model_dir, threads, prefix_cache):
+    def __init__(self, binary, model_dir, threads, prefix_cache, engine_extra=""):
         self.dir = tempfile.mkdtemp(prefix="edgeflow-prefix-bench-")
         self.sock = os.path.join(self.dir, "api.sock")
         config = os.path.join(self.dir, "config.toml")
         with open(config, "w") as f:
-            f.write(f'[engine]\nprefix_cache = "{prefix_cache}"\nthreads = {threads}\n[serve]\nrequest_timeout = "600s"\n')
+            f.write(f'[engine]\nprefix_cache = "{prefix_cache}"\nthreads = {threads}\n{engine_extra}[serve]\nrequest_timeout = "600s"\nqueue_depth = 64\n')
         self.proc = subprocess.Popen([binary, "serve", "--model-dir", model_dir, "--socket", self.sock, "--config", config], stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, "log"), "w"))
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -234,29 +233,13 @@ def report(res):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--edgeflow", required=True)
-    ap.add_argument("--model", action="append", required=True, help="NAME=DIR")
-    ap.add_argument("--genai-python", default=sys.executable)
-    ap.add_argument("--threads", type=int, default=2)
+    ap = engine_bench.serve_bench_args(__doc__, ".bench/prefix.json")
     ap.add_argument("--system-tokens", type=int, default=512)
     ap.add_argument("--requests", type=int, default=5, help="warm requests after the first")
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--answer-tokens", type=int, default=32)
-    ap.add_argument("--wait-idle", type=float, default=30)
-    ap.add_argument("--out", default=".bench/prefix.json")
     args = ap.parse_args()
-    out = {"machine": engine_bench.machine_info(), "load_at_start": os.getloadavg()[0], "command": " ".join(sys.argv), "models": []}
-    print(f"machine: {out['machine'].get('Model name')}, {out['machine'].get('cpus_available')} cores, SIMD {' '.join(out['machine'].get('simd', []))}")
-    for spec in args.model:
-        name, _, d = spec.partition("=")
-        res = bench_model(name, d, args)
-        out["models"].append(res)
-        report(res)
-    out["load_at_end"] = os.getloadavg()[0]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"\nload average: {out['load_at_start']:.2f} at start, {out['load_at_end']:.2f} at end; results in {args.out}")
+    engine_bench.run_models(args, bench_model, report)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #
 #   benches/run.sh [--build-phi3] [engine_bench.py options...]
 #   benches/run.sh --prefix [prefix_bench.py options...]   (`make bench-prefix`)
+#   benches/run.sh --batch [batch_bench.py options...]     (`make bench-batch`)
 #
 # - sets up .venv/bench (onnxruntime-genai 0.18.0, which pulls onnxruntime 1.32.0, tokenizers,
 #   numpy) when missing;
@@ -23,11 +24,13 @@ GENAI_VERSION="0.18.0"
 
 build_phi3=0
 prefix=0
+batch=0
 args=()
 for a in "$@"; do
   case "$a" in
     --build-phi3) build_phi3=1 ;;
     --prefix) prefix=1 ;;
+    --batch) batch=1 ;;
     *) args+=("$a") ;;
   esac
 done
@@ -59,15 +62,18 @@ fi
 # 3. Models (--model NAME=DIR replaces the defaults).
 has_model=0
 for a in "${args[@]+"${args[@]}"}"; do [[ $a == --model || $a == --model=* ]] && has_model=1; done
-if [[ $prefix == 1 ]]; then
-  # Prefix reuse: the tiny fixture, the trained model (make smollm2) and, when built, Phi-3-mini.
+if [[ $prefix == 1 || $batch == 1 ]]; then
+  # Prefix reuse and batching: the trained model (make smollm2), when built Phi-3-mini, and
+  # for prefix reuse the tiny fixture.
   if [[ $has_model == 0 ]]; then
-    args+=(--model "phi3-tiny-gqa=tests/fixtures/models/phi3-tiny-gqa")
+    [[ $prefix == 1 ]] && args+=(--model "phi3-tiny-gqa=tests/fixtures/models/phi3-tiny-gqa")
     [[ -f .models/smollm2-135m-instruct/genai_config.json ]] && args+=(--model "smollm2=.models/smollm2-135m-instruct")
     [[ -f "$phi3/genai_config.json" ]] && args+=(--model "phi3-mini-int4=$phi3")
   fi
   [[ $custom_bin == 1 ]] || args+=(--edgeflow "$bin")
-  exec "$venv/bin/python" benches/prefix_bench.py --genai-python "$venv/bin/python" "${args[@]+"${args[@]}"}"
+  script=benches/prefix_bench.py
+  [[ $batch == 1 ]] && script=benches/batch_bench.py
+  exec "$venv/bin/python" "$script" --genai-python "$venv/bin/python" "${args[@]+"${args[@]}"}"
 fi
 tiny="$root/tests/fixtures/models/phi3-tiny-gqa"
 if [[ $has_model == 0 && ! -f "$tiny/genai_config.json" ]]; then

@@ -242,7 +242,7 @@ fn main() {
     md.push_str(&format!("load average at start: {}\n\n", loadavg()));
     for (name, dir, tokens, conc_tokens) in &args.models {
         eprintln!("== {name}: loading the engine in-process and starting edgeflow serve");
-        let options = LoadOptions { threads: Some(args.threads), ort_lib: None, memory: None, prefix_cache: None };
+        let options = LoadOptions { threads: Some(args.threads), ort_lib: None, memory: None, prefix_cache: None, ..LoadOptions::default() };
         let mut model = Model::load(dir, &options).expect("load model");
         let ids = model.encode_chat(&messages()).unwrap();
         let params = GenerateParams { max_new_tokens: *tokens, ignore_eos: true, ..GenerateParams::default() };

@@ -13,7 +13,7 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use edgeflow::engine::{ChatMessage, EngineError, FinishReason, GenerateParams, LoadOptions, Model, SamplingParams, Tokenizer};
+use edgeflow::engine::{Batch, ChatMessage, EngineError, FinishReason, GenerateParams, LoadOptions, Model, SamplingParams, Tokenizer};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -533,4 +533,106 @@ fn prefix_reuse_gives_the_same_tokens_gqa_acc1() {
 #[test]
 fn prefix_reuse_gives_the_same_tokens_mha() {
     prefix_reuse_changes_no_token("phi3-tiny-mha");
+}
+
+/// Sequences decoded together give, token for token, what each gives alone: they join at
+/// different steps, end at different lengths, and newcomers take the rows the finished ones
+/// freed (so some steps run over a row no sequence owns). Returns how many joined while others
+/// were running.
+fn batching_changes_no_token(name: &str, prefix_cache: Option<u64>) -> usize {
+    let mut alone = load(name);
+    let options = LoadOptions { max_sequences: 4, prefix_cache, ..common::load_options() };
+    let mut batched = Model::load(&common::fixture_model(name), &options).unwrap_or_else(|e| panic!("loading {name}: {e}"));
+    assert_eq!(batched.max_sequences(), 4, "{name}: a shared-buffer graph batches");
+    let tokenizer = Tokenizer::load(&common::fixture_model(name)).unwrap();
+    let prompts: Vec<(Vec<u32>, usize)> = [
+        ("<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n", 24),
+        ("<|system|>\nYou are the assistant of a small device.<|end|>\n<|user|>\nHow far away is the moon, roughly?<|end|>\n<|assistant|>\n", 9),
+        ("Once upon a time", 17),
+        ("<|user|>\nList three colours.<|end|>\n<|assistant|>\n", 30),
+        ("The quick brown fox jumps over the lazy dog, and then", 5),
+        ("<|user|>\nHi<|end|>\n<|assistant|>\n", 21),
+        ("A longer prompt that runs alone first, so that the rows hold different lengths when the others decode with it.", 12),
+    ]
+    .iter()
+    .map(|(text, n)| (tokenizer.encode(text).unwrap(), *n))
+    .collect();
+    let expected: Vec<Vec<u32>> = prompts.iter().map(|(ids, n)| run(&mut alone, ids, &greedy(*n)).0.token_ids).collect();
+
+    let mut batch: Batch<(usize, String)> = Batch::default();
+    let mut done: Vec<Option<(Vec<u32>, String)>> = vec![None; prompts.len()];
+    let mut next = 0;
+    let mut joined_while_busy = 0;
+    let mut steps = 0;
+    while done.iter().any(Option::is_none) {
+        // Newcomers join every third step while there is room: the batch never stays the same.
+        if steps % 3 == 0 {
+            while next < prompts.len() {
+                let (ids, n) = &prompts[next];
+                let need = batched.need(ids, &greedy(*n)).unwrap();
+                if !batched.has_room(&batch, need) {
+                    break;
+                }
+                joined_while_busy += usize::from(!batch.is_empty());
+                batched
+                    .join(&mut batch, ids, &greedy(*n), std::time::Instant::now(), (next, String::new()), |(_, text), piece| {
+                        text.push_str(piece);
+                        ControlFlow::Continue(())
+                    })
+                    .unwrap_or_else(|r| panic!("{name}: joining: {}", r.error));
+                next += 1;
+            }
+        }
+        for ((i, text), result) in batched.retire(&mut batch, |(_, text), piece| text.push_str(piece)) {
+            let g = result.unwrap_or_else(|e| panic!("{name}: sequence {i}: {e}"));
+            assert_eq!(g.text, text, "{name}: sequence {i}'s text is what it streamed");
+            done[i] = Some((g.token_ids, text));
+        }
+        batched
+            .step(&mut batch, |(_, text), piece| {
+                text.push_str(piece);
+                ControlFlow::Continue(())
+            })
+            .unwrap_or_else(|e| panic!("{name}: step {steps}: {e}"));
+        steps += 1;
+        assert!(steps < 1000, "{name}: the batch never ended");
+    }
+    for (i, (got, want)) in done.iter().zip(&expected).enumerate() {
+        assert_eq!(&got.as_ref().unwrap().0, want, "{name}: sequence {i} decoded in a batch differs from alone");
+    }
+    joined_while_busy
+}
+
+#[test]
+fn batched_sequences_decode_as_they_would_alone() {
+    for name in MODELS {
+        let joined = batching_changes_no_token(name, None);
+        assert!(joined >= 4, "{name}: only {joined} sequences joined a running batch");
+        batching_changes_no_token(name, Some(16 << 20));
+    }
+    // A cache that grows per step (no shared buffer) cannot batch: one sequence at a time.
+    let growing = common::copy_model(&common::fixture_model("phi3-tiny-gqa"));
+    edit_config(growing.path(), |c| c["search"]["past_present_share_buffer"] = serde_json::Value::Bool(false));
+    let options = LoadOptions { max_sequences: 4, ..common::load_options() };
+    let mut model = Model::load(growing.path(), &options).unwrap();
+    assert_eq!(model.max_sequences(), 1);
+    let ids = model.tokenizer().encode("Hello").unwrap();
+    let need = model.need(&ids, &greedy(4)).unwrap();
+    let mut batch: Batch<()> = Batch::default();
+    assert!(model.has_room(&batch, need));
+    model.join(&mut batch, &ids, &greedy(4), std::time::Instant::now(), (), |(), _| ControlFlow::Continue(())).unwrap_or_else(|r| panic!("{}", r.error));
+    assert!(!model.has_room(&batch, need), "a second sequence waits");
+
+    // The KV budget: what the running sequences reserve together (prompt + max new tokens).
+    let options = LoadOptions { max_sequences: 4, kv_tokens: Some(64), ..common::load_options() };
+    let mut model = Model::load(&common::fixture_model("phi3-tiny-gqa"), &options).unwrap();
+    assert_eq!(model.kv_budget(), 64, "one longest request");
+    let ids = model.tokenizer().encode("Hello").unwrap();
+    let long = model.need(&ids, &greedy(40)).unwrap();
+    assert_eq!(long.kv_tokens, ids.len() + 40);
+    let mut batch: Batch<()> = Batch::default();
+    model.join(&mut batch, &ids, &greedy(40), std::time::Instant::now(), (), |(), _| ControlFlow::Continue(())).unwrap_or_else(|r| panic!("{}", r.error));
+    assert!(!model.has_room(&batch, long), "two long ones exceed the budget");
+    let short = model.need(&ids, &greedy(64 - 40 - 2 * ids.len())).unwrap();
+    assert!(model.has_room(&batch, short), "a short one fits beside it");
 }

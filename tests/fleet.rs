@@ -792,7 +792,7 @@ async fn drift_flags_a_shifted_prompt_distribution_and_stays_quiet_on_an_unshift
     let model_dir = common::fixture_model("phi3-tiny-gqa");
     let ort = common::ort_lib();
     let batches = blocking(move || {
-        let options = edgeflow::engine::LoadOptions { threads: Some(1), ort_lib: Some(ort), memory: None, prefix_cache: None };
+        let options = edgeflow::engine::LoadOptions { threads: Some(1), ort_lib: Some(ort), memory: None, prefix_cache: None, ..Default::default() };
         let mut model = edgeflow::engine::Model::load(&model_dir, &options).expect("the tiny model loads");
         let words = ["the", "device", "answers", "quickly", "while", "fleet", "reports", "drift", "over", "time"];
         let mut rng = fastrand::Rng::with_seed(11);

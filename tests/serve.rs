@@ -1055,3 +1055,70 @@ fn a_repeated_system_prompt_is_reused_and_reported() {
     assert_eq!(again["choices"][0]["message"]["content"], second["choices"][0]["message"]["content"]);
     assert_eq!(off.metric("edgeflow_prefix_cache_hits_total"), 0.0);
 }
+
+/// One chat question over the socket, greedy; the answer's text (streamed or not).
+fn ask_greedy(socket: &Path, question: &str, max_tokens: usize, stream: bool) -> String {
+    let body = json!({"model": "m", "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens, "temperature": 0, "stream": stream}).to_string();
+    let r = curl_post(socket, "/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{question}: {r:?}");
+    if !stream {
+        return r.json()["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    }
+    let events = sse_events(&r.body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{question}: {events:?}");
+    events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).unwrap_or_else(|err| panic!("{question}: {err}: {e}")))
+        .map(|chunk| {
+            assert!(chunk.get("error").is_none(), "{question}: {chunk}");
+            chunk["choices"][0]["delta"]["content"].as_str().unwrap_or("").to_string()
+        })
+        .collect()
+}
+
+/// Clients over the socket at the same time get, each, the greedy answer they get alone, and
+/// the engine decodes them together (the mean batch size from /metrics is well above one).
+fn concurrent_clients_get_their_answers_alone(folder: &Path, max_tokens: usize) {
+    const QUESTIONS: [&str; 8] = [
+        "What is the capital of France?",
+        "Name three colours.",
+        "How many legs does a spider have?",
+        "Write a short poem about the sea.",
+        "What is twelve times twelve?",
+        "Who wrote Hamlet?",
+        "Give me a word that means happy.",
+        "What do bees make?",
+    ];
+    let server = Server::start_folder(folder, "[engine]\nmax_sequences = 8\n[serve]\nqueue_depth = 16\n", &[], &[]);
+    let alone: Vec<String> = QUESTIONS.iter().map(|q| ask_greedy(&server.socket, q, max_tokens, false)).collect();
+    assert!(alone.iter().all(|a| !a.is_empty()), "{alone:?}");
+    for clients in [4, 8] {
+        let (steps, sequences) = (server.metric("edgeflow_decode_steps_total"), server.metric("edgeflow_decode_step_sequences_total"));
+        let barrier = std::sync::Barrier::new(clients);
+        let together: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..clients)
+                .map(|i| {
+                    let (socket, barrier) = (&server.socket, &barrier);
+                    s.spawn(move || {
+                        barrier.wait();
+                        ask_greedy(socket, QUESTIONS[i], max_tokens, i % 2 == 1)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (i, answer) in together.iter().enumerate() {
+            assert_eq!(answer, &alone[i], "{}: client {i} of {clients} got another answer than alone", folder.display());
+        }
+        let mean = (server.metric("edgeflow_decode_step_sequences_total") - sequences) / (server.metric("edgeflow_decode_steps_total") - steps);
+        assert!(mean > clients as f64 / 2.0, "{}: {clients} clients decoded {mean:.2} at a time on average", folder.display());
+    }
+    let (status, log) = server.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn concurrent_clients_are_decoded_together_and_each_gets_its_answer_alone() {
+    concurrent_clients_get_their_answers_alone(&tiny("phi3-tiny-gqa-acc1"), 24);
+    concurrent_clients_get_their_answers_alone(&common::smollm2_dir(), 32);
+}

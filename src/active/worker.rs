@@ -1,11 +1,17 @@
 //! The engine worker: one dedicated OS thread per loaded model, fed by a bounded queue.
 //!
-//! `Model::generate` is blocking, CPU-bound and needs `&mut self`, so it never runs on the
-//! async runtime. The thread loads the model itself (the session never crosses threads),
-//! smoke-tests it, then serves jobs one at a time until every [`Worker`] handle is gone and
-//! the queue is empty; then it drops the model. That ordering is what lets a hot swap drain:
-//! the manager drops its handle, queued and running jobs still finish, and the memory is
-//! released when the last one does.
+//! Inference is blocking, CPU-bound and needs `&mut Model`, so it never runs on the async
+//! runtime. The thread loads the model itself (the session never crosses threads),
+//! smoke-tests it, then serves jobs until every [`Worker`] handle is gone, the queue is empty
+//! and the last running job has ended; then it drops the model. That ordering is what lets a
+//! hot swap drain: the manager drops its handle, queued and running jobs still finish on the
+//! old version, and the memory is released when the last one does.
+//!
+//! Jobs run together (see [`crate::engine::Batch`]): between two decode steps the thread
+//! admits queued jobs while the model has room (`engine.max_sequences`, `engine.kv_cache`),
+//! runs each newcomer's prompt, then steps every running job at once; a job that ends leaves
+//! at once. A job that does not fit waits at the head of the queue (the queue's bound is what
+//! answers 429 beyond it).
 //!
 //! The thread keeps a [`Heartbeat`]: each job step (rendering and tokenizing the prompt, each
 //! forward pass) sets when it should be over, and the thread marks itself idle between jobs.
@@ -21,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::engine::{ChatMessage, EngineError, GenaiConfig, GenerateParams, Generation, Heartbeat, LoadOptions, Model, StepAllowance};
+use crate::engine::{Batch, ChatMessage, EngineError, GenaiConfig, GenerateParams, Generation, Heartbeat, LoadOptions, Model, Need, Refused, StepAllowance};
 use crate::telemetry::Metrics;
 
 /// What to generate from.
@@ -122,6 +128,8 @@ struct Shared {
     mean_job_micros: AtomicU64,
     alive: AtomicBool,
     heartbeat: Arc<Heartbeat>,
+    /// Jobs the model runs at once (known once it has loaded).
+    max_sequences: AtomicUsize,
 }
 
 /// A handle to a running worker. Cloning shares the queue; the thread ends once every
@@ -178,7 +186,8 @@ impl Worker {
     /// How long the current queue is expected to take, between 1 s and 60 s.
     fn retry_after(&self) -> Duration {
         let mean = Duration::from_micros(self.shared.mean_job_micros.load(Ordering::Relaxed));
-        let wait = mean.saturating_mul(self.queued() as u32 + 1);
+        let rounds = self.queued() / self.shared.max_sequences.load(Ordering::Relaxed).max(1) + 1;
+        let wait = mean.saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX));
         Duration::from_secs(wait.as_secs_f64().ceil().clamp(1.0, 60.0) as u64)
     }
 }
@@ -211,8 +220,13 @@ pub(crate) fn start(dir: PathBuf, options: LoadOptions, limits: Limits, metrics:
     let (jobs_tx, jobs_rx) = mpsc::channel(limits.queue_depth.max(1));
     let (ready_tx, ready_rx) = oneshot::channel();
     let (drained_tx, drained_rx) = watch::channel(());
-    let shared =
-        Arc::new(Shared { queued: AtomicUsize::new(0), mean_job_micros: AtomicU64::new(0), alive: AtomicBool::new(true), heartbeat: Arc::new(Heartbeat::new(limits.allowance)) });
+    let shared = Arc::new(Shared {
+        queued: AtomicUsize::new(0),
+        mean_job_micros: AtomicU64::new(0),
+        alive: AtomicBool::new(true),
+        heartbeat: Arc::new(Heartbeat::new(limits.allowance)),
+        max_sequences: AtomicUsize::new(1),
+    });
     let worker = Worker { jobs: jobs_tx, shared: shared.clone(), metrics: metrics.clone() };
     let span = tracing::info_span!("engine", model = %label);
     std::thread::Builder::new()
@@ -282,26 +296,8 @@ impl Thread {
         self.metrics.models_loaded.inc();
         let _ = ready.send(Ok(loaded));
 
-        while let Some(job) = self.jobs.blocking_recv() {
-            self.shared.queued.fetch_sub(1, Ordering::SeqCst);
-            self.metrics.queue_depth.dec();
-            let events = job.events.clone();
-            let began = Instant::now();
-            // The first step: rendering and tokenizing the prompt (forward passes follow).
-            self.shared.heartbeat.step(0);
-            let outcome = catch_unwind(AssertUnwindSafe(|| self.serve(&mut model, job)));
-            self.shared.heartbeat.idle();
-            let micros = began.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
-            let mean = self.shared.mean_job_micros.load(Ordering::Relaxed);
-            self.shared.mean_job_micros.store(if mean == 0 { micros } else { (mean * 7 + micros) / 8 }, Ordering::Relaxed);
-            if outcome.is_err() {
-                // The model may be mid-step with a half-updated KV cache: never reuse it.
-                tracing::error!("engine worker panicked; unloading the model");
-                self.shared.alive.store(false, Ordering::SeqCst);
-                let _ = events.send(Event::Failed(JobError::WorkerPanicked));
-                break;
-            }
-        }
+        self.shared.max_sequences.store(model.max_sequences(), Ordering::Relaxed);
+        let stopped = self.serve(&mut model);
         // Jobs still queued after a panic are dropped here; their requests see the channel
         // close and answer 503.
         self.jobs.close();
@@ -310,17 +306,94 @@ impl Thread {
             self.metrics.queue_depth.dec();
             let _ = job.events.send(Event::Failed(JobError::WorkerPanicked));
         }
+        if stopped.is_err() {
+            tracing::error!("engine worker panicked; the model is unloaded");
+        }
         drop(model);
         self.metrics.models_loaded.dec();
         tracing::info!("model unloaded");
     }
 
-    fn serve(&self, model: &mut Model, job: Job) {
+    /// Serves jobs until every handle is gone, the queue is empty and the last sequence has
+    /// ended: admits what fits between decode steps, steps every running sequence together,
+    /// and lets each one leave as it ends. `Err` after a panic (the model may be mid-step with
+    /// a half-updated KV cache: it is never used again).
+    fn serve(&mut self, model: &mut Model) -> Result<(), ()> {
+        let mut batch: Batch<Client> = Batch::default();
+        // A job taken from the queue that waits for room (later ones wait behind it).
+        let mut waiting: Option<Ready> = None;
+        loop {
+            if batch.is_empty() && waiting.is_none() {
+                self.shared.heartbeat.idle();
+                let Some(job) = self.jobs.blocking_recv() else { return Ok(()) };
+                waiting = self.take(model, job)?;
+            }
+            // Admit while there is room, taking more from the queue without waiting.
+            loop {
+                if waiting.is_none() {
+                    let Ok(job) = self.jobs.try_recv() else { break };
+                    waiting = self.take(model, job)?;
+                    continue;
+                }
+                let Some(ready) = waiting.take() else { break };
+                if ready.client.gone() {
+                    self.metrics.generations_cancelled.inc();
+                    continue;
+                }
+                if !model.has_room(&batch, ready.need) {
+                    waiting = Some(ready);
+                    break;
+                }
+                self.admit(model, &mut batch, ready).inspect_err(|()| self.fail_all(model, &mut batch, None))?;
+            }
+            batch.cancel_where(Client::gone);
+            let running = batch.running();
+            if running > 0 {
+                self.metrics.decode_steps.inc();
+                self.metrics.decode_step_sequences.inc_by(running as u64);
+            }
+            let metrics = &self.metrics;
+            let stepped = catch_unwind(AssertUnwindSafe(|| model.step(&mut batch, |client, piece| client.on_text(piece, metrics))));
+            match stepped {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    let message = crate::util::chain(&e);
+                    tracing::warn!(error = %message, sequences = batch.len(), "a decode step failed; its sequences fail");
+                    for client in model.abandon(&mut batch) {
+                        client.finish(&self.metrics, Err(JobError::Engine(EngineError::Inference { during: "running the decoder", message: message.clone() })));
+                    }
+                }
+                Err(_) => {
+                    self.fail_all(model, &mut batch, waiting.take());
+                    return Err(());
+                }
+            }
+            self.retire(model, &mut batch);
+        }
+    }
+
+    /// Reads a job off the queue: renders and tokenizes its prompt and checks it. `None` when
+    /// it was answered already (cancelled, or a bad prompt).
+    fn take(&self, model: &mut Model, job: Job) -> Result<Option<Ready>, ()> {
+        self.shared.queued.fetch_sub(1, Ordering::SeqCst);
+        self.metrics.queue_depth.dec();
+        // The first step: rendering and tokenizing the prompt (forward passes follow).
+        self.shared.heartbeat.step(0);
+        let events = job.events.clone();
+        let prepared = catch_unwind(AssertUnwindSafe(|| self.prepare(model, job)));
+        prepared.map_err(|_| {
+            self.shared.alive.store(false, Ordering::SeqCst);
+            let _ = events.send(Event::Failed(JobError::WorkerPanicked));
+        })
+    }
+
+    fn prepare(&self, model: &mut Model, job: Job) -> Option<Ready> {
         let Job { prompt, params, cancel, events, text } = job;
-        if cancel.load(Ordering::Relaxed) || events.is_closed() {
+        let client = Client { events, cancel, text, last_sent: None, held: String::new(), counted: 0, began: Instant::now() };
+        if client.gone() {
             // The client left (or timed out) while queued.
             self.metrics.generations_cancelled.inc();
-            return;
+            return None;
         }
         let ids = match prompt {
             Prompt::Text(text) => model.encode(&text),
@@ -330,67 +403,158 @@ impl Thread {
         let ids = match ids {
             Ok(ids) => ids,
             Err(e) => {
-                let _ = events.send(Event::Failed(e.into()));
-                return;
+                let _ = client.events.send(Event::Failed(e.into()));
+                return None;
             }
         };
         let limit = model.context_length().saturating_sub(1).min(self.limits.max_prompt_tokens.unwrap_or(usize::MAX));
         if ids.len() > limit {
-            let _ = events.send(Event::Failed(JobError::PromptTooLong { tokens: ids.len(), limit }));
-            return;
+            let _ = client.events.send(Event::Failed(JobError::PromptTooLong { tokens: ids.len(), limit }));
+            return None;
         }
-        if events.send(Event::Started { prompt_tokens: ids.len() }).is_err() {
+        match model.need(&ids, &params) {
+            Ok(need) => Some(Ready { client, ids, params, need }),
+            Err(e) => {
+                let _ = client.events.send(Event::Failed(e.into()));
+                None
+            }
+        }
+    }
+
+    /// Starts a job in the batch: its prompt runs and its first token comes out.
+    fn admit(&self, model: &mut Model, batch: &mut Batch<Client>, ready: Ready) -> Result<(), ()> {
+        let Ready { mut client, ids, params, .. } = ready;
+        if client.events.send(Event::Started { prompt_tokens: ids.len() }).is_err() {
             self.metrics.generations_cancelled.inc();
-            return;
+            return Ok(());
         }
+        client.began = Instant::now();
         self.metrics.prompt_tokens.inc_by(ids.len() as u64);
         self.metrics.generations_in_progress.inc();
-        // `on_text` runs at most once per decode step plus once for a final flush, so the
-        // token counter is advanced for the previous piece when the next arrives; the exact
-        // remainder is added from the result. The first piece is always sent, so `last_sent`
-        // also tells whether a piece came before.
-        let mut counted = 0u64;
-        let mut held = String::new();
-        let mut last_sent: Option<Instant> = None;
-        let result = model.generate(&ids, &params, &cancel, |piece| {
-            if last_sent.is_some() {
-                self.metrics.generated_tokens.inc();
-                counted += 1;
+        let events = client.events.clone();
+        let metrics = &self.metrics;
+        let joined = catch_unwind(AssertUnwindSafe(|| model.join(batch, &ids, &params, client.began, client, |client, piece| client.on_text(piece, metrics))));
+        match joined {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(refused)) => {
+                let Refused { tag: client, error } = *refused;
+                client.finish(&self.metrics, Err(error.into()));
+                Ok(())
             }
-            let out = match (text, last_sent) {
-                (TextDelivery::FirstOnly, Some(_)) => return ControlFlow::Continue(()),
-                (TextDelivery::Paced(interval), Some(t)) if t.elapsed() < interval => {
-                    held.push_str(piece);
-                    return ControlFlow::Continue(());
-                }
-                _ if held.is_empty() => piece.to_string(),
-                _ => std::mem::take(&mut held) + piece,
-            };
-            last_sent = Some(Instant::now());
-            if events.send(Event::Text(out)).is_err() {
-                return ControlFlow::Break(());
+            Err(_) => {
+                self.metrics.generations_in_progress.dec();
+                let _ = events.send(Event::Failed(JobError::WorkerPanicked));
+                Err(())
             }
-            ControlFlow::Continue(())
-        });
-        if !held.is_empty() {
-            let _ = events.send(Event::Text(held));
         }
-        self.metrics.generations_in_progress.dec();
-        match result {
-            Ok(generation) => {
-                self.metrics.generated_tokens.inc_by((generation.token_ids.len() as u64).saturating_sub(counted));
+    }
+
+    /// Answers the sequences that ended and takes them out of the batch.
+    fn retire(&self, model: &mut Model, batch: &mut Batch<Client>) {
+        for (client, result) in model.retire(batch, |client, tail| client.flush_with(tail)) {
+            if let Ok(generation) = &result {
                 if generation.reused_tokens > 0 {
                     self.metrics.prefix_hits.inc();
                     self.metrics.prefix_reused_tokens.inc_by(generation.reused_tokens as u64);
                 }
-                self.metrics.prefix_cache_bytes.set(i64::try_from(model.prefix_cache_bytes()).unwrap_or(i64::MAX));
+            }
+            let micros = client.began.elapsed().as_micros().min(u128::from(u64::MAX)) as u64;
+            let mean = self.shared.mean_job_micros.load(Ordering::Relaxed);
+            self.shared.mean_job_micros.store(if mean == 0 { micros } else { (mean * 7 + micros) / 8 }, Ordering::Relaxed);
+            client.finish(&self.metrics, result.map_err(JobError::from));
+        }
+        self.metrics.prefix_cache_bytes.set(i64::try_from(model.prefix_cache_bytes()).unwrap_or(i64::MAX));
+    }
+
+    /// After a panic: every running and waiting job is told, and the worker stops taking jobs.
+    fn fail_all(&self, model: &mut Model, batch: &mut Batch<Client>, waiting: Option<Ready>) {
+        self.shared.alive.store(false, Ordering::SeqCst);
+        for client in catch_unwind(AssertUnwindSafe(|| model.abandon(batch))).unwrap_or_default() {
+            self.metrics.generations_in_progress.dec();
+            let _ = client.events.send(Event::Failed(JobError::WorkerPanicked));
+        }
+        if let Some(ready) = waiting {
+            let _ = ready.client.events.send(Event::Failed(JobError::WorkerPanicked));
+        }
+    }
+}
+
+/// A job read off the queue, its prompt tokenized and checked, waiting to join the batch.
+struct Ready {
+    client: Client,
+    ids: Vec<u32>,
+    params: GenerateParams,
+    need: Need,
+}
+
+/// Where a running job's text goes, and how.
+struct Client {
+    events: mpsc::UnboundedSender<Event>,
+    cancel: Arc<AtomicBool>,
+    text: TextDelivery,
+    /// When the last piece was sent; `None` before the first (which is always sent).
+    last_sent: Option<Instant>,
+    /// Text waiting for the next paced send.
+    held: String,
+    /// Tokens already added to the generated-tokens counter.
+    counted: u64,
+    /// When it joined the batch (for the mean job time).
+    began: Instant,
+}
+
+impl Client {
+    /// The request side has gone (client left, timed out, shutting down).
+    fn gone(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.events.is_closed()
+    }
+
+    /// A new piece of text. Called at most once per decode step (plus a final flush), so the
+    /// token counter is advanced for the previous piece when the next arrives; the exact
+    /// remainder is added at the end. `Break` when the request side is gone.
+    fn on_text(&mut self, piece: &str, metrics: &Metrics) -> ControlFlow<()> {
+        if self.last_sent.is_some() {
+            metrics.generated_tokens.inc();
+            self.counted += 1;
+        }
+        let out = match (self.text, self.last_sent) {
+            (TextDelivery::FirstOnly, Some(_)) => return ControlFlow::Continue(()),
+            (TextDelivery::Paced(interval), Some(t)) if t.elapsed() < interval => {
+                self.held.push_str(piece);
+                return ControlFlow::Continue(());
+            }
+            _ if self.held.is_empty() => piece.to_string(),
+            _ => std::mem::take(&mut self.held) + piece,
+        };
+        self.last_sent = Some(Instant::now());
+        if self.events.send(Event::Text(out)).is_err() {
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+
+    /// The text left when generation ends, after what is held (streams only).
+    fn flush_with(&mut self, tail: &str) {
+        if self.text != TextDelivery::FirstOnly || self.last_sent.is_none() {
+            self.held.push_str(tail);
+        }
+    }
+
+    /// Sends what is held and the outcome.
+    fn finish(mut self, metrics: &Metrics, result: Result<Generation, JobError>) {
+        metrics.generations_in_progress.dec();
+        if !self.held.is_empty() {
+            let _ = self.events.send(Event::Text(std::mem::take(&mut self.held)));
+        }
+        match result {
+            Ok(generation) => {
+                metrics.generated_tokens.inc_by((generation.token_ids.len() as u64).saturating_sub(self.counted));
                 if generation.finish_reason == crate::engine::FinishReason::Cancelled {
-                    self.metrics.generations_cancelled.inc();
+                    metrics.generations_cancelled.inc();
                 }
-                let _ = events.send(Event::Finished(generation));
+                let _ = self.events.send(Event::Finished(generation));
             }
             Err(e) => {
-                let _ = events.send(Event::Failed(e.into()));
+                let _ = self.events.send(Event::Failed(e));
             }
         }
     }

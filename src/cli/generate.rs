@@ -59,7 +59,7 @@ pub struct GenerateArgs {
 }
 
 pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let options = LoadOptions { threads: args.runtime.threads, ort_lib: args.runtime.ort_lib.clone(), memory: None, prefix_cache: None };
+    let options = LoadOptions { threads: args.runtime.threads, ort_lib: args.runtime.ort_lib.clone(), memory: None, prefix_cache: None, ..LoadOptions::default() };
     let mut model = Model::load(&args.model_dir, &options).with_context(|| format!("loading model from {}", args.model_dir.display()))?;
 
     let prompt_ids = match (&args.prompt, &args.chat) {

@@ -25,6 +25,9 @@ pub struct MemoryBudget {
     pub kv_tokens: Option<usize>,
     /// Bytes prefix snapshots may take (`engine.prefix_cache`).
     pub prefix_cache: u64,
+    /// Bytes the running sequences' KV caches may take together (`engine.kv_cache`), when more
+    /// than one request of `kv_tokens`.
+    pub kv_cache: Option<u64>,
     /// Where `/proc` and `/sys/fs/cgroup` are (tests point these at fixtures).
     pub proc_root: PathBuf,
     pub cgroup_root: PathBuf,
@@ -32,7 +35,7 @@ pub struct MemoryBudget {
 
 impl MemoryBudget {
     pub fn new(reserve: u64, kv_tokens: Option<usize>) -> MemoryBudget {
-        MemoryBudget { reserve, kv_tokens, prefix_cache: 0, proc_root: PathBuf::from("/proc"), cgroup_root: PathBuf::from("/sys/fs/cgroup") }
+        MemoryBudget { reserve, kv_tokens, prefix_cache: 0, kv_cache: None, proc_root: PathBuf::from("/proc"), cgroup_root: PathBuf::from("/sys/fs/cgroup") }
     }
 }
 
@@ -83,7 +86,7 @@ pub fn weight_bytes(dir: &Path) -> std::io::Result<u64> {
 pub fn need(dir: &Path, config: &GenaiConfig, budget: &MemoryBudget) -> std::io::Result<Need> {
     let d = &config.model.decoder;
     let tokens = budget.kv_tokens.unwrap_or(config.model.context_length).min(config.model.context_length) as u64;
-    let kv_cache = 2 * d.num_hidden_layers as u64 * d.num_key_value_heads as u64 * d.head_size as u64 * tokens * 4;
+    let kv_cache = (2 * d.num_hidden_layers as u64 * d.num_key_value_heads as u64 * d.head_size as u64 * tokens * 4).max(budget.kv_cache.unwrap_or(0));
     Ok(Need { weights: weight_bytes(dir)?, kv_cache, prefix_cache: budget.prefix_cache, reserve: budget.reserve })
 }
 
@@ -170,7 +173,7 @@ mod tests {
                 std::fs::write(d.join("memory.current"), format!("{current}\n")).unwrap();
             }
         }
-        (t, MemoryBudget { reserve: 0, kv_tokens: None, prefix_cache: 0, proc_root, cgroup_root })
+        (t, MemoryBudget { reserve: 0, kv_tokens: None, prefix_cache: 0, kv_cache: None, proc_root, cgroup_root })
     }
 
     #[test]

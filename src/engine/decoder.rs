@@ -4,20 +4,25 @@
 //! mismatched folder fails with the field at fault rather than in the middle of a request.
 //!
 //! Two cache strategies, chosen by `search.past_present_share_buffer` as genai does:
-//! - **shared** (GroupQueryAttention): one buffer per layer sized for the whole request, bound
-//!   as both `past_key_values.N.*` and `present.N.*`; the kernel appends in place, so a
-//!   decode step copies nothing. Buffers are kept and reused by later requests that fit.
+//! - **shared** (GroupQueryAttention): one block per buffer (layer 0 key, layer 0 value, ...)
+//!   of `[slots, kv_heads, capacity, head_size]`; each running sequence owns one slot (row),
+//!   and a view of its row is bound as both `past_key_values.N.*` and `present.N.*`, so the
+//!   kernel appends in place and a decode step copies nothing. Several sequences decode in one
+//!   pass over a view of consecutive rows (see [`Decoder::step`]); a newcomer's prompt runs
+//!   alone over a view of its own row (GroupQueryAttention refuses a prompt over a past at
+//!   batch > 1). The block is kept for later requests, growing by doubling up to the context.
 //! - **growing**: each step's `present.*` outputs become the next step's `past_*` inputs
-//!   (moved, not copied).
+//!   (moved, not copied); one sequence at a time.
 //!
-//! With the shared buffers, a request that starts with tokens an earlier one ran reuses their
+//! With the shared block, a request that starts with tokens an earlier one ran reuses their
 //! keys and values (see [`super::prefix`]); the growing strategy always starts empty.
 
 use std::path::{Path, PathBuf};
 
-use ort::memory::Allocator;
-use ort::session::{builder::GraphOptimizationLevel, Session};
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{builder::GraphOptimizationLevel, IoBinding, Session};
+use ort::value::{DynValue, Shape, Tensor, TensorElementType, TensorRefMut, ValueType};
+use ort::AsPointer;
 
 use super::config::{layer_name, GenaiConfig};
 use super::prefix::{PrefixStore, Reuse};
@@ -40,36 +45,61 @@ pub(crate) struct Decoder {
     head_size: usize,
     vocab: usize,
     share_buffer: bool,
-    shared: Option<SharedCache>,
+    /// Sequences the shared block holds at once.
+    slots: usize,
+    block: Option<Block>,
     context: usize,
     /// Whether requests reuse the keys and values of the prefix they share with earlier ones.
     reuse: bool,
     prefix: PrefixStore,
+    /// Orders slot use, for choosing which idle slot gives its memory back first.
+    clock: u64,
 }
 
-/// Shared past/present buffers, `[1, kv_heads, capacity, head_size]` per layer.
-struct SharedCache {
+/// The shared past/present block (see the module documentation).
+struct Block {
     capacity: usize,
-    binding: ort::session::IoBinding,
-    // Held so the bound buffers outlive the binding's use; bound by reference.
-    /// Bound by reference; read and written between runs only (snapshots). Layer 0 key,
-    /// layer 0 value, layer 1 key, ...
-    buffers: Vec<Tensor<f32>>,
+    binding: IoBinding,
+    /// The rows the cache views bound now cover.
+    bound: Option<Rows>,
+    /// Views of the rows in `bound`, bound as the past inputs; declared before `buffers` so
+    /// they are dropped first.
+    views: Vec<TensorRefMut<'static, f32>>,
+    /// The `[rows, 1, vocab]` logits buffer bound for decode steps over `bound`; `None` after a
+    /// prompt ran with its own.
     decode_logits: Option<Tensor<f32>>,
-    /// The tokens whose keys and values the buffers hold, at positions `0..held.len()`.
+    /// Layer 0 key, layer 0 value, layer 1 key, ...: `[slots, kv_heads, capacity, head_size]`.
+    /// Read and written between runs only (snapshots, growth).
+    buffers: Vec<Tensor<f32>>,
+    slots: Vec<Slot>,
+}
+
+/// Consecutive rows of the block, as one view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rows {
+    first: usize,
+    count: usize,
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    /// The tokens whose keys and values the row holds, at positions `0..held.len()`.
     held: Vec<u32>,
+    /// A running sequence owns it.
+    busy: bool,
+    last_used: u64,
 }
 
 /// Per-request cache state.
 pub(crate) enum Cache {
-    Shared { len: usize },
+    Shared { slot: usize, len: usize },
     Growing { len: usize, past: Vec<(DynValue, DynValue)> },
 }
 
 impl Cache {
     pub(crate) fn len(&self) -> usize {
         match self {
-            Cache::Shared { len } | Cache::Growing { len, .. } => *len,
+            Cache::Shared { len, .. } | Cache::Growing { len, .. } => *len,
         }
     }
 }
@@ -81,7 +111,15 @@ fn dims(t: &ValueType) -> Option<Vec<i64>> {
 impl Decoder {
     /// Loads the decoder graph of `dir`. `prefix_cache`: `None` turns prefix reuse off; `Some(bytes)`
     /// reuses the live buffers and keeps up to `bytes` of snapshots.
-    pub(crate) fn load(dir: &Path, config: &GenaiConfig, env: &ort::environment::Environment, threads: usize, prefix_cache: Option<u64>) -> Result<Self, EngineError> {
+    /// `slots`: the sequences decoded together at most (1 for graphs that cannot batch).
+    pub(crate) fn load(
+        dir: &Path,
+        config: &GenaiConfig,
+        env: &ort::environment::Environment,
+        threads: usize,
+        prefix_cache: Option<u64>,
+        slots: usize,
+    ) -> Result<Self, EngineError> {
         let path = config.decoder_path(dir);
         if !path.is_file() {
             return Err(EngineError::MissingFile { path });
@@ -115,10 +153,13 @@ impl Decoder {
             head_size: d.head_size,
             vocab: config.model.vocab_size,
             share_buffer: config.search.past_present_share_buffer,
-            shared: None,
+            // Batched steps feed each row's length through the attention mask.
+            slots: if config.search.past_present_share_buffer && d.inputs.attention_mask.is_some() { slots.max(1) } else { 1 },
+            block: None,
             context: config.model.context_length,
             reuse: prefix_cache.is_some(),
             prefix: PrefixStore::new(prefix_cache.unwrap_or(0), 2 * (d.num_hidden_layers * d.num_key_value_heads * d.head_size) as u64 * 4),
+            clock: 0,
         };
         decoder.check_io()?;
         Ok(decoder)
@@ -126,6 +167,16 @@ impl Decoder {
 
     pub(crate) fn vocab(&self) -> usize {
         self.vocab
+    }
+
+    /// Sequences that can run at once.
+    pub(crate) fn slots(&self) -> usize {
+        self.slots
+    }
+
+    /// Bytes of keys and values one token takes.
+    pub(crate) fn bytes_per_token(&self) -> u64 {
+        2 * (self.names.past.len() * self.kv_heads * self.head_size) as u64 * 4
     }
 
     /// Every name genai_config.json gives must exist in the graph with the right type, and
@@ -199,15 +250,22 @@ impl Decoder {
         self.prefix.bytes()
     }
 
-    /// Forgets what the live buffers hold (after a failed request their contents are suspect).
+    /// Forgets what every row holds (after a failed step its contents are suspect).
     pub(crate) fn forget(&mut self) {
-        if let Some(s) = self.shared.as_mut() {
-            s.held.clear();
+        if let Some(block) = self.block.as_mut() {
+            for slot in &mut block.slots {
+                slot.held.clear();
+            }
         }
     }
 
-    /// Starts a request for `prompt` that will hold at most `capacity` tokens, and returns how
-    /// many of the prompt's first tokens are already in the cache (feed the rest).
+    /// Starts a sequence for `prompt` that will hold at most `capacity` tokens, and returns its
+    /// cache and how many of the prompt's first tokens are already in it (feed the rest).
+    /// With the shared block the sequence takes the free row that gives it the most reuse.
+    ///
+    /// # Errors
+    /// Every row is taken (the caller admits at most [`Decoder::slots`] sequences), or the
+    /// block cannot grow.
     pub(crate) fn start(&mut self, capacity: usize, prompt: &[u32]) -> Result<(Cache, usize), EngineError> {
         if !self.share_buffer {
             let layers = self.names.past.len();
@@ -220,108 +278,179 @@ impl Decoder {
             }
             return Ok((Cache::Growing { len: 0, past }, 0));
         }
-        if self.shared.as_ref().is_none_or(|s| s.capacity < capacity) {
-            // What the old buffers hold goes to the snapshots (the new ones start empty).
-            if self.reuse {
-                self.save_live(0)?;
-            }
-            // Grow by doubling (up to the context), so a prefix is not lost to every slightly
-            // longer request; pages never written are never resident.
-            let grown = self.shared.as_ref().map_or(capacity, |s| s.capacity.saturating_mul(2).min(self.context).max(capacity));
-            // Drop the old buffers before allocating new ones: peak memory matters on a device.
-            self.shared = None;
-            self.shared = Some(self.allocate_shared(grown)?);
-        }
-        let plan = match (&self.shared, self.reuse) {
-            (Some(shared), true) => self.prefix.plan(&shared.held, prompt),
-            _ => Reuse::None,
-        };
+        self.reserve(capacity)?;
+        let during = "starting a sequence";
+        let block = self.block.as_ref().ok_or(EngineError::Inference { during, message: "KV cache not allocated".into() })?;
+        let (slot, plan) = block
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.busy)
+            .map(|(i, s)| (i, if self.reuse { self.prefix.plan(&s.held, prompt) } else { Reuse::None }))
+            .max_by_key(|&(i, plan)| (plan.tokens(), std::cmp::Reverse(i)))
+            .ok_or(EngineError::Inference { during, message: format!("all {} KV cache rows are in use", block.slots.len()) })?;
         let keep = match plan {
             Reuse::None => 0,
             Reuse::Live(n) => n,
             Reuse::Snapshot { live, .. } => live,
         };
         if self.reuse {
-            // The request overwrites the live tokens from `keep` on: keep them first.
-            self.save_live(keep)?;
+            // The sequence overwrites the row's tokens from `keep` on: keep them first.
+            self.save_live(slot, keep)?;
         }
         if let Reuse::Snapshot { index, n, live } = plan {
-            self.restore(index, live, n)?;
+            self.restore(slot, index, live, n)?;
         }
         let reused = plan.tokens();
-        if let Some(shared) = self.shared.as_mut() {
-            shared.held.truncate(reused);
+        self.clock += 1;
+        let clock = self.clock;
+        if let Some(row) = self.block.as_mut().and_then(|b| b.slots.get_mut(slot)) {
+            row.held.truncate(reused);
+            row.busy = true;
+            row.last_used = clock;
         }
-        Ok((Cache::Shared { len: reused }, reused))
+        Ok((Cache::Shared { slot, len: reused }, reused))
     }
 
-    /// Copies the live tokens into a snapshot (as many as the store may hold) when a request is
-    /// about to overwrite them from position `keep` on and they are worth keeping.
-    fn save_live(&mut self, keep: usize) -> Result<(), EngineError> {
-        let Some(shared) = self.shared.as_mut() else { return Ok(()) };
-        // A request that keeps most of the live tokens (the same prompt sampled again, an answer
-        // regenerated) leaves little worth a copy; one that keeps less than half switches context.
-        if shared.held.len() <= keep || keep * 2 >= shared.held.len() {
+    /// Ends a sequence: its row is free for the next one. `keep`: what the row holds stays for
+    /// prefix reuse (not after a failure).
+    pub(crate) fn release(&mut self, cache: &Cache, keep: bool) {
+        if let (Cache::Shared { slot, .. }, Some(block)) = (cache, self.block.as_mut()) {
+            self.clock += 1;
+            if let Some(row) = block.slots.get_mut(*slot) {
+                row.busy = false;
+                row.last_used = self.clock;
+                if !keep {
+                    row.held.clear();
+                }
+            }
+        }
+    }
+
+    /// Tokens held by rows no sequence owns (kept for prefix reuse).
+    pub(crate) fn idle_tokens(&self) -> usize {
+        self.block.as_ref().map_or(0, |b| b.slots.iter().filter(|s| !s.busy).map(|s| s.held.len()).sum())
+    }
+
+    /// Gives back the memory of idle rows, least recently used first, until they hold at most
+    /// `limit` tokens; what a row held goes to the prefix snapshots first (when they take it).
+    pub(crate) fn trim_idle(&mut self, limit: usize) -> Result<(), EngineError> {
+        while self.idle_tokens() > limit {
+            let Some(slot) =
+                self.block.as_ref().and_then(|b| b.slots.iter().enumerate().filter(|(_, s)| !s.busy && !s.held.is_empty()).min_by_key(|(_, s)| s.last_used).map(|(i, _)| i))
+            else {
+                break;
+            };
+            if self.reuse {
+                self.save_live(slot, 0)?;
+            }
+            if let Some(block) = self.block.as_mut() {
+                block.release_pages(slot, self.kv_heads * self.head_size);
+                block.slots[slot].held.clear();
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the block hold at least `capacity` tokens per row. It grows by doubling (up to the
+    /// context), so a prefix is not lost to every slightly longer request; the rows' tokens are
+    /// copied into the new block (running sequences go on), and pages never written are never
+    /// resident.
+    fn reserve(&mut self, capacity: usize) -> Result<(), EngineError> {
+        let have = self.block.as_ref().map(|b| b.capacity);
+        if have.is_some_and(|c| c >= capacity) {
             return Ok(());
         }
-        let n = shared.held.len().min(self.prefix.max_tokens());
-        if !self.prefix.wants(&shared.held[..n]) {
+        let grown = have.map_or(capacity, |c| c.saturating_mul(2).min(self.context).max(capacity));
+        let mut new = self.allocate_block(grown)?;
+        if let Some(mut old) = self.block.take() {
+            let during = "growing the KV cache";
+            let (kv, hs) = (self.kv_heads, self.head_size);
+            for (from, to) in old.buffers.iter_mut().zip(new.buffers.iter_mut()) {
+                let (_, from) = from.try_extract_tensor_mut::<f32>().map_err(EngineError::inference(during))?;
+                let (_, to) = to.try_extract_tensor_mut::<f32>().map_err(EngineError::inference(during))?;
+                for (s, slot) in old.slots.iter().enumerate() {
+                    let n = slot.held.len();
+                    for h in 0..kv {
+                        let (a, b) = ((s * kv + h) * old.capacity * hs, (s * kv + h) * grown * hs);
+                        to[b..b + n * hs].copy_from_slice(&from[a..a + n * hs]);
+                    }
+                }
+            }
+            new.slots = std::mem::take(&mut old.slots);
+        }
+        self.block = Some(new);
+        Ok(())
+    }
+
+    /// Copies row `slot`'s tokens into a snapshot (as many as the store may hold) when a
+    /// sequence is about to overwrite them from position `keep` on and they are worth keeping.
+    fn save_live(&mut self, slot: usize, keep: usize) -> Result<(), EngineError> {
+        let Some(block) = self.block.as_mut() else { return Ok(()) };
+        let held = &block.slots[slot].held;
+        // A sequence that keeps most of the row's tokens (the same prompt sampled again, an
+        // answer regenerated) leaves little worth a copy; one that keeps less than half
+        // switches context.
+        if held.len() <= keep || keep * 2 >= held.len() {
             return Ok(());
         }
-        let (cap, hs) = (shared.capacity, self.head_size);
-        let mut data = Vec::with_capacity(shared.buffers.len());
-        for buffer in &mut shared.buffers {
+        let n = held.len().min(self.prefix.max_tokens());
+        if !self.prefix.wants(&held[..n]) {
+            return Ok(());
+        }
+        let (cap, kv, hs) = (block.capacity, self.kv_heads, self.head_size);
+        let mut data = Vec::with_capacity(block.buffers.len());
+        for buffer in &mut block.buffers {
             let (_, all) = buffer.try_extract_tensor_mut::<f32>().map_err(EngineError::inference("copying a prefix out of the KV cache"))?;
-            let mut out = Vec::with_capacity(self.kv_heads * n * hs);
-            for h in 0..self.kv_heads {
-                out.extend_from_slice(&all[h * cap * hs..h * cap * hs + n * hs]);
+            let mut out = Vec::with_capacity(kv * n * hs);
+            for h in 0..kv {
+                let row = (slot * kv + h) * cap * hs;
+                out.extend_from_slice(&all[row..row + n * hs]);
             }
             data.push(out);
         }
-        self.prefix.insert(shared.held[..n].to_vec(), data);
+        self.prefix.insert(block.slots[slot].held[..n].to_vec(), data);
         Ok(())
     }
 
-    /// Copies positions `from..n` of snapshot `index` into the live buffers (the first `from`
-    /// are already there), which then hold its first `n` tokens.
-    fn restore(&mut self, index: usize, from: usize, n: usize) -> Result<(), EngineError> {
+    /// Copies positions `from..n` of snapshot `index` into row `slot` (the first `from` are
+    /// already there), which then holds its first `n` tokens.
+    fn restore(&mut self, slot: usize, index: usize, from: usize, n: usize) -> Result<(), EngineError> {
         let during = "copying a prefix into the KV cache";
-        let shared = self.shared.as_mut().ok_or(EngineError::Inference { during, message: "KV cache not allocated".into() })?;
+        let block = self.block.as_mut().ok_or(EngineError::Inference { during, message: "KV cache not allocated".into() })?;
         let entry = self.prefix.touch(index).ok_or(EngineError::Inference { during, message: format!("no snapshot {index}") })?;
-        let (cap, hs, len) = (shared.capacity, self.head_size, entry.tokens.len());
-        if n > len || n > cap || entry.data.len() != shared.buffers.len() {
+        let (cap, kv, hs, len) = (block.capacity, self.kv_heads, self.head_size, entry.tokens.len());
+        if n > len || n > cap || entry.data.len() != block.buffers.len() {
             return Err(EngineError::Inference { during, message: format!("a snapshot of {len} tokens cannot give {n} to a cache of {cap}") });
         }
-        for (buffer, saved) in shared.buffers.iter_mut().zip(&entry.data) {
+        for (buffer, saved) in block.buffers.iter_mut().zip(&entry.data) {
             let (_, all) = buffer.try_extract_tensor_mut::<f32>().map_err(EngineError::inference(during))?;
-            for h in 0..self.kv_heads {
-                all[h * cap * hs + from * hs..h * cap * hs + n * hs].copy_from_slice(&saved[h * len * hs + from * hs..h * len * hs + n * hs]);
+            for h in 0..kv {
+                let row = (slot * kv + h) * cap * hs;
+                all[row + from * hs..row + n * hs].copy_from_slice(&saved[h * len * hs + from * hs..h * len * hs + n * hs]);
             }
         }
-        shared.held.clear();
-        shared.held.extend_from_slice(&entry.tokens[..n]);
+        let held = &mut block.slots[slot].held;
+        held.clear();
+        held.extend_from_slice(&entry.tokens[..n]);
         Ok(())
     }
 
-    fn allocate_shared(&mut self, capacity: usize) -> Result<SharedCache, EngineError> {
+    fn allocate_block(&mut self, capacity: usize) -> Result<Block, EngineError> {
         let during = "allocating the KV cache";
-        let mut binding = self.session.create_binding().map_err(EngineError::inference(during))?;
+        let binding = self.session.create_binding().map_err(EngineError::inference(during))?;
         let mut buffers = Vec::with_capacity(self.names.past.len() * 2);
         // ORT's plain CPU allocator, not the session arena: the cache is one long-lived block
-        // per layer, and the arena's power-of-two growth would round it up (as genai does).
+        // per buffer, and the arena's power-of-two growth would round it up (as genai does).
         let cpu = Allocator::default();
-        let shape = [1usize, self.kv_heads, capacity, self.head_size];
-        for ((pk, pv), (ok, ov)) in self.names.past.iter().zip(&self.names.present) {
-            for (input, output) in [(pk, ok), (pv, ov)] {
-                // DEVNOTE: ORT's allocator takes large blocks straight from mmap, so the pages are
-                // zero and only become resident as the sequence grows; no explicit clearing.
-                let mut t = Tensor::<f32>::new(&cpu, shape).map_err(EngineError::inference(during))?;
-                binding.bind_input(input.as_str(), &t).map_err(EngineError::inference(during))?;
-                binding.bind_output(output.as_str(), &mut t).map_err(EngineError::inference(during))?;
-                buffers.push(t);
-            }
+        let shape = [self.slots, self.kv_heads, capacity, self.head_size];
+        for _ in 0..self.names.past.len() * 2 {
+            // DEVNOTE: ORT's allocator takes large blocks straight from mmap, so the pages are
+            // zero and only become resident as the sequences grow; no explicit clearing.
+            buffers.push(Tensor::<f32>::new(&cpu, shape).map_err(EngineError::inference(during))?);
         }
-        Ok(SharedCache { capacity, binding, buffers, decode_logits: None, held: Vec::new() })
+        let slots = (0..self.slots).map(|_| Slot::default()).collect();
+        Ok(Block { capacity, binding, bound: None, views: Vec::new(), decode_logits: None, buffers, slots })
     }
 
     /// Runs `tokens` through the graph after the cached prefix and returns the logits of the
@@ -342,39 +471,21 @@ impl Decoder {
         };
 
         match cache {
-            Cache::Shared { len } => {
-                let shared = self.shared.as_mut().ok_or(EngineError::Inference { during, message: "KV cache not allocated".into() })?;
-                if total > shared.capacity {
-                    return Err(EngineError::Inference { during, message: format!("{total} tokens exceed the KV cache of {}", shared.capacity) });
+            Cache::Shared { slot, len } => {
+                let block = self.block.as_mut().ok_or(EngineError::Inference { during, message: "KV cache not allocated".into() })?;
+                if total > block.capacity {
+                    return Err(EngineError::Inference { during, message: format!("{total} tokens exceed the KV cache of {}", block.capacity) });
                 }
-                let b = &mut shared.binding;
-                b.bind_input(self.names.input_ids.as_str(), &ids).map_err(EngineError::inference(during))?;
-                if let (Some(name), Some(m)) = (&self.names.attention_mask, &mask) {
-                    b.bind_input(name.as_str(), m).map_err(EngineError::inference(during))?;
-                }
-                if let (Some(name), Some(p)) = (&self.names.position_ids, &positions) {
-                    b.bind_input(name.as_str(), p).map_err(EngineError::inference(during))?;
-                }
-                // One reusable [1, 1, vocab] logits buffer for decode steps; prefill gets its own.
-                let cpu = Allocator::default();
-                if n == 1 {
-                    if shared.decode_logits.is_none() {
-                        let mut t = Tensor::<f32>::new(&cpu, [1usize, 1, self.vocab]).map_err(EngineError::inference(during))?;
-                        b.bind_output(self.names.logits.as_str(), &mut t).map_err(EngineError::inference(during))?;
-                        shared.decode_logits = Some(t);
-                    }
-                } else {
-                    let mut t = Tensor::<f32>::new(&cpu, [1usize, n, self.vocab]).map_err(EngineError::inference(during))?;
-                    b.bind_output(self.names.logits.as_str(), &mut t).map_err(EngineError::inference(during))?;
-                    // The next decode step must rebind its own buffer.
-                    shared.decode_logits = None;
-                }
-                let outputs = self.session.run_binding(&shared.binding).map_err(EngineError::inference(during))?;
+                block.bind_rows(&self.names, self.kv_heads, self.head_size, Rows { first: *slot, count: 1 })?;
+                block.bind_inputs(&self.names, &ids, mask.as_ref(), positions.as_ref())?;
+                block.bind_logits(&self.names, self.vocab, 1, n)?;
+                let outputs = self.session.run_binding(&block.binding).map_err(EngineError::inference(during))?;
                 let logits = outputs.get(self.names.logits.as_str()).ok_or(EngineError::Inference { during, message: "no logits output".into() })?;
                 copy_last_row(logits, self.vocab, logits_out)?;
                 *len = total;
-                shared.held.truncate(past_len);
-                shared.held.extend_from_slice(tokens);
+                let held = &mut block.slots[*slot].held;
+                held.truncate(past_len);
+                held.extend_from_slice(tokens);
             }
             Cache::Growing { len, past } => {
                 let mut inputs: Vec<(String, ort::session::SessionInputValue<'_>)> = Vec::with_capacity(3 + past.len() * 2);
@@ -404,6 +515,201 @@ impl Decoder {
         }
         Ok(())
     }
+
+    /// One decode step for several sequences at once: `tokens[i]` is fed to `caches[i]`, and
+    /// the logits of each follow one another in `logits_out` (`vocab` each, in that order).
+    ///
+    /// The pass runs over a view of the consecutive rows from the lowest of the sequences'
+    /// rows to the highest. A row in between that no running sequence owns is fed a token at
+    /// its held length, where the kernel writes keys and values nobody reads; its held tokens
+    /// stay intact. Each row attends only to its own length (the attention mask is padded on
+    /// the right), so a sequence's tokens do not depend on who else is in the step. A single
+    /// sequence runs as [`Decoder::forward`] does.
+    ///
+    /// # Errors
+    /// A growing cache (the graph cannot batch), a sequence past the block's capacity, and
+    /// ONNX Runtime failures.
+    pub(crate) fn step(&mut self, caches: &mut [&mut Cache], tokens: &[u32], logits_out: &mut Vec<f32>) -> Result<(), EngineError> {
+        let during = "running the decoder on a batch";
+        if caches.len() != tokens.len() {
+            return Err(EngineError::Inference { during, message: format!("{} sequences but {} tokens", caches.len(), tokens.len()) });
+        }
+        if let ([cache], [token]) = (&mut *caches, tokens) {
+            return self.forward(cache, &[*token], logits_out);
+        }
+        let mut running = Vec::with_capacity(caches.len());
+        for cache in caches.iter() {
+            match cache {
+                Cache::Shared { slot, len } => running.push((*slot, *len)),
+                Cache::Growing { .. } => return Err(EngineError::Inference { during, message: "this graph's cache cannot hold several sequences".into() }),
+            }
+        }
+        let block = self.block.as_mut().ok_or(EngineError::Inference { during, message: "KV cache not allocated".into() })?;
+        let cap = block.capacity;
+        let first = running.iter().map(|r| r.0).min().unwrap_or(0);
+        let count = running.iter().map(|r| r.0).max().unwrap_or(0) + 1 - first;
+        let mut row_token = vec![0i64; count];
+        let mut row_len: Vec<Option<usize>> = vec![None; count];
+        for (&(slot, len), &token) in running.iter().zip(tokens) {
+            if len + 1 > cap {
+                return Err(EngineError::Inference { during, message: format!("{} tokens exceed the KV cache of {cap}", len + 1) });
+            }
+            row_token[slot - first] = i64::from(token);
+            row_len[slot - first] = Some(len);
+        }
+        let row_len: Vec<usize> = row_len
+            .iter()
+            .enumerate()
+            .map(|(r, len)| {
+                len.unwrap_or_else(|| {
+                    // An idle row: its next position takes the throwaway key (keep one free).
+                    let held = &mut block.slots[first + r].held;
+                    held.truncate(cap - 1);
+                    held.len()
+                })
+            })
+            .collect();
+        let width = row_len.iter().max().copied().unwrap_or(0) + 1;
+        let ids = Tensor::<i64>::from_array(([count, 1usize], row_token)).map_err(EngineError::inference(during))?;
+        let mask = match &self.names.attention_mask {
+            Some(_) => {
+                let mut m = vec![0i64; count * width];
+                for (r, &len) in row_len.iter().enumerate() {
+                    m[r * width..r * width + len + 1].fill(1);
+                }
+                Some(Tensor::<i64>::from_array(([count, width], m)).map_err(EngineError::inference(during))?)
+            }
+            None => return Err(EngineError::Inference { during, message: "the graph has no attention mask to tell the sequences' lengths".into() }),
+        };
+        let positions = match &self.names.position_ids {
+            Some(_) => Some(Tensor::<i64>::from_array(([count, 1usize], row_len.iter().map(|&l| l as i64).collect::<Vec<_>>())).map_err(EngineError::inference(during))?),
+            None => None,
+        };
+        block.bind_rows(&self.names, self.kv_heads, self.head_size, Rows { first, count })?;
+        block.bind_inputs(&self.names, &ids, mask.as_ref(), positions.as_ref())?;
+        block.bind_logits(&self.names, self.vocab, count, 1)?;
+        let outputs = self.session.run_binding(&block.binding).map_err(EngineError::inference(during))?;
+        let logits = outputs.get(self.names.logits.as_str()).ok_or(EngineError::Inference { during, message: "no logits output".into() })?;
+        let (shape, data) = logits.try_extract_tensor::<f32>().map_err(EngineError::inference("reading logits"))?;
+        if data.len() != count * self.vocab {
+            return Err(EngineError::Inference { during: "reading logits", message: format!("logits have shape {shape:?}, expected [{count}, 1, {}]", self.vocab) });
+        }
+        logits_out.clear();
+        for &(slot, _) in &running {
+            let r = slot - first;
+            logits_out.extend_from_slice(&data[r * self.vocab..(r + 1) * self.vocab]);
+        }
+        for (cache, &token) in caches.iter_mut().zip(tokens) {
+            if let Cache::Shared { slot, len } = &mut **cache {
+                let held = &mut block.slots[*slot].held;
+                held.truncate(*len);
+                held.push(token);
+                *len += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Block {
+    /// Binds views of `rows` as the cache inputs and outputs, unless they are bound already.
+    fn bind_rows(&mut self, names: &Names, kv_heads: usize, head_size: usize, rows: Rows) -> Result<(), EngineError> {
+        if self.bound == Some(rows) {
+            return Ok(());
+        }
+        let during = "binding the KV cache";
+        if rows.first + rows.count > self.slots.len() {
+            return Err(EngineError::Inference { during, message: format!("rows {}..{} of a block of {}", rows.first, rows.first + rows.count, self.slots.len()) });
+        }
+        self.bound = None;
+        self.decode_logits = None;
+        self.views.clear();
+        let row = kv_heads * self.capacity * head_size;
+        let shape = [rows.count as i64, kv_heads as i64, self.capacity as i64, head_size as i64];
+        let cpu = MemoryInfo::new(AllocationDevice::CPU, 0, AllocatorType::Device, MemoryType::Default).map_err(EngineError::inference(during))?;
+        let buffer_names = names.past.iter().zip(&names.present).flat_map(|((pk, pv), (ok, ov))| [(pk, ok), (pv, ov)]);
+        for (buffer, (input, output)) in self.buffers.iter_mut().zip(buffer_names) {
+            // SAFETY: the rows lie inside the buffer (checked above against its slot count),
+            // and the views are dropped before the buffer (field order, and `views.clear()`
+            // before any rebinding), so they never outlive the memory they describe.
+            let (past, present) = unsafe {
+                let at = buffer.data_ptr_mut().cast::<f32>().add(rows.first * row).cast();
+                (
+                    TensorRefMut::<'static, f32>::from_raw(cpu.clone(), at, Shape::new(shape)).map_err(EngineError::inference(during))?,
+                    TensorRefMut::<'static, f32>::from_raw(cpu.clone(), at, Shape::new(shape)).map_err(EngineError::inference(during))?,
+                )
+            };
+            bind_input_in_place(&mut self.binding, input, &past).map_err(EngineError::inference(during))?;
+            self.binding.bind_output(output.as_str(), present).map_err(EngineError::inference(during))?;
+            self.views.push(past);
+        }
+        self.bound = Some(rows);
+        Ok(())
+    }
+
+    fn bind_inputs(&mut self, names: &Names, ids: &Tensor<i64>, mask: Option<&Tensor<i64>>, positions: Option<&Tensor<i64>>) -> Result<(), EngineError> {
+        let during = "binding the decoder's inputs";
+        self.binding.bind_input(names.input_ids.as_str(), ids).map_err(EngineError::inference(during))?;
+        if let (Some(name), Some(m)) = (&names.attention_mask, mask) {
+            self.binding.bind_input(name.as_str(), m).map_err(EngineError::inference(during))?;
+        }
+        if let (Some(name), Some(p)) = (&names.position_ids, positions) {
+            self.binding.bind_input(name.as_str(), p).map_err(EngineError::inference(during))?;
+        }
+        Ok(())
+    }
+
+    /// Binds a `[rows, tokens, vocab]` logits output: one kept buffer for decode steps (a
+    /// token per row), a fresh one for a prompt.
+    fn bind_logits(&mut self, names: &Names, vocab: usize, rows: usize, tokens: usize) -> Result<(), EngineError> {
+        let during = "allocating the logits";
+        let cpu = Allocator::default();
+        if tokens == 1 {
+            if self.decode_logits.is_none() {
+                let mut t = Tensor::<f32>::new(&cpu, [rows, 1, vocab]).map_err(EngineError::inference(during))?;
+                self.binding.bind_output(names.logits.as_str(), &mut t).map_err(EngineError::inference(during))?;
+                self.decode_logits = Some(t);
+            }
+        } else {
+            let mut t = Tensor::<f32>::new(&cpu, [rows, tokens, vocab]).map_err(EngineError::inference(during))?;
+            self.binding.bind_output(names.logits.as_str(), &mut t).map_err(EngineError::inference(during))?;
+            // The next decode step must rebind its own buffer.
+            self.decode_logits = None;
+        }
+        Ok(())
+    }
+
+    /// Returns the whole pages of row `slot` to the system (they read as zero when touched
+    /// again); the row's tokens are gone.
+    fn release_pages(&mut self, slot: usize, floats_per_position: usize) {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+        let row_bytes = floats_per_position * self.capacity * 4;
+        for buffer in &mut self.buffers {
+            let base = buffer.data_ptr_mut() as usize + slot * row_bytes;
+            let (start, end) = (base.div_ceil(page) * page, (base + row_bytes) / page * page);
+            if end > start {
+                // SAFETY: [start, end) lies inside row `slot` of this buffer (rounded inwards to
+                // whole pages), which no view reads or writes until a sequence takes the row;
+                // MADV_DONTNEED only replaces the pages' contents with zeros.
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+                }
+            }
+        }
+    }
+}
+
+/// Binds `value` as input `name` sharing its memory.
+///
+/// DEVNOTE: `IoBinding::bind_input` copies a tensor that does not own its memory (ort guards
+/// against the caller changing it later); the cache views must alias the block, which is the
+/// point of the shared buffer, so they go through the C API, which keeps a reference.
+fn bind_input_in_place(binding: &mut IoBinding, name: &str, value: &Tensor<f32>) -> Result<(), ort::Error> {
+    let name = std::ffi::CString::new(name).map_err(|e| ort::Error::new(e.to_string()))?;
+    // SAFETY: both pointers come from live ort objects; ONNX Runtime copies the name and takes
+    // its own reference to the value.
+    unsafe { ort::Error::result_from_status((ort::api().BindInput)(binding.ptr_mut(), name.as_ptr(), value.ptr())) }
 }
 
 fn copy_last_row(logits: &DynValue, vocab: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {

@@ -3,9 +3,12 @@
 //! `runtime` finds and loads libonnxruntime.so; `config` reads `genai_config.json`;
 //! `tokenizer` handles text and streaming decode; `template` renders the chat template (in a
 //! memory-limited child process where the binary hosts one); `decoder` owns the ONNX
-//! session and its KV cache; `sampling` picks tokens; `model` ties them into the
-//! prefill/decode loop; `prefix` keeps the keys and values of prompt prefixes for later requests; `heartbeat` lets other threads see a step that never ends.
+//! session and its KV cache; `sampling` picks tokens; `sequence` is one generation between
+//! forward passes; `model` ties them into the prefill/decode loop and `batch` decodes several
+//! sequences together; `prefix` keeps the keys and values of prompt prefixes for later
+//! requests; `heartbeat` lets other threads see a step that never ends.
 
+mod batch;
 pub mod budget;
 mod config;
 mod decoder;
@@ -20,6 +23,7 @@ pub mod settings;
 pub mod template;
 mod tokenizer;
 
+pub use batch::{Batch, Need, Refused};
 pub use budget::MemoryBudget;
 pub use config::{GenaiConfig, FILE_NAME as GENAI_CONFIG};
 pub use error::EngineError;

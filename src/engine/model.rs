@@ -8,12 +8,13 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::batch::Batch;
 use super::config::GenaiConfig;
 use super::decoder::Decoder;
 use super::heartbeat::Heartbeat;
 use super::runtime;
 use super::sampling::SamplingParams;
-use super::sequence::{Sequence, Vocabulary};
+use super::sequence::Sequence;
 use super::tokenizer::{ChatMessage, Tokenizer};
 use super::EngineError;
 
@@ -28,6 +29,13 @@ pub struct LoadOptions {
     /// Prefix reuse (see [`super::prefix`]): `None` recomputes every prompt; `Some(bytes)`
     /// reuses the live KV cache and keeps up to `bytes` of prefix snapshots.
     pub prefix_cache: Option<u64>,
+    /// Sequences decoded together at most (see [`super::batch`]); 0 and 1 run one at a time.
+    pub max_sequences: usize,
+    /// Bytes of KV cache the running sequences may reserve together; never less than one
+    /// request of `kv_tokens` (or the context). `None`: exactly that.
+    pub kv_cache: Option<u64>,
+    /// The longest request the caller admits (prompt and new tokens); `None`: the context.
+    pub kv_tokens: Option<usize>,
 }
 
 /// What to generate.
@@ -118,13 +126,15 @@ impl Generation {
 pub struct Model {
     dir: PathBuf,
     config: GenaiConfig,
-    tokenizer: Tokenizer,
-    decoder: Decoder,
-    eos: Vec<u32>,
-    byte_fallback: Vec<bool>,
+    pub(super) tokenizer: Tokenizer,
+    pub(super) decoder: Decoder,
+    pub(super) eos: Vec<u32>,
+    pub(super) byte_fallback: Vec<bool>,
     threads: usize,
     /// Told of every forward pass, when someone watches this model's thread.
-    heartbeat: Option<Arc<Heartbeat>>,
+    pub(super) heartbeat: Option<Arc<Heartbeat>>,
+    /// KV tokens the running sequences may reserve together (see [`super::batch`]).
+    pub(super) kv_budget: usize,
 }
 
 impl Model {
@@ -151,12 +161,15 @@ impl Model {
         }
         let rt = runtime::load(options.ort_lib.as_deref())?;
         let threads = options.threads.unwrap_or_else(runtime::default_threads).max(1);
-        let decoder = Decoder::load(dir, &config, rt.environment(), threads, options.prefix_cache)?;
+        let decoder = Decoder::load(dir, &config, rt.environment(), threads, options.prefix_cache, options.max_sequences)?;
+        let context = config.model.context_length;
+        let longest = options.kv_tokens.unwrap_or(context).min(context);
+        let kv_budget = options.kv_cache.map_or(0, |bytes| usize::try_from(bytes / decoder.bytes_per_token()).unwrap_or(usize::MAX)).max(longest);
         let eos = config.eos_token_ids();
         let vocab = decoder.vocab();
         let byte_fallback = (0..vocab as u32).map(|id| tokenizer.id_to_token(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))).collect();
-        tracing::info!(dir = %dir.display(), model_type = %config.model.model_type, layers = config.model.decoder.num_hidden_layers, threads, "model loaded");
-        Ok(Model { dir: dir.to_path_buf(), config, tokenizer, decoder, eos, byte_fallback, threads, heartbeat: None })
+        tracing::info!(dir = %dir.display(), model_type = %config.model.model_type, layers = config.model.decoder.num_hidden_layers, threads, max_sequences = decoder.slots(), kv_budget, "model loaded");
+        Ok(Model { dir: dir.to_path_buf(), config, tokenizer, decoder, eos, byte_fallback, threads, heartbeat: None, kv_budget })
     }
 
     pub fn dir(&self) -> &Path {
@@ -213,57 +226,39 @@ impl Model {
     /// # Errors
     /// [`EngineError::ContextOverflow`] when the prompt leaves no room, invalid parameters,
     /// ONNX Runtime failures, and non-finite logits.
-    pub fn generate(&mut self, prompt_ids: &[u32], params: &GenerateParams, cancel: &AtomicBool, on_text: impl FnMut(&str) -> ControlFlow<()>) -> Result<Generation, EngineError> {
-        let result = self.run(prompt_ids, params, cancel, on_text);
-        if result.is_err() {
-            // A step that failed (or gave non-finite logits) may have left keys and values no
-            // later request should start from.
-            self.decoder.forget();
-        }
-        result
-    }
-
-    fn run(&mut self, prompt_ids: &[u32], params: &GenerateParams, cancel: &AtomicBool, mut on_text: impl FnMut(&str) -> ControlFlow<()>) -> Result<Generation, EngineError> {
+    pub fn generate(
+        &mut self,
+        prompt_ids: &[u32],
+        params: &GenerateParams,
+        cancel: &AtomicBool,
+        mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Generation, EngineError> {
         let started = Instant::now();
-        params.sampling.validate()?;
-        if prompt_ids.is_empty() {
-            return Err(EngineError::InvalidParameter { name: "prompt", message: "is empty".into() });
+        let need = self.need(prompt_ids, params)?;
+        if cancel.load(Ordering::Relaxed) {
+            let mut sequence = Sequence::new(prompt_ids, params, 0, need.max_new, started);
+            sequence.cancel();
+            return Ok(sequence.finish(&self.tokenizer)?.0);
         }
-        if let Some(&bad) = prompt_ids.iter().find(|&&id| id as usize >= self.decoder.vocab()) {
-            return Err(EngineError::InvalidParameter { name: "prompt", message: format!("token id {bad} is outside the vocabulary") });
-        }
-        if params.max_new_tokens == 0 {
-            return Err(EngineError::InvalidParameter { name: "max_new_tokens", message: "must be at least 1".into() });
-        }
-        let context = self.context_length();
-        if prompt_ids.len() >= context {
-            return Err(EngineError::ContextOverflow { prompt_tokens: prompt_ids.len(), context_length: context });
-        }
-        let max_new = params.max_new_tokens.min(context - prompt_ids.len());
-        // The last sampled token is never fed back, so the cache holds prompt + max_new - 1.
-        let (mut cache, reused_tokens) = self.decoder.start(prompt_ids.len() + max_new, prompt_ids)?;
-        let mut sequence = Sequence::new(prompt_ids, params, reused_tokens, max_new, started);
-        let vocab = Vocabulary { tokenizer: &self.tokenizer, eos: &self.eos, byte_fallback: &self.byte_fallback };
-        let mut logits = Vec::with_capacity(self.decoder.vocab());
-        while !sequence.is_finished() {
+        // A batch of one: the same path the engine worker drives for several.
+        let mut batch = Batch::default();
+        self.join(&mut batch, prompt_ids, params, started, (), |(), text| on_text(text)).map_err(|refused| refused.error)?;
+        loop {
             if cancel.load(Ordering::Relaxed) {
-                sequence.cancel();
-                break;
+                batch.cancel_where(|()| true);
             }
-            if let Some(heartbeat) = &self.heartbeat {
-                heartbeat.step(sequence.next_input().len());
+            if let Some(((), result)) = self
+                .retire(&mut batch, |(), text| {
+                    let _ = on_text(text);
+                })
+                .pop()
+            {
+                return result;
             }
-            self.decoder.forward(&mut cache, sequence.next_input(), &mut logits)?;
-            if let Some(text) = sequence.accept(&mut logits, &vocab)? {
-                if on_text(text).is_break() {
-                    sequence.cancel();
-                }
+            if let Err(e) = self.step(&mut batch, |(), text| on_text(text)) {
+                self.abandon(&mut batch);
+                return Err(e);
             }
         }
-        let (generation, tail) = sequence.finish(&self.tokenizer)?;
-        if let Some(tail) = tail {
-            let _ = on_text(&tail);
-        }
-        Ok(generation)
     }
 }

@@ -28,11 +28,27 @@ pub struct EngineConfig {
     /// prefixes the live cache no longer holds, e.g. `"256MiB"`; `"0"` keeps only the live
     /// cache's; `"off"` recomputes every prompt. Counted in the memory check.
     pub prefix_cache: String,
+    /// Requests decoded together at most (continuous batching); more wait in the queue. 1 runs
+    /// one at a time.
+    pub max_sequences: usize,
+    /// Memory the running requests' KV caches may take together, e.g. `"512MiB"`; `"auto"`
+    /// is one longest request (prompt and `serve.max_tokens`, or the context). Never less than
+    /// that. Counted in the memory check.
+    pub kv_cache: String,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { ort_lib: None, threads: None, memory_check: true, memory_reserve: "256MiB".into(), nice: 5, prefix_cache: "256MiB".into() }
+        EngineConfig {
+            ort_lib: None,
+            threads: None,
+            memory_check: true,
+            memory_reserve: "256MiB".into(),
+            nice: 5,
+            prefix_cache: "256MiB".into(),
+            max_sequences: 4,
+            kv_cache: "auto".into(),
+        }
     }
 }
 
@@ -43,8 +59,18 @@ impl EngineConfig {
     pub fn load_options(&self, kv_tokens: Option<usize>) -> super::LoadOptions {
         let reserve = parse_size(&self.memory_reserve).unwrap_or(256 << 20);
         let prefix_cache = self.prefix_cache_bytes();
-        let memory = self.memory_check.then(|| super::MemoryBudget { prefix_cache: prefix_cache.unwrap_or(0), ..super::MemoryBudget::new(reserve, kv_tokens) });
-        super::LoadOptions { threads: self.threads, ort_lib: self.ort_lib.clone(), memory, prefix_cache }
+        let kv_cache = self.kv_cache_bytes();
+        let memory = self.memory_check.then(|| super::MemoryBudget { prefix_cache: prefix_cache.unwrap_or(0), kv_cache, ..super::MemoryBudget::new(reserve, kv_tokens) });
+        super::LoadOptions { threads: self.threads, ort_lib: self.ort_lib.clone(), memory, prefix_cache, max_sequences: self.max_sequences, kv_cache, kv_tokens }
+    }
+
+    /// `kv_cache` in bytes; `None` for `"auto"` (or not a size, which `problems` reports).
+    fn kv_cache_bytes(&self) -> Option<u64> {
+        if self.kv_cache.trim().eq_ignore_ascii_case("auto") {
+            None
+        } else {
+            parse_size(&self.kv_cache).ok()
+        }
     }
 
     /// `prefix_cache` in bytes; `None` when it is `"off"` (or not a size, which `problems` reports).
@@ -73,6 +99,12 @@ impl EngineConfig {
         }
         if !self.prefix_cache.trim().eq_ignore_ascii_case("off") && parse_size(&self.prefix_cache).is_err() {
             problems.push(format!("engine.prefix_cache: `{}` is not a size such as \"256MiB\" (or \"0\", or \"off\")", self.prefix_cache));
+        }
+        if !(1..=64).contains(&self.max_sequences) {
+            problems.push(format!("engine.max_sequences: {} must be between 1 and 64", self.max_sequences));
+        }
+        if !self.kv_cache.trim().eq_ignore_ascii_case("auto") && parse_size(&self.kv_cache).is_err() {
+            problems.push(format!("engine.kv_cache: `{}` is not a size such as \"512MiB\" (or \"auto\")", self.kv_cache));
         }
         problems
     }

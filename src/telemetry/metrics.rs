@@ -40,6 +40,9 @@ pub struct Metrics {
     pub prefix_reused_tokens: IntCounter,
     /// Bytes held by prefix snapshots (within `engine.prefix_cache`).
     pub prefix_cache_bytes: IntGauge,
+    /// Decode passes, and the sequences they advanced: their ratio is the mean batch size.
+    pub decode_steps: IntCounter,
+    pub decode_step_sequences: IntCounter,
     /// 1 for the version serving new requests, labelled with its identity.
     pub active_model: IntGaugeVec,
     /// Activations by result (`ok`, `failed`).
@@ -87,6 +90,8 @@ impl Metrics {
         let prefix_hits = counter("prefix_cache_hits_total", "Generations that reused the keys and values of a prompt prefix an earlier request ran.");
         let prefix_reused_tokens = counter("prefix_reused_tokens_total", "Prompt tokens reused from an earlier request rather than computed.");
         let prefix_cache_bytes = gauge("prefix_cache_bytes", "Bytes held by prefix snapshots (at most engine.prefix_cache).");
+        let decode_steps = counter("decode_steps_total", "Decode passes over the running generations (one token each).");
+        let decode_step_sequences = counter("decode_step_sequences_total", "Generations advanced by decode passes; over decode_steps_total, the mean batch size.");
         let active_model = reg(
             &registry,
             IntGaugeVec::new(Opts::new("active_model_info", "1 for the model version serving new requests."), &["name", "version", "digest"]).expect("valid metric"),
@@ -109,6 +114,8 @@ impl Metrics {
             prefix_hits,
             prefix_reused_tokens,
             prefix_cache_bytes,
+            decode_steps,
+            decode_step_sequences,
             active_model,
             model_swaps,
             models_loaded,

@@ -34,7 +34,7 @@ pub fn ort_lib() -> PathBuf {
 }
 
 pub fn load_options() -> LoadOptions {
-    LoadOptions { threads: Some(2), ort_lib: Some(ort_lib()), memory: None, prefix_cache: None }
+    LoadOptions { threads: Some(2), ort_lib: Some(ort_lib()), memory: None, prefix_cache: None, ..LoadOptions::default() }
 }
 
 /// A writable copy of a model folder; the big weight files are hard links (read-only use).
