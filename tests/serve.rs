@@ -698,7 +698,9 @@ struct InProcess {
 
 async fn in_process(swap: SwapMode) -> InProcess {
     let metrics = Arc::new(Metrics::new());
-    let manager = Manager::new(ManagerOptions { load: common::load_options(), queue_depth: 4, max_prompt_tokens: None, smoke_test_tokens: 1, swap, nice: 5 }, metrics.clone());
+    // Room for four 3000-token streams of the tiny models' KV cache at once.
+    let load = edgeflow::engine::LoadOptions { max_sequences: 4, kv_cache: Some(64 << 20), ..common::load_options() };
+    let manager = Manager::new(ManagerOptions { load, queue_depth: 4, max_prompt_tokens: None, smoke_test_tokens: 1, swap, nice: 5 }, metrics.clone());
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("api.sock");
     let (listener, file) = serve::bind(&SocketOptions { path: socket.clone(), mode: 0o600, group: None }).unwrap();
@@ -802,8 +804,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 async fn overlap_swap_during_a_stream() {
     let p = in_process(SwapMode::Overlap).await;
     p.manager.activate(source("phi3-tiny-gqa", "1")).await.unwrap();
-    let socket = p.socket.clone();
-    let (child, reader) = blocking(move || start_stream(&socket, 3000)).await;
+    // Three streams decoding together on version 1 (each past its first token) when the swap comes.
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let socket = p.socket.clone();
+        streams.push(blocking(move || start_stream(&socket, 3000)).await);
+    }
 
     let info = p.manager.activate(source("phi3-tiny-mha", "2")).await.unwrap();
     assert_eq!(info.version, "2");
@@ -811,11 +817,15 @@ async fn overlap_swap_during_a_stream() {
     let socket = p.socket.clone();
     let r = blocking(move || curl_post(&socket, "/v1/chat/completions", r#"{"model":"edge-chat","messages":[{"role":"user","content":"Hi"}],"max_tokens":3}"#)).await;
     assert_eq!(r.json()["system_fingerprint"], "edge-chat@2", "{r:?}");
-    assert_eq!(p.metrics.models_loaded.get(), 2, "the old version is still draining its stream");
+    assert_eq!(p.metrics.models_loaded.get(), 2, "the old version is still draining its streams");
 
-    let (fingerprint, tokens, done) = blocking(move || finish_stream(child, reader)).await;
-    assert!(done, "the stream begun before the swap completes with [DONE]");
-    assert_eq!((fingerprint.as_str(), tokens), ("edge-chat@1", 3000), "... entirely on the old version");
+    for (child, reader) in streams {
+        let (fingerprint, tokens, done) = blocking(move || finish_stream(child, reader)).await;
+        assert!(done, "a stream begun before the swap completes with [DONE]");
+        assert_eq!((fingerprint.as_str(), tokens), ("edge-chat@1", 3000), "... entirely on the old version");
+    }
+    let mean_batch = p.metrics.decode_step_sequences.get() as f64 / p.metrics.decode_steps.get() as f64;
+    assert!(mean_batch > 2.0, "the old version's streams decoded together ({mean_batch:.2} per step)");
 
     let socket = p.socket.clone();
     let models = blocking(move || curl(&socket, &["/v1/models"], None)).await.json();
