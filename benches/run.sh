@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # `make bench`: edgeflow's engine side by side with onnxruntime-genai (the reference runtime).
 #
-#   benches/run.sh [--build-phi3] [engine_bench.py options...]
+#   benches/run.sh [engine_bench.py options...]
 #   benches/run.sh --prefix [prefix_bench.py options...]   (`make bench-prefix`)
 #   benches/run.sh --batch [batch_bench.py options...]     (`make bench-batch`)
 #
-# - sets up .venv/bench (onnxruntime-genai 0.18.0, which pulls onnxruntime 1.32.0, tokenizers,
-#   numpy) when missing;
+# - sets up .venv/bench from benches/requirements.txt (pinned: onnxruntime-genai 0.18.0,
+#   onnxruntime 1.32.0, tokenizers, numpy, onnx), again whenever that file changes;
+# - builds the Phi-3-mini-shaped int4 model into .models/phi3-mini-int4 when missing
+#   (tests/gen/phi3_mini.py: random weights, 2.7 GB, ~20 s);
 # - builds target/release/edgeflow when missing or older than its sources;
-# - benches the tiny GQA fixture and, when present, the Phi-3-mini-shaped int4 model in
-#   .models/phi3-mini-int4 (with --build-phi3 it is built first, which needs .venv/gen and
-#   about an hour); results go to .bench/engine.json.
-# Other options go to benches/engine_bench.py (--threads N, --runs N, --only tiny|phi3-mini,
-# --model NAME=DIR, --warmup N, --no-bandwidth; see --help).
+# - benches the tiny GQA fixture and the Phi-3-mini-shaped model (the prefix and batch benches:
+#   SmolLM2 from `make smollm2` too); results go to .bench/*.json.
+# Other options go to the bench script (--threads N, --runs N, --only tiny|phi3-mini,
+# --model NAME=DIR replaces the default models, ...; see its --help).
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -22,25 +23,41 @@ venv="$root/.venv/bench"
 phi3="$root/.models/phi3-mini-int4"
 GENAI_VERSION="0.18.0"
 
-build_phi3=0
 prefix=0
 batch=0
 args=()
 for a in "$@"; do
   case "$a" in
-    --build-phi3) build_phi3=1 ;;
+    --build-phi3) ;;  # accepted for old command lines: the model is built when missing
     --prefix) prefix=1 ;;
     --batch) batch=1 ;;
     *) args+=("$a") ;;
   esac
 done
 
-# 1. Python environment for the reference runtime.
-if ! "$venv/bin/python" -c "import onnxruntime_genai as og, tokenizers, numpy; assert og.__version__ == '$GENAI_VERSION'" 2>/dev/null; then
-  echo "== setting up $venv (onnxruntime-genai==$GENAI_VERSION, tokenizers, numpy)"
+# 1. Python environment for the reference runtime and the model builder, from pinned
+#    requirements (recreated when benches/requirements.txt changes).
+req="$root/benches/requirements.txt"
+stamp="$venv/.requirements.sha256"
+want="$(sha256sum "$req" | cut -d' ' -f1)"
+if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
+  echo "== setting up $venv from benches/requirements.txt (onnxruntime-genai==$GENAI_VERSION, onnx, tokenizers, numpy)"
+  rm -rf "$venv"
   "${PYTHON:-python3}" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet "onnxruntime-genai==$GENAI_VERSION" tokenizers numpy
+  "$venv/bin/python" -m pip install --quiet -r "$req"
+  "$venv/bin/python" -c "import onnxruntime_genai as og, onnx, tokenizers, numpy; assert og.__version__ == '$GENAI_VERSION'"
+  echo "$want" > "$stamp"
+fi
+
+# The Phi-3-mini-shaped int4 model (random weights, 2.7 GB) is built on first use by
+# tests/gen/phi3_mini.py (numpy + onnx, ~20 s, a few hundred MB of RAM), unless --model names
+# the models to bench.
+has_model=0
+for a in "${args[@]+"${args[@]}"}"; do [[ $a == --model || $a == --model=* ]] && has_model=1; done
+if [[ $has_model == 0 && ! -f "$phi3/genai_config.json" ]]; then
+  echo "== building the Phi-3-mini-shaped int4 model into $phi3 (tests/gen/phi3_mini.py)"
+  "$venv/bin/python" tests/gen/phi3_mini.py --out "$phi3"
 fi
 
 # 2. ONNX Runtime for edgeflow, and the release binary.
@@ -60,8 +77,6 @@ elif [[ ! -x "$bin" ]] || [[ -n "$(find src Cargo.toml Cargo.lock -newer "$bin" 
 fi
 
 # 3. Models (--model NAME=DIR replaces the defaults).
-has_model=0
-for a in "${args[@]+"${args[@]}"}"; do [[ $a == --model || $a == --model=* ]] && has_model=1; done
 if [[ $prefix == 1 || $batch == 1 ]]; then
   # Prefix reuse and batching: the trained model (make smollm2), when built Phi-3-mini, and
   # for prefix reuse the tiny fixture.
@@ -80,24 +95,5 @@ if [[ $has_model == 0 && ! -f "$tiny/genai_config.json" ]]; then
   echo "benches/run.sh: the tiny fixture $tiny is missing (make models regenerates the fixtures)" >&2
   exit 1
 fi
-if [[ $has_model == 0 && ! -f "$phi3/genai_config.json" ]]; then
-  if [[ $build_phi3 == 1 ]]; then
-    if [[ ! -x "$root/.venv/gen/bin/python" ]]; then
-      echo "benches/run.sh: --build-phi3 needs .venv/gen (torch, transformers, onnxruntime-genai's builder); see tests/gen" >&2
-      exit 1
-    fi
-    echo "== building the Phi-3-mini-shaped int4 model into $phi3 (random weights, ~2.2 GB; ~1 h on 2 cores, peak RSS ~10 GB)"
-    "$root/.venv/gen/bin/python" tests/gen/make_model.py --preset phi3-mini
-  else
-    echo "== $phi3 not found: benching the tiny model only."
-    echo "   To include the Phi-3-mini-shaped int4 model (~2.2 GB, random weights; ~1 h and ~10 GB RAM on 2 cores), build it once with"
-    echo "     .venv/gen/bin/python tests/gen/make_model.py --preset phi3-mini"
-    echo "   or run: benches/run.sh --build-phi3"
-    only=0
-    for a in "${args[@]+"${args[@]}"}"; do [[ $a == --only || $a == --only=* ]] && only=1; done
-    [[ $only == 1 ]] || args+=(--only tiny)
-  fi
-fi
-
 # 4. The benchmark.
 exec "$venv/bin/python" benches/engine_bench.py "${args[@]+"${args[@]}"}"

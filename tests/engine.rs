@@ -541,7 +541,8 @@ fn prefix_reuse_gives_the_same_tokens_mha() {
 /// were running.
 fn batching_changes_no_token(name: &str, prefix_cache: Option<u64>) -> usize {
     let mut alone = load(name);
-    let options = LoadOptions { max_sequences: 4, prefix_cache, ..common::load_options() };
+    // Prompts run 8 tokens per step beside decoding sequences: most newcomers take several.
+    let options = LoadOptions { max_sequences: 4, prefix_cache, prefill_chunk: 8, ..common::load_options() };
     let mut batched = Model::load(&common::fixture_model(name), &options).unwrap_or_else(|e| panic!("loading {name}: {e}"));
     assert_eq!(batched.max_sequences(), 4, "{name}: a shared-buffer graph batches");
     let tokenizer = Tokenizer::load(&common::fixture_model(name)).unwrap();

@@ -7,6 +7,10 @@
 //! then it decodes with the rest), and leaves as soon as it ends ([`Model::retire`]) without
 //! stalling the others.
 //!
+//! A newcomer's prompt runs whole when nothing else decodes; beside decoding sequences it runs
+//! `engine.prefill_chunk` tokens per step, each chunk before that step's decode pass, so a long
+//! prompt delays the others' next token by one chunk at a time instead of by all of it.
+//!
 //! Each sequence keeps its own cache row, positions, sampler and stop state, and attends only
 //! to its own tokens, so its greedy output is the output it would have alone (tested over the
 //! socket with 4 and 8 clients). A sequence alone runs exactly as before batching existed.
@@ -37,12 +41,25 @@ struct Entry<T> {
     cache: Cache,
     /// KV tokens reserved: the prompt and the most new tokens.
     reserved: usize,
+    /// Prompt tokens of `sequence.next_input()` already run (its prompt runs in chunks while
+    /// others decode).
+    fed: usize,
     failed: Option<EngineError>,
 }
 
 impl<T> Entry<T> {
     fn is_running(&self) -> bool {
         !self.sequence.is_finished() && self.failed.is_none()
+    }
+
+    /// Running, with one token to feed: it takes part in the next decode pass.
+    fn is_decoding(&self) -> bool {
+        self.is_running() && self.sequence.next_input().len() == 1
+    }
+
+    /// Running, with prompt tokens still to run.
+    fn is_prefilling(&self) -> bool {
+        self.is_running() && self.sequence.next_input().len() > 1
     }
 }
 
@@ -138,9 +155,9 @@ impl Model {
         batch.is_empty() || (batch.len() < self.max_sequences() && batch.reserved() + need.kv_tokens <= self.kv_budget)
     }
 
-    /// Starts a sequence in `batch`: runs its prompt (alone, over its own cache row) and
-    /// samples its first token, handing its text to `on_text`. The caller checked
-    /// [`Model::has_room`].
+    /// Starts a sequence in `batch`: runs its prompt (alone, over its own cache row; its first
+    /// chunk only when others decode) and samples its first token once the prompt has run,
+    /// handing its text to `on_text`. The caller checked [`Model::has_room`].
     ///
     /// # Errors
     /// The request's problems (as [`Model::need`]) and ONNX Runtime failures, with the tag back.
@@ -166,26 +183,17 @@ impl Model {
             Ok(c) => c,
             Err(error) => return Err(Box::new(Refused { tag, error })),
         };
-        let mut entry = Entry { tag, sequence: Sequence::new(prompt_ids, params, reused, need.max_new, started), cache, reserved: need.kv_tokens, failed: None };
-        let prefilled = self.decoder.trim_idle(self.kv_budget.saturating_sub(batch.reserved() + need.kv_tokens)).and_then(|()| {
-            if let Some(heartbeat) = &self.heartbeat {
-                heartbeat.step(entry.sequence.next_input().len());
-            }
-            self.decoder.forward(&mut entry.cache, entry.sequence.next_input(), &mut batch.logits)
-        });
-        if let Err(error) = prefilled {
+        let mut entry = Entry { tag, sequence: Sequence::new(prompt_ids, params, reused, need.max_new, started), cache, reserved: need.kv_tokens, fed: 0, failed: None };
+        if let Err(error) = self.decoder.trim_idle(self.kv_budget.saturating_sub(batch.reserved() + need.kv_tokens)) {
             self.decoder.release(&entry.cache, false);
             return Err(Box::new(Refused { tag: entry.tag, error }));
         }
-        let vocab = Vocabulary { tokenizer: &self.tokenizer, eos: &self.eos, byte_fallback: &self.byte_fallback };
-        match entry.sequence.accept(&mut batch.logits, &vocab) {
-            Ok(Some(text)) => {
-                if on_text(&mut entry.tag, text).is_break() {
-                    entry.sequence.cancel();
-                }
-            }
-            Ok(None) => {}
-            Err(e) => entry.failed = Some(e),
+        // Alone, the whole prompt runs at once; beside sequences that decode, it runs a chunk
+        // per step (see `prefill`), so they do not stall for a long prompt.
+        let chunk = if batch.entries.iter().any(Entry::is_decoding) { self.prefill_chunk } else { usize::MAX };
+        if let Err(error) = self.prefill(&mut entry, chunk, &mut batch.logits, &mut on_text) {
+            self.decoder.release(&entry.cache, false);
+            return Err(Box::new(Refused { tag: entry.tag, error }));
         }
         batch.entries.push(entry);
         Ok(())
@@ -198,15 +206,26 @@ impl Model {
     /// The pass itself failed: every sequence's cache is suspect, and the caller takes them all
     /// out with [`Model::abandon`].
     pub fn step<T>(&mut self, batch: &mut Batch<T>, mut on_text: impl FnMut(&mut T, &str) -> ControlFlow<()>) -> Result<(), EngineError> {
-        let running: Vec<usize> = (0..batch.entries.len()).filter(|&i| batch.entries[i].is_running()).collect();
+        // Prompts still running take one chunk each first (a sequence whose prompt ends here
+        // samples its first token and decodes in this same step).
+        let chunk = if batch.entries.iter().any(Entry::is_decoding) { self.prefill_chunk } else { usize::MAX };
+        for i in 0..batch.entries.len() {
+            if batch.entries[i].is_prefilling() {
+                let entry = &mut batch.entries[i];
+                if let Err(e) = self.prefill(entry, chunk, &mut batch.logits, &mut on_text) {
+                    // Its own row only: the others' keys and values are untouched.
+                    entry.failed = Some(e);
+                }
+            }
+        }
+        let running: Vec<usize> = (0..batch.entries.len()).filter(|&i| batch.entries[i].is_decoding()).collect();
         if running.is_empty() {
             return Ok(());
         }
         let mut tokens = Vec::with_capacity(running.len());
         for &i in &running {
-            match batch.entries[i].sequence.next_input() {
-                [token] => tokens.push(*token),
-                other => return Err(EngineError::Inference { during: "running a batch", message: format!("a sequence has {} tokens to feed, a step takes one", other.len()) }),
+            if let [token] = batch.entries[i].sequence.next_input() {
+                tokens.push(*token);
             }
         }
         if let Some(heartbeat) = &self.heartbeat {
@@ -242,6 +261,33 @@ impl Model {
                 Ok(None) => {}
                 Err(e) => entry.failed = Some(e),
             }
+        }
+        Ok(())
+    }
+
+    /// Runs up to `chunk` more of `entry`'s prompt over its own row; once the prompt has run,
+    /// samples its first token and hands its text to `on_text`.
+    fn prefill<T>(&mut self, entry: &mut Entry<T>, chunk: usize, logits: &mut Vec<f32>, on_text: &mut impl FnMut(&mut T, &str) -> ControlFlow<()>) -> Result<(), EngineError> {
+        let input = entry.sequence.next_input();
+        let end = input.len().min(entry.fed.saturating_add(chunk.max(1)));
+        if let Some(heartbeat) = &self.heartbeat {
+            heartbeat.step(end - entry.fed);
+        }
+        self.decoder.forward(&mut entry.cache, &input[entry.fed..end], logits)?;
+        if end < input.len() {
+            entry.fed = end;
+            return Ok(());
+        }
+        entry.fed = 0;
+        let vocab = Vocabulary { tokenizer: &self.tokenizer, eos: &self.eos, byte_fallback: &self.byte_fallback };
+        match entry.sequence.accept(logits, &vocab) {
+            Ok(Some(text)) => {
+                if on_text(&mut entry.tag, text).is_break() {
+                    entry.sequence.cancel();
+                }
+            }
+            Ok(None) => {}
+            Err(e) => entry.failed = Some(e),
         }
         Ok(())
     }

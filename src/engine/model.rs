@@ -36,6 +36,9 @@ pub struct LoadOptions {
     pub kv_cache: Option<u64>,
     /// The longest request the caller admits (prompt and new tokens); `None`: the context.
     pub kv_tokens: Option<usize>,
+    /// Prompt tokens a newcomer runs per step while others decode (see [`super::batch`]); 0
+    /// runs a whole prompt at once.
+    pub prefill_chunk: usize,
 }
 
 /// What to generate.
@@ -135,6 +138,8 @@ pub struct Model {
     pub(super) heartbeat: Option<Arc<Heartbeat>>,
     /// KV tokens the running sequences may reserve together (see [`super::batch`]).
     pub(super) kv_budget: usize,
+    /// Prompt tokens a newcomer runs per step beside decoding sequences.
+    pub(super) prefill_chunk: usize,
 }
 
 impl Model {
@@ -169,7 +174,18 @@ impl Model {
         let vocab = decoder.vocab();
         let byte_fallback = (0..vocab as u32).map(|id| tokenizer.id_to_token(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))).collect();
         tracing::info!(dir = %dir.display(), model_type = %config.model.model_type, layers = config.model.decoder.num_hidden_layers, threads, max_sequences = decoder.slots(), kv_budget, "model loaded");
-        Ok(Model { dir: dir.to_path_buf(), config, tokenizer, decoder, eos, byte_fallback, threads, heartbeat: None, kv_budget })
+        Ok(Model {
+            dir: dir.to_path_buf(),
+            config,
+            tokenizer,
+            decoder,
+            eos,
+            byte_fallback,
+            threads,
+            heartbeat: None,
+            kv_budget,
+            prefill_chunk: if options.prefill_chunk == 0 { usize::MAX } else { options.prefill_chunk },
+        })
     }
 
     pub fn dir(&self) -> &Path {

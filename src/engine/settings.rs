@@ -35,6 +35,9 @@ pub struct EngineConfig {
     /// is one longest request (prompt and `serve.max_tokens`, or the context). Never less than
     /// that. Counted in the memory check.
     pub kv_cache: String,
+    /// While others decode, a newcomer's prompt runs this many tokens per decode step, so a
+    /// long prompt does not stall their streams; 0 runs it whole.
+    pub prefill_chunk: usize,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +51,7 @@ impl Default for EngineConfig {
             prefix_cache: "256MiB".into(),
             max_sequences: 4,
             kv_cache: "auto".into(),
+            prefill_chunk: 64,
         }
     }
 }
@@ -61,7 +65,16 @@ impl EngineConfig {
         let prefix_cache = self.prefix_cache_bytes();
         let kv_cache = self.kv_cache_bytes();
         let memory = self.memory_check.then(|| super::MemoryBudget { prefix_cache: prefix_cache.unwrap_or(0), kv_cache, ..super::MemoryBudget::new(reserve, kv_tokens) });
-        super::LoadOptions { threads: self.threads, ort_lib: self.ort_lib.clone(), memory, prefix_cache, max_sequences: self.max_sequences, kv_cache, kv_tokens }
+        super::LoadOptions {
+            threads: self.threads,
+            ort_lib: self.ort_lib.clone(),
+            memory,
+            prefix_cache,
+            max_sequences: self.max_sequences,
+            kv_cache,
+            kv_tokens,
+            prefill_chunk: self.prefill_chunk,
+        }
     }
 
     /// `kv_cache` in bytes; `None` for `"auto"` (or not a size, which `problems` reports).
