@@ -57,6 +57,20 @@ impl<T> Entry<T> {
         self.is_running() && self.sequence.next_input().len() == 1
     }
 
+    /// Takes the logits of its last position: the next token, and its text to `on_text`
+    /// (which may end the sequence); unusable logits fail it alone.
+    fn accept(&mut self, logits: &mut [f32], vocab: &Vocabulary, on_text: &mut impl FnMut(&mut T, &str) -> ControlFlow<()>) {
+        match self.sequence.accept(logits, vocab) {
+            Ok(Some(text)) => {
+                if on_text(&mut self.tag, text).is_break() {
+                    self.sequence.cancel();
+                }
+            }
+            Ok(None) => {}
+            Err(e) => self.failed = Some(e),
+        }
+    }
+
     /// Running, with prompt tokens still to run.
     fn is_prefilling(&self) -> bool {
         self.is_running() && self.sequence.next_input().len() > 1
@@ -252,15 +266,7 @@ impl Model {
         for (row, &i) in running.iter().enumerate() {
             let entry = &mut batch.entries[i];
             let logits = &mut batch.logits[row * vocab_size..(row + 1) * vocab_size];
-            match entry.sequence.accept(logits, &vocab) {
-                Ok(Some(text)) => {
-                    if on_text(&mut entry.tag, text).is_break() {
-                        entry.sequence.cancel();
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => entry.failed = Some(e),
-            }
+            entry.accept(logits, &vocab, &mut on_text);
         }
         Ok(())
     }
@@ -280,15 +286,7 @@ impl Model {
         }
         entry.fed = 0;
         let vocab = Vocabulary { tokenizer: &self.tokenizer, eos: &self.eos, byte_fallback: &self.byte_fallback };
-        match entry.sequence.accept(logits, &vocab) {
-            Ok(Some(text)) => {
-                if on_text(&mut entry.tag, text).is_break() {
-                    entry.sequence.cancel();
-                }
-            }
-            Ok(None) => {}
-            Err(e) => entry.failed = Some(e),
-        }
+        entry.accept(logits, &vocab, on_text);
         Ok(())
     }
 
