@@ -14,7 +14,7 @@ VENV_BENCH := .venv/bench
 # local API tests' real clients: the openai SDK and prometheus_client (tests/serve/).
 VENV_TEST := .venv/test
 
-.PHONY: all system build ort venv smollm2 test demo bench bench-prefix bench-batch bench-serve bench-pull bench-fleet models clean
+.PHONY: all system build ort venv smollm2 test demo bench bench-engine bench-prefix bench-batch bench-serve bench-pull bench-fleet models clean
 
 all: build
 
@@ -51,11 +51,17 @@ test: system ort venv smollm2
 demo: system build venv smollm2
 	tests/demo/demo.sh
 
-# Side-by-side with onnxruntime-genai; see BENCHMARKS.md. Builds the Phi-3-mini-shaped model on first use.
-bench: build
+# Side-by-side with onnxruntime-genai, every ratio of BENCHMARKS.md's engine sections in one
+# command: single stream (tiny fixture, SmolLM2, Phi-3-mini shape), prefix reuse, batching.
+# Builds the bench venv and the Phi-3-mini-shaped model on first use.
+bench: build smollm2
 	benches/run.sh
+	benches/run.sh --prefix
+	benches/run.sh --batch
 
-# The other benchmarks, each against its anchor in the same run (see benches/README.md).
+# One part of `make bench`, or another benchmark against its anchor (see benches/README.md).
+bench-engine: build smollm2
+	benches/run.sh
 bench-prefix: build smollm2
 	benches/run.sh --prefix
 bench-batch: build smollm2
