@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNNER = ROOT / "benches" / "genai_runner.py"
 DEFAULT_MODELS = [
     ("phi3-tiny-gqa", ROOT / "tests/fixtures/models/phi3-tiny-gqa", 5),
+    ("smollm2", ROOT / ".models/smollm2-135m-instruct", 5),
     ("phi3-mini-int4", ROOT / ".models/phi3-mini-int4", 3),
 ]
 
@@ -609,8 +610,8 @@ def table(name, res):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads for both runtimes (default 2)")
-    ap.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="model folder to bench (repeatable; default: the tiny GQA fixture, and .models/phi3-mini-int4 if present)")
-    ap.add_argument("--only", choices=["tiny", "phi3-mini"], help="bench only one of the default models")
+    ap.add_argument("--model", action="append", default=[], metavar="NAME=DIR", help="model folder to bench (repeatable; default: the tiny GQA fixture, SmolLM2 (make smollm2) and .models/phi3-mini-int4, those present)")
+    ap.add_argument("--only", choices=["tiny", "smollm2", "phi3-mini"], help="bench only one of the default models")
     ap.add_argument("--runs", type=int, help="measured runs per runtime (default 5 for small models, 3 for phi3-mini)")
     ap.add_argument("--warmup", type=int, default=1, help="discarded runs per runtime before measuring (default 1)")
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -633,7 +634,7 @@ def main():
             models.append((name, Path(d).resolve(), args.runs or 5))
     else:
         for name, d, runs in DEFAULT_MODELS:
-            if args.only and not name.startswith("phi3-tiny" if args.only == "tiny" else "phi3-mini"):
+            if args.only and not name.startswith({"tiny": "phi3-tiny"}.get(args.only, args.only)):
                 continue
             if d.is_dir():
                 models.append((name, d, args.runs or runs))

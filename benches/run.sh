@@ -12,7 +12,7 @@
 # - builds target/release/edgeflow when missing or older than its sources;
 # - benches the tiny GQA fixture and the Phi-3-mini-shaped model (the prefix and batch benches:
 #   SmolLM2 from `make smollm2` too); results go to .bench/*.json.
-# Other options go to the bench script (--threads N, --runs N, --only tiny|phi3-mini,
+# Other options go to the bench script (--threads N, --runs N, --only tiny|smollm2|phi3-mini,
 # --model NAME=DIR replaces the default models, ...; see its --help).
 set -euo pipefail
 
