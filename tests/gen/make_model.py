@@ -29,6 +29,10 @@ which is the same as
     .venv/gen/bin/python tests/gen/make_model.py --preset tiny-gqa-acc1
     .venv/gen/bin/python tests/gen/make_model.py --preset tiny-mha
 
+(The benchmarks build the full-size model without torch, in ~20 s: tests/gen/phi3_mini.py,
+the same graph with random int4 weights drawn directly. The builder route below remains for
+comparison.)
+
 Build the full-size model (Phi-3-mini shape, 3.8B random parameters, int4
 block 32, accuracy level 4) into .models/phi3-mini-int4/ (never committed;
 measured on 2 cores / 24 GB: ~4 min, peak RSS 8.6 GB, ~23 GB of temporary
