@@ -637,3 +637,32 @@ fn batched_sequences_decode_as_they_would_alone() {
     let short = model.need(&ids, &greedy(64 - 40 - 2 * ids.len())).unwrap();
     assert!(model.has_room(&batch, short), "a short one fits beside it");
 }
+
+/// A request planned to start from a snapshot must not get another one's keys and values when
+/// saving the row it takes evicts that snapshot first (the store holds one snapshot here).
+#[test]
+fn a_snapshot_evicted_before_its_restore_is_not_restored() {
+    let name = "phi3-tiny-gqa";
+    let mut plain = load(name);
+    // 2 layers × 2 kv heads × 16 × (key + value) × 4 bytes = 512 bytes a token: 60 tokens.
+    let options = LoadOptions { prefix_cache: Some(512 * 60), ..common::load_options() };
+    let mut reusing = Model::load(&common::fixture_model(name), &options).unwrap();
+    let tokenizer = Tokenizer::load(&common::fixture_model(name)).unwrap();
+    let encode = |t: &str| tokenizer.encode(t).unwrap();
+    let system = encode("<|system|>\nYou are the assistant of a small device. Answer briefly and plainly.<|end|>\n");
+    let turn = |q: &str| -> Vec<u32> { [system.clone(), encode(&format!("<|user|>\n{q}<|end|>\n<|assistant|>\n"))].concat() };
+    let other = encode("<|user|>\nA different app entirely, whose long question shares nothing with the system prompt above, at all.<|end|>\n<|assistant|>\n");
+    let params = greedy(12);
+    let mut reused = Vec::new();
+    for (what, ids) in [("first app", turn("Hello?")), ("another app", other.clone()), ("the first app again", turn("And now?"))] {
+        let (a, _) = run(&mut plain, &ids, &params);
+        let (b, _) = run(&mut reusing, &ids, &params);
+        assert_eq!(b.token_ids, a.token_ids, "{what}: reuse changed the greedy output (reused {})", b.reused_tokens);
+        reused.push(b.reused_tokens);
+    }
+    // The first app's ~33 tokens went to the store when the other app took the row; taking it
+    // back, the other app's ~33 go there too and (60 tokens of room) evict the first app's:
+    // nothing of its system prompt is held anywhere, so nothing may be claimed reused.
+    assert_eq!(reused, [0, 0, 0], "the evicted snapshot was not restored (nor another in its place)");
+    assert!(reusing.prefix_cache_bytes() <= 512 * 60);
+}

@@ -326,13 +326,13 @@ impl Thread {
             if batch.is_empty() && waiting.is_none() {
                 self.shared.heartbeat.idle();
                 let Some(job) = self.jobs.blocking_recv() else { return Ok(()) };
-                waiting = self.take(model, job)?;
+                waiting = self.take(model, job).inspect_err(|()| self.fail_all(model, &mut batch, None))?;
             }
             // Admit while there is room, taking more from the queue without waiting.
             loop {
                 if waiting.is_none() {
                     let Ok(job) = self.jobs.try_recv() else { break };
-                    waiting = self.take(model, job)?;
+                    waiting = self.take(model, job).inspect_err(|()| self.fail_all(model, &mut batch, None))?;
                     continue;
                 }
                 let Some(ready) = waiting.take() else { break };
@@ -347,16 +347,22 @@ impl Thread {
                 self.admit(model, &mut batch, ready).inspect_err(|()| self.fail_all(model, &mut batch, None))?;
             }
             batch.cancel_where(Client::gone);
-            let running = batch.running();
-            if running > 0 {
-                self.metrics.decode_steps.inc();
-                self.metrics.decode_step_sequences.inc_by(running as u64);
-            }
             let metrics = &self.metrics;
             let stepped = catch_unwind(AssertUnwindSafe(|| model.step(&mut batch, |client, piece| client.on_text(piece, metrics))));
             match stepped {
-                Ok(Ok(())) => {}
+                Ok(Ok(decoded)) => {
+                    if decoded > 0 {
+                        self.metrics.decode_steps.inc();
+                        self.metrics.decode_step_sequences.inc_by(decoded as u64);
+                    }
+                }
                 Ok(Err(e)) => {
+                    // Sequences that had already ended (or failed alone) leave as they are; the
+                    // others' keys and values are suspect.
+                    if self.retire(model, &mut batch).is_err() {
+                        self.fail_all(model, &mut batch, waiting.take());
+                        return Err(());
+                    }
                     let message = crate::util::chain(&e);
                     tracing::warn!(error = %message, sequences = batch.len(), "a decode step failed; its sequences fail");
                     for client in model.abandon(&mut batch) {
@@ -368,7 +374,10 @@ impl Thread {
                     return Err(());
                 }
             }
-            self.retire(model, &mut batch);
+            if self.retire(model, &mut batch).is_err() {
+                self.fail_all(model, &mut batch, waiting.take());
+                return Err(());
+            }
         }
     }
 
@@ -449,9 +458,11 @@ impl Thread {
         }
     }
 
-    /// Answers the sequences that ended and takes them out of the batch.
-    fn retire(&self, model: &mut Model, batch: &mut Batch<Client>) {
-        for (client, result) in model.retire(batch, |client, tail| client.flush_with(tail)) {
+    /// Answers the sequences that ended and takes them out of the batch. `Err` after a panic
+    /// (finishing a sequence decodes its last text).
+    fn retire(&self, model: &mut Model, batch: &mut Batch<Client>) -> Result<(), ()> {
+        let retired = catch_unwind(AssertUnwindSafe(|| model.retire(batch, |client, tail| client.flush_with(tail)))).map_err(|_| ())?;
+        for (client, result) in retired {
             if let Ok(generation) = &result {
                 if generation.reused_tokens > 0 {
                     self.metrics.prefix_hits.inc();
@@ -464,6 +475,7 @@ impl Thread {
             client.finish(&self.metrics, result.map_err(JobError::from));
         }
         self.metrics.prefix_cache_bytes.set(i64::try_from(model.prefix_cache_bytes()).unwrap_or(i64::MAX));
+        Ok(())
     }
 
     /// After a panic: every running and waiting job is told, and the worker stops taking jobs.

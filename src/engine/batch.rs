@@ -92,11 +92,6 @@ impl<T> Batch<T> {
         self.entries.is_empty()
     }
 
-    /// Sequences the next step advances (not ended, not failed).
-    pub fn running(&self) -> usize {
-        self.entries.iter().filter(|e| e.is_running()).count()
-    }
-
     /// KV tokens the running sequences reserve together.
     pub fn reserved(&self) -> usize {
         self.entries.iter().map(|e| e.reserved).sum()
@@ -213,13 +208,15 @@ impl Model {
         Ok(())
     }
 
-    /// One decode step for every running sequence of `batch`, handing each one's new text to
-    /// `on_text`. A sequence whose logits are unusable fails alone (at the next retire).
+    /// One decode step for every running sequence of `batch` (after a chunk of each prompt
+    /// still running), handing each one's new text to `on_text`; returns how many sequences the
+    /// decode pass advanced. A sequence whose logits are unusable fails alone (at the next
+    /// retire).
     ///
     /// # Errors
     /// The pass itself failed: every sequence's cache is suspect, and the caller takes them all
     /// out with [`Model::abandon`].
-    pub fn step<T>(&mut self, batch: &mut Batch<T>, mut on_text: impl FnMut(&mut T, &str) -> ControlFlow<()>) -> Result<(), EngineError> {
+    pub fn step<T>(&mut self, batch: &mut Batch<T>, mut on_text: impl FnMut(&mut T, &str) -> ControlFlow<()>) -> Result<usize, EngineError> {
         // Prompts still running take one chunk each first (a sequence whose prompt ends here
         // samples its first token and decodes in this same step).
         let chunk = if batch.entries.iter().any(Entry::is_decoding) { self.prefill_chunk } else { usize::MAX };
@@ -234,7 +231,7 @@ impl Model {
         }
         let running: Vec<usize> = (0..batch.entries.len()).filter(|&i| batch.entries[i].is_decoding()).collect();
         if running.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let mut tokens = Vec::with_capacity(running.len());
         for &i in &running {
@@ -268,7 +265,7 @@ impl Model {
             let logits = &mut batch.logits[row * vocab_size..(row + 1) * vocab_size];
             entry.accept(logits, &vocab, &mut on_text);
         }
-        Ok(())
+        Ok(running.len())
     }
 
     /// Runs up to `chunk` more of `entry`'s prompt over its own row; once the prompt has run,

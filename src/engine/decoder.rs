@@ -252,9 +252,10 @@ impl Decoder {
 
     /// Forgets what every row holds (after a failed step its contents are suspect).
     pub(crate) fn forget(&mut self) {
+        let (kv, hs) = (self.kv_heads, self.head_size);
         if let Some(block) = self.block.as_mut() {
-            for slot in &mut block.slots {
-                slot.held.clear();
+            for slot in 0..block.slots.len() {
+                block.truncate(slot, 0, kv, hs);
             }
         }
     }
@@ -294,18 +295,28 @@ impl Decoder {
             Reuse::Live(n) => n,
             Reuse::Snapshot { live, .. } => live,
         };
-        if self.reuse {
-            // The sequence overwrites the row's tokens from `keep` on: keep them first.
+        let plan = if self.reuse {
+            // The sequence overwrites the row's tokens from `keep` on: keep them first. Saving
+            // may evict snapshots and move the others, so the plan is made again (the row's
+            // tokens are unchanged: its live part is the same).
             self.save_live(slot, keep)?;
-        }
+            let held = self.block.as_ref().map(|b| b.slots[slot].held.as_slice()).unwrap_or_default();
+            self.prefix.plan(held, prompt)
+        } else {
+            plan
+        };
         if let Reuse::Snapshot { index, n, live } = plan {
             self.restore(slot, index, live, n)?;
         }
         let reused = plan.tokens();
         self.clock += 1;
         let clock = self.clock;
-        if let Some(row) = self.block.as_mut().and_then(|b| b.slots.get_mut(slot)) {
-            row.held.truncate(reused);
+        let (kv, hs) = (self.kv_heads, self.head_size);
+        if let Some(block) = self.block.as_mut() {
+            // Pages past what the row keeps go back to the system: a row's memory is what it
+            // holds, which the KV budget counts.
+            block.truncate(slot, reused, kv, hs);
+            let row = &mut block.slots[slot];
             row.busy = true;
             row.last_used = clock;
         }
@@ -315,14 +326,15 @@ impl Decoder {
     /// Ends a sequence: its row is free for the next one. `keep`: what the row holds stays for
     /// prefix reuse (not after a failure).
     pub(crate) fn release(&mut self, cache: &Cache, keep: bool) {
+        let (kv, hs) = (self.kv_heads, self.head_size);
         if let (Cache::Shared { slot, .. }, Some(block)) = (cache, self.block.as_mut()) {
             self.clock += 1;
             if let Some(row) = block.slots.get_mut(*slot) {
                 row.busy = false;
                 row.last_used = self.clock;
-                if !keep {
-                    row.held.clear();
-                }
+                let kept = if keep { row.held.len() } else { 0 };
+                // Also the position a step past its end wrote (a throwaway key).
+                block.truncate(*slot, kept, kv, hs);
             }
         }
     }
@@ -344,9 +356,9 @@ impl Decoder {
             if self.reuse {
                 self.save_live(slot, 0)?;
             }
+            let (kv, hs) = (self.kv_heads, self.head_size);
             if let Some(block) = self.block.as_mut() {
-                block.release_pages(slot, self.kv_heads * self.head_size);
-                block.slots[slot].held.clear();
+                block.truncate(slot, 0, kv, hs);
             }
         }
         Ok(())
@@ -362,6 +374,22 @@ impl Decoder {
             return Ok(());
         }
         let grown = have.map_or(capacity, |c| c.saturating_mul(2).min(self.context).max(capacity));
+        // Idle rows are not copied: what they hold goes to the snapshots (as much as they take)
+        // and the rows are emptied, so the copy below holds running sequences only and a lone
+        // request grows as it always did (old buffers gone before the new ones fill).
+        let idle: Vec<usize> = self.block.as_ref().map(|b| (0..b.slots.len()).filter(|&i| !b.slots[i].busy && !b.slots[i].held.is_empty()).collect()).unwrap_or_default();
+        for slot in idle {
+            if self.reuse {
+                self.save_live(slot, 0)?;
+            }
+            let (kv, hs) = (self.kv_heads, self.head_size);
+            if let Some(block) = self.block.as_mut() {
+                block.truncate(slot, 0, kv, hs);
+            }
+        }
+        if self.block.as_ref().is_some_and(|b| b.slots.iter().all(|s| !s.busy)) {
+            self.block = None;
+        }
         let mut new = self.allocate_block(grown)?;
         if let Some(mut old) = self.block.take() {
             let during = "growing the KV cache";
@@ -679,21 +707,27 @@ impl Block {
         Ok(())
     }
 
-    /// Returns the whole pages of row `slot` to the system (they read as zero when touched
-    /// again); the row's tokens are gone.
-    fn release_pages(&mut self, slot: usize, floats_per_position: usize) {
+    /// Row `slot` keeps its first `n` tokens; the whole pages of every position after them
+    /// go back to the system (they read as zero when touched again).
+    fn truncate(&mut self, slot: usize, n: usize, kv_heads: usize, head_size: usize) {
+        let Some(row) = self.slots.get_mut(slot) else { return };
+        row.held.truncate(n);
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
-        let row_bytes = floats_per_position * self.capacity * 4;
+        let head_bytes = self.capacity * head_size * 4;
         for buffer in &mut self.buffers {
-            let base = buffer.data_ptr_mut() as usize + slot * row_bytes;
-            let (start, end) = (base.div_ceil(page) * page, (base + row_bytes) / page * page);
-            if end > start {
-                // SAFETY: [start, end) lies inside row `slot` of this buffer (rounded inwards to
-                // whole pages), which no view reads or writes until a sequence takes the row;
-                // MADV_DONTNEED only replaces the pages' contents with zeros.
-                unsafe {
-                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            let base = buffer.data_ptr_mut() as usize;
+            for h in 0..kv_heads {
+                let head = base + (slot * kv_heads + h) * head_bytes;
+                let (start, end) = ((head + n * head_size * 4).div_ceil(page) * page, (head + head_bytes) / page * page);
+                if end > start {
+                    // SAFETY: [start, end) lies inside head `h` of row `slot` of this buffer,
+                    // past the positions the row keeps (rounded inwards to whole pages);
+                    // MADV_DONTNEED only replaces the pages' contents with zeros, which is what
+                    // positions nobody holds may contain.
+                    unsafe {
+                        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+                    }
                 }
             }
         }
