@@ -84,9 +84,8 @@ pub fn weight_bytes(dir: &Path) -> std::io::Result<u64> {
 /// # Errors
 /// The folder cannot be read.
 pub fn need(dir: &Path, config: &GenaiConfig, budget: &MemoryBudget) -> std::io::Result<Need> {
-    let d = &config.model.decoder;
     let tokens = budget.kv_tokens.unwrap_or(config.model.context_length).min(config.model.context_length) as u64;
-    let kv_cache = (2 * d.num_hidden_layers as u64 * d.num_key_value_heads as u64 * d.head_size as u64 * tokens * 4).max(budget.kv_cache.unwrap_or(0));
+    let kv_cache = (config.kv_bytes_per_token() * tokens).max(budget.kv_cache.unwrap_or(0));
     Ok(Need { weights: weight_bytes(dir)?, kv_cache, prefix_cache: budget.prefix_cache, reserve: budget.reserve })
 }
 

@@ -187,6 +187,13 @@ impl GenaiConfig {
         dir.join(&self.model.decoder.filename)
     }
 
+    /// Bytes of keys and values one token takes in the fp32 KV cache (key and value, every
+    /// layer and kv head).
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        let d = &self.model.decoder;
+        2 * (d.num_hidden_layers * d.num_key_value_heads * d.head_size) as u64 * 4
+    }
+
     pub fn eos_token_ids(&self) -> Vec<u32> {
         self.model.eos_token_id.to_vec()
     }

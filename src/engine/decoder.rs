@@ -158,7 +158,7 @@ impl Decoder {
             block: None,
             context: config.model.context_length,
             reuse: prefix_cache.is_some(),
-            prefix: PrefixStore::new(prefix_cache.unwrap_or(0), 2 * (d.num_hidden_layers * d.num_key_value_heads * d.head_size) as u64 * 4),
+            prefix: PrefixStore::new(prefix_cache.unwrap_or(0), config.kv_bytes_per_token()),
             clock: 0,
         };
         decoder.check_io()?;
@@ -176,7 +176,7 @@ impl Decoder {
 
     /// Bytes of keys and values one token takes.
     pub(crate) fn bytes_per_token(&self) -> u64 {
-        2 * (self.names.past.len() * self.kv_heads * self.head_size) as u64 * 4
+        self.prefix.bytes_per_token()
     }
 
     /// Every name genai_config.json gives must exist in the graph with the right type, and

@@ -73,6 +73,10 @@ impl PrefixStore {
         PrefixStore { entries: Vec::new(), ceiling, bytes: 0, bytes_per_token: bytes_per_token.max(1), clock: 0 }
     }
 
+    pub(crate) fn bytes_per_token(&self) -> u64 {
+        self.bytes_per_token
+    }
+
     pub(crate) fn bytes(&self) -> u64 {
         self.bytes
     }
