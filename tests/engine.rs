@@ -98,6 +98,7 @@ fn check_against_oracle(name: &str) {
     assert_eq!(oracle.model, name);
     assert!(oracle.cases.len() >= 8, "{name}: the oracle should cover at least 8 prompts");
     let mut model = load(name);
+    assert!(model.last_position_logits(), "{name}: the engine narrows the LM head to the last position");
     let eos = model.config().eos_token_ids();
     for case in &oracle.cases {
         let what = format!("{name}/{}", case.name);
@@ -149,6 +150,36 @@ fn tiny_gqa_acc1_matches_genai() {
 #[test]
 fn tiny_mha_matches_genai() {
     check_against_oracle("phi3-tiny-mha");
+}
+
+/// The graph narrowed to the last position's logits (see engine/graph.rs) against the graph as
+/// shipped: the same tokens and logits, over prompts of one token, a few, and many (in
+/// prefill chunks and whole), with and without prefix reuse.
+#[test]
+fn the_last_position_graph_gives_the_logits_of_the_graph_as_shipped() {
+    for name in MODELS {
+        for (prefill_chunk, prefix_cache) in [(0, None), (16, Some(64 << 20))] {
+            let options = LoadOptions { prefill_chunk, prefix_cache, ..common::load_options() };
+            let mut narrowed = Model::load(&common::fixture_model(name), &options).unwrap();
+            let mut shipped = Model::load(&common::fixture_model(name), &LoadOptions { graph_as_shipped: true, ..options }).unwrap();
+            assert!(narrowed.last_position_logits() && !shipped.last_position_logits(), "{name}");
+            let long = "The quick brown fox jumps over the lazy dog. ".repeat(12);
+            for text in ["a", "Hello there, general", long.as_str()] {
+                let ids = narrowed.encode(text).unwrap();
+                let params = GenerateParams { record_top_logits: 5, ignore_eos: true, ..greedy(8) };
+                let (a, _) = run(&mut narrowed, &ids, &params);
+                let (b, _) = run(&mut shipped, &ids, &params);
+                let what = format!("{name}, chunk {prefill_chunk}, reuse {}, {} prompt tokens", prefix_cache.is_some(), ids.len());
+                assert_eq!(a.token_ids, b.token_ids, "{what}");
+                assert_eq!(a.top_logits.len(), 8, "{what}");
+                for (step, (x, y)) in a.top_logits.iter().zip(&b.top_logits).enumerate() {
+                    for ((ia, la), (ib, lb)) in x.iter().zip(y) {
+                        assert!((la - lb).abs() <= 1e-3, "{what}: step {step}: {la} (id {ia}) vs {lb} (id {ib}) as shipped");
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[test]

@@ -165,6 +165,7 @@ fn genai_greedy(dir: &std::path::Path, cases: &serde_json::Value, max_new_tokens
 fn greedy_tokens_match_onnxruntime_genai_on_the_trained_model() {
     let dir = common::smollm2_dir();
     let mut model = load();
+    assert!(model.last_position_logits(), "the engine narrows SmolLM2's LM head to the last position");
     let prompts = parity_prompts(&model);
     assert!(prompts.len() >= 20);
 

@@ -20,11 +20,14 @@
 use std::path::{Path, PathBuf};
 
 use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
-use ort::session::{builder::GraphOptimizationLevel, IoBinding, Session};
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::session::{IoBinding, Session};
 use ort::value::{DynValue, Shape, Tensor, TensorElementType, TensorRefMut, ValueType};
 use ort::AsPointer;
 
 use super::config::{layer_name, GenaiConfig};
+use super::graph::{self, MAX_GRAPH_BYTES};
+use super::model::LoadOptions;
 use super::prefix::{PrefixStore, Reuse};
 use super::EngineError;
 
@@ -54,6 +57,8 @@ pub(crate) struct Decoder {
     prefix: PrefixStore,
     /// Orders slot use, for choosing which idle slot gives its memory back first.
     clock: u64,
+    /// The graph computes the logits of the last position only (see [`super::graph`]).
+    last_position_only: bool,
 }
 
 /// The shared past/present block (see the module documentation).
@@ -109,32 +114,47 @@ fn dims(t: &ValueType) -> Option<Vec<i64>> {
 }
 
 impl Decoder {
-    /// Loads the decoder graph of `dir`. `prefix_cache`: `None` turns prefix reuse off; `Some(bytes)`
-    /// reuses the live buffers and keeps up to `bytes` of snapshots.
-    /// `slots`: the sequences decoded together at most (1 for graphs that cannot batch).
-    pub(crate) fn load(
-        dir: &Path,
-        config: &GenaiConfig,
-        env: &ort::environment::Environment,
-        threads: usize,
-        prefix_cache: Option<u64>,
-        slots: usize,
-    ) -> Result<Self, EngineError> {
+    /// Loads the decoder graph of `dir`: `options.prefix_cache` `None` turns prefix reuse off,
+    /// `Some(bytes)` reuses the live buffers and keeps up to `bytes` of snapshots;
+    /// `options.max_sequences` is the most sequences decoded together (1 for graphs that cannot
+    /// batch). Unless `options.graph_as_shipped`, the graph computes the logits of the last
+    /// position only where it allows (see [`super::graph`]).
+    pub(crate) fn load(dir: &Path, config: &GenaiConfig, env: &ort::environment::Environment, threads: usize, options: &LoadOptions) -> Result<Self, EngineError> {
         let path = config.decoder_path(dir);
         if !path.is_file() {
             return Err(EngineError::MissingFile { path });
         }
         let graph_err = |e: ort::Error| EngineError::Graph { path: path.clone(), message: e.to_string() };
-        let session = Session::builder(env)
-            .map_err(graph_err)?
-            .with_optimization_level(GraphOptimizationLevel::All)
-            .map_err(|e| graph_err(e.into()))?
-            .with_intra_threads(threads)
-            .map_err(|e| graph_err(e.into()))?
-            .with_inter_threads(1)
-            .map_err(|e| graph_err(e.into()))?
-            .commit_from_file(&path)
-            .map_err(graph_err)?;
+        let builder = || -> Result<SessionBuilder, EngineError> {
+            Session::builder(env)
+                .map_err(graph_err)?
+                .with_optimization_level(GraphOptimizationLevel::All)
+                .map_err(|e| graph_err(e.into()))?
+                .with_intra_threads(threads)
+                .map_err(|e| graph_err(e.into()))?
+                .with_inter_threads(1)
+                .map_err(|e| graph_err(e.into()))
+        };
+        let rewritten = if options.graph_as_shipped { None } else { last_position_graph(&path, &config.model.decoder.outputs.logits) };
+        let (session, last_position_only) = match rewritten {
+            Some(bytes) => {
+                // DEVNOTE: loaded from memory, ONNX Runtime finds the external data (the
+                // weights, `*.onnx.data`) through this folder rather than the graph's path.
+                let folder = path.parent().unwrap_or(dir).to_string_lossy().into_owned();
+                let loaded = builder()?
+                    .with_config_entry("session.model_external_initializers_file_folder_path", folder)
+                    .map_err(|e| graph_err(e.into()))
+                    .and_then(|mut b| b.commit_from_memory(&bytes).map_err(graph_err));
+                match loaded {
+                    Ok(session) => (session, true),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "the graph computing last-position logits did not load; loading it as shipped");
+                        (builder()?.commit_from_file(&path).map_err(graph_err)?, false)
+                    }
+                }
+            }
+            None => (builder()?.commit_from_file(&path).map_err(graph_err)?, false),
+        };
 
         let d = &config.model.decoder;
         let names = Names {
@@ -154,11 +174,12 @@ impl Decoder {
             vocab: config.model.vocab_size,
             share_buffer: config.search.past_present_share_buffer,
             // Batched steps feed each row's length through the attention mask.
-            slots: if config.search.past_present_share_buffer && d.inputs.attention_mask.is_some() { slots.max(1) } else { 1 },
+            slots: if config.search.past_present_share_buffer && d.inputs.attention_mask.is_some() { options.max_sequences.max(1) } else { 1 },
             block: None,
             context: config.model.context_length,
-            reuse: prefix_cache.is_some(),
-            prefix: PrefixStore::new(prefix_cache.unwrap_or(0), config.kv_bytes_per_token()),
+            reuse: options.prefix_cache.is_some(),
+            prefix: PrefixStore::new(options.prefix_cache.unwrap_or(0), config.kv_bytes_per_token()),
+            last_position_only,
             clock: 0,
         };
         decoder.check_io()?;
@@ -167,6 +188,10 @@ impl Decoder {
 
     pub(crate) fn vocab(&self) -> usize {
         self.vocab
+    }
+
+    pub(crate) fn last_position_only(&self) -> bool {
+        self.last_position_only
     }
 
     /// Sequences that can run at once.
@@ -506,7 +531,7 @@ impl Decoder {
                 }
                 block.bind_rows(&self.names, self.kv_heads, self.head_size, Rows { first: *slot, count: 1 })?;
                 block.bind_inputs(&self.names, &ids, mask.as_ref(), positions.as_ref())?;
-                block.bind_logits(&self.names, self.vocab, 1, n)?;
+                block.bind_logits(&self.names, self.vocab, 1, if self.last_position_only { 1 } else { n })?;
                 let outputs = self.session.run_binding(&block.binding).map_err(EngineError::inference(during))?;
                 let logits = outputs.get(self.names.logits.as_str()).ok_or(EngineError::Inference { during, message: "no logits output".into() })?;
                 copy_last_row(logits, self.vocab, logits_out)?;
@@ -744,6 +769,29 @@ fn bind_input_in_place(binding: &mut IoBinding, name: &str, value: &Tensor<f32>)
     // SAFETY: both pointers come from live ort objects; ONNX Runtime copies the name and takes
     // its own reference to the value.
     unsafe { ort::Error::result_from_status((ort::api().BindInput)(binding.ptr_mut(), name.as_ptr(), value.ptr())) }
+}
+
+/// The graph at `path` rewritten to compute the logits of the last position only; `None`
+/// (logged) where the rewrite does not apply or the file cannot be read here, which loading it
+/// as shipped then reports.
+fn last_position_graph(path: &Path, logits: &str) -> Option<Vec<u8>> {
+    let size = std::fs::metadata(path).ok()?.len();
+    if size > MAX_GRAPH_BYTES {
+        tracing::debug!(path = %path.display(), size, "graph holds its weights inline; loading it as shipped");
+        return None;
+    }
+    let bytes = std::fs::read(path).ok()?;
+    match graph::last_position_logits(&bytes, logits) {
+        Ok(Some(rewritten)) => Some(rewritten),
+        Ok(None) => {
+            tracing::info!(path = %path.display(), "the graph's LM head is not one the engine can narrow to the last position; logits are computed for every position");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not read the graph to narrow its logits; loading it as shipped");
+            None
+        }
+    }
 }
 
 fn copy_last_row(logits: &DynValue, vocab: usize, out: &mut Vec<f32>) -> Result<(), EngineError> {

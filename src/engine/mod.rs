@@ -3,16 +3,18 @@
 //! `runtime` finds and loads libonnxruntime.so; `config` reads `genai_config.json`;
 //! `tokenizer` handles text and streaming decode; `template` renders the chat template (in a
 //! memory-limited child process where the binary hosts one); `decoder` owns the ONNX
-//! session and its KV cache; `sampling` picks tokens; `sequence` is one generation between
-//! forward passes; `model` ties them into the prefill/decode loop and `batch` decodes several
-//! sequences together; `prefix` keeps the keys and values of prompt prefixes for later
-//! requests; `heartbeat` lets other threads see a step that never ends.
+//! session and its KV cache, and `graph` what it changes in the graph before loading it;
+//! `sampling` picks tokens; `sequence` is one generation between forward passes; `model`
+//! ties them into the prefill/decode loop and `batch` decodes several sequences together;
+//! `prefix` keeps the keys and values of prompt prefixes for later requests; `heartbeat` lets
+//! other threads see a step that never ends.
 
 mod batch;
 pub mod budget;
 mod config;
 mod decoder;
 mod error;
+mod graph;
 mod heartbeat;
 mod model;
 mod prefix;

@@ -39,6 +39,9 @@ pub struct LoadOptions {
     /// Prompt tokens a newcomer runs per step while others decode (see [`super::batch`]); 0
     /// runs a whole prompt at once.
     pub prefill_chunk: usize,
+    /// Load the decoder graph exactly as shipped, computing logits for every position of a
+    /// prompt; by default the head runs on the last position only (see [`super::graph`]).
+    pub graph_as_shipped: bool,
 }
 
 /// What to generate.
@@ -166,7 +169,7 @@ impl Model {
         }
         let rt = runtime::load(options.ort_lib.as_deref())?;
         let threads = options.threads.unwrap_or_else(runtime::default_threads).max(1);
-        let decoder = Decoder::load(dir, &config, rt.environment(), threads, options.prefix_cache, options.max_sequences)?;
+        let decoder = Decoder::load(dir, &config, rt.environment(), threads, options)?;
         let context = config.model.context_length;
         let longest = options.kv_tokens.unwrap_or(context).min(context);
         let kv_budget = options.kv_cache.map_or(0, |bytes| usize::try_from(bytes / decoder.bytes_per_token()).unwrap_or(usize::MAX)).max(longest);
@@ -206,6 +209,12 @@ impl Model {
 
     pub fn context_length(&self) -> usize {
         self.config.model.context_length
+    }
+
+    /// Whether the graph computes the logits of the last position only, rather than of every
+    /// position of a prompt (see [`super::graph`]).
+    pub fn last_position_logits(&self) -> bool {
+        self.decoder.last_position_only()
     }
 
     /// Bytes held by prefix snapshots now (see [`super::prefix`]).

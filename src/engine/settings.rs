@@ -74,6 +74,7 @@ impl EngineConfig {
             kv_cache,
             kv_tokens,
             prefill_chunk: self.prefill_chunk,
+            graph_as_shipped: false,
         }
     }
 
