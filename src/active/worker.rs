@@ -130,6 +130,8 @@ struct Shared {
     heartbeat: Arc<Heartbeat>,
     /// Jobs the model runs at once (known once it has loaded).
     max_sequences: AtomicUsize,
+    /// A job taken off the queue that waits for room in the batch (0 or 1).
+    waiting: AtomicUsize,
 }
 
 /// A handle to a running worker. Cloning shares the queue; the thread ends once every
@@ -186,7 +188,8 @@ impl Worker {
     /// How long the current queue is expected to take, between 1 s and 60 s.
     fn retry_after(&self) -> Duration {
         let mean = Duration::from_micros(self.shared.mean_job_micros.load(Ordering::Relaxed));
-        let rounds = self.queued() / self.shared.max_sequences.load(Ordering::Relaxed).max(1) + 1;
+        let ahead = self.queued() + self.shared.waiting.load(Ordering::Relaxed);
+        let rounds = ahead / self.shared.max_sequences.load(Ordering::Relaxed).max(1) + 1;
         let wait = mean.saturating_mul(u32::try_from(rounds).unwrap_or(u32::MAX));
         Duration::from_secs(wait.as_secs_f64().ceil().clamp(1.0, 60.0) as u64)
     }
@@ -226,6 +229,7 @@ pub(crate) fn start(dir: PathBuf, options: LoadOptions, limits: Limits, metrics:
         alive: AtomicBool::new(true),
         heartbeat: Arc::new(Heartbeat::new(limits.allowance)),
         max_sequences: AtomicUsize::new(1),
+        waiting: AtomicUsize::new(0),
     });
     let worker = Worker { jobs: jobs_tx, shared: shared.clone(), metrics: metrics.clone() };
     let span = tracing::info_span!("engine", model = %label);
@@ -346,6 +350,7 @@ impl Thread {
                 }
                 self.admit(model, &mut batch, ready).inspect_err(|()| self.fail_all(model, &mut batch, None))?;
             }
+            self.shared.waiting.store(usize::from(waiting.is_some()), Ordering::Relaxed);
             batch.cancel_where(Client::gone);
             let metrics = &self.metrics;
             let stepped = catch_unwind(AssertUnwindSafe(|| model.step(&mut batch, |client, piece| client.on_text(piece, metrics))));
@@ -438,13 +443,15 @@ impl Thread {
             return Ok(());
         }
         client.began = Instant::now();
-        self.metrics.prompt_tokens.inc_by(ids.len() as u64);
         self.metrics.generations_in_progress.inc();
         let events = client.events.clone();
         let metrics = &self.metrics;
         let joined = catch_unwind(AssertUnwindSafe(|| model.join(batch, &ids, &params, client.began, client, |client, piece| client.on_text(piece, metrics))));
         match joined {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                self.metrics.prompt_tokens.inc_by(ids.len() as u64);
+                Ok(())
+            }
             Ok(Err(refused)) => {
                 let Refused { tag: client, error } = *refused;
                 client.finish(&self.metrics, Err(error.into()));

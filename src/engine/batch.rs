@@ -9,7 +9,8 @@
 //!
 //! A newcomer's prompt runs whole when nothing else decodes; beside decoding sequences it runs
 //! `engine.prefill_chunk` tokens per step, each chunk before that step's decode pass, so a long
-//! prompt delays the others' next token by one chunk at a time instead of by all of it.
+//! prompt delays the others' next token by one chunk at a time instead of by all of it (the
+//! step it joins included).
 //!
 //! Each sequence keeps its own cache row, positions, sampler and stop state, and attends only
 //! to its own tokens, so its greedy output is the output it would have alone (tested over the
@@ -164,9 +165,10 @@ impl Model {
         batch.is_empty() || (batch.len() < self.max_sequences() && batch.reserved() + need.kv_tokens <= self.kv_budget)
     }
 
-    /// Starts a sequence in `batch`: runs its prompt (alone, over its own cache row; its first
-    /// chunk only when others decode) and samples its first token once the prompt has run,
-    /// handing its text to `on_text`. The caller checked [`Model::has_room`].
+    /// Starts a sequence in `batch`. When nothing else decodes, its prompt runs now (alone,
+    /// over its own cache row) and its first token is sampled, its text handed to `on_text`;
+    /// beside decoding sequences the prompt runs in chunks from the next [`Model::step`] on.
+    /// The caller checked [`Model::has_room`].
     ///
     /// # Errors
     /// The request's problems (as [`Model::need`]) and ONNX Runtime failures, with the tag back.
@@ -197,12 +199,14 @@ impl Model {
             self.decoder.release(&entry.cache, false);
             return Err(Box::new(Refused { tag: entry.tag, error }));
         }
-        // Alone, the whole prompt runs at once; beside sequences that decode, it runs a chunk
-        // per step (see `prefill`), so they do not stall for a long prompt.
-        let chunk = if batch.entries.iter().any(Entry::is_decoding) { self.prefill_chunk } else { usize::MAX };
-        if let Err(error) = self.prefill(&mut entry, chunk, &mut batch.logits, &mut on_text) {
-            self.decoder.release(&entry.cache, false);
-            return Err(Box::new(Refused { tag: entry.tag, error }));
+        // Alone, the whole prompt runs now. Beside sequences that decode, it runs a chunk per
+        // step from the next step on (see `step`), so they do not stall for a long prompt, nor
+        // wait for two chunks before their next token.
+        if !batch.entries.iter().any(Entry::is_decoding) {
+            if let Err(error) = self.prefill(&mut entry, usize::MAX, &mut batch.logits, &mut on_text) {
+                self.decoder.release(&entry.cache, false);
+                return Err(Box::new(Refused { tag: entry.tag, error }));
+            }
         }
         batch.entries.push(entry);
         Ok(())
