@@ -344,6 +344,7 @@ impl Downloader {
         let digest = tokio::task::spawn_blocking(move || -> Result<String, FetchError> {
             let f = std::fs::File::open(&p).map_err(FetchError::io(&p))?;
             f.sync_all().map_err(FetchError::io(&p))?;
+            crate::crash::point("fetch.file_synced");
             Ok(hex::encode(hasher.finalize()))
         })
         .await
@@ -551,7 +552,9 @@ fn write_state(path: &Path, state: &PartState) -> Result<(), FetchError> {
     let body = serde_json::to_vec(state).map_err(|e| FetchError::Io { path: path.to_path_buf(), source: std::io::Error::other(e) })?;
     let mut f = std::fs::File::create(&tmp).map_err(FetchError::io(&tmp))?;
     f.write_all(&body).and_then(|()| f.sync_all()).map_err(FetchError::io(&tmp))?;
+    crate::crash::point("fetch.state_written");
     std::fs::rename(&tmp, path).map_err(FetchError::io(path))?;
+    crate::crash::point("fetch.state_renamed");
     if let Some(dir) = path.parent() {
         std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(FetchError::io(dir))?;
     }
@@ -580,7 +583,11 @@ fn write_loop(
         for chunk in batch {
             out.write_all(&chunk).map_err(FetchError::io(path))?;
             hasher.update(&chunk);
+            let before = written;
             written += chunk.len() as u64;
+            if before >> 20 != written >> 20 {
+                crate::crash::point("fetch.written_mib");
+            }
         }
         if written - writeback_from >= WRITEBACK_STEP {
             out.flush().map_err(FetchError::io(path))?;
@@ -590,6 +597,7 @@ fn write_loop(
         if written - checkpoint_from >= CHECKPOINT_STEP {
             out.flush().map_err(FetchError::io(path))?;
             out.get_ref().sync_data().map_err(FetchError::io(path))?;
+            crate::crash::point("fetch.checkpoint_synced");
             checkpoint.state.durable = base + written;
             checkpoint.state.durable_sha256 = Some(hex::encode(hasher.clone().finalize()));
             write_state(&checkpoint.path, &checkpoint.state)?;

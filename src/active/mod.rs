@@ -249,7 +249,9 @@ impl Manager {
         let outcome = match result {
             Ok(active) => {
                 let info = active.info().clone();
+                crate::crash::point("active.loaded");
                 self.publish(active);
+                crate::crash::point("active.published");
                 tracing::info!(name = %info.name, version = %info.version, load_ms = info.load_time.as_millis() as u64, "model active");
                 Ok(info)
             }

@@ -37,8 +37,11 @@ impl Store {
         let blob = self.blob_path(sha256);
         std::fs::set_permissions(temp, std::fs::Permissions::from_mode(0o444)).map_err(CacheError::io("protecting", temp))?;
         std::fs::File::open(temp).and_then(|f| f.sync_all()).map_err(CacheError::io("syncing", temp))?;
+        crate::crash::point("cache.blob_synced");
         std::fs::rename(temp, &blob).map_err(CacheError::io("publishing", &blob))?;
+        crate::crash::point("cache.blob_renamed");
         sync_dir(&self.root().join("blobs"))?;
+        crate::crash::point("cache.blob_published");
         let _ = std::fs::remove_file(temp.with_extension("part.json"));
         Ok(blob)
     }

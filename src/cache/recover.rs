@@ -80,6 +80,43 @@ impl Store {
         Ok((quarantined.is_some() || !rebuilt.is_empty()).then_some(IndexRecovery { quarantined, rebuilt }))
     }
 
+    /// Completes an activation a crash interrupted. The `active` symlink swap is the moment a
+    /// version becomes active (see the module docs of `cache`); the index records it just
+    /// after. Where the two disagree, the process died in between: a link naming a recorded,
+    /// usable version folder wins and the activation is recorded again (it happens only after
+    /// the version passed its checks); a link naming anything else is put back on the
+    /// version the index calls active. Returns what was repaired, as `model@version`.
+    ///
+    /// # Errors
+    /// I/O and index errors.
+    pub(super) fn finish_activations(&self) -> Result<Vec<String>, CacheError> {
+        let mut done = Vec::new();
+        for m in self.models()? {
+            let model_dir = self.root().join("models").join(slug(&m.model));
+            let target = std::fs::read_link(model_dir.join("active")).ok().map(|t| t.to_string_lossy().into_owned());
+            let recorded = match &m.active {
+                Some(v) => self.version(&m.model, v)?,
+                None => None,
+            };
+            if target.is_some() && target.as_deref() == recorded.as_ref().map(|r| r.dir.as_str()) {
+                continue;
+            }
+            let linked = match &target {
+                Some(dir) => self.versions(Some(&m.model))?.into_iter().find(|r| &r.dir == dir && !matches!(r.state, State::Bad { .. }) && model_dir.join(dir).is_dir()),
+                None => None,
+            };
+            let version = match (linked, recorded) {
+                (Some(r), _) => r.version,
+                (None, Some(r)) if !r.dir.is_empty() && model_dir.join(&r.dir).is_dir() => r.version,
+                _ => continue,
+            };
+            tracing::warn!(model = %m.model, %version, link = ?target, index = ?m.active, "the active link and the index disagreed (an activation was interrupted); activating {version} again");
+            self.activate(&m.model, &version)?;
+            done.push(format!("{}@{version}", m.model));
+        }
+        Ok(done)
+    }
+
     fn blobs_by_inode(&self) -> Result<HashMap<(u64, u64), String>, CacheError> {
         let dir = self.root().join("blobs");
         let mut out = HashMap::new();

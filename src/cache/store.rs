@@ -72,6 +72,7 @@ impl Store {
         let (index, quarantined) = Index::open_or_quarantine(&root.join("index"))?;
         let mut store = Store { index, root, settings: settings.clone(), swept_at_open: GcReport::default(), recovered: None };
         store.recovered = store.rebuild(models, quarantined)?;
+        store.finish_activations()?;
         let report = store.sweep()?;
         if report != GcReport::default() {
             tracing::info!(blobs = report.blobs_removed, temp = report.temp_removed, bytes = report.bytes_freed, "cache swept at start");
@@ -146,6 +147,7 @@ impl Store {
                 std::fs::hard_link(&blob, &to).map_err(CacheError::io("linking", &to))?;
             }
             sync_dir(&stage)?;
+            crate::crash::point("cache.version_staged");
             let previous = self.version(&rec.model, &rec.version)?;
             let generation = previous.as_ref().and_then(|p| generation_of(&p.dir)).map_or(0, |g| g + 1);
             rec.dir = format!("v{}.{generation}", sanitize(&rec.version));
@@ -157,9 +159,12 @@ impl Store {
                 remove_dir(&dest)?;
             }
             std::fs::rename(&stage, &dest).map_err(CacheError::io("publishing", &dest))?;
+            crate::crash::point("cache.version_renamed");
             sync_dir(&model_dir)?;
+            crate::crash::point("cache.version_published");
             rec.state = State::Fetched;
             self.put_version(&rec)?;
+            crate::crash::point("cache.version_recorded");
             // The previous generation stays until nothing points at it (see sweep), since the
             // engine may be serving from it right now.
             Ok(rec)
@@ -202,6 +207,7 @@ impl Store {
         let unfinished = rec.unfinished_smoke_tests;
         rec.unfinished_smoke_tests = unfinished.saturating_add(1);
         self.put_version(&rec)?;
+        crate::crash::point("cache.smoke_test_begun");
         Ok(unfinished)
     }
 
@@ -213,7 +219,9 @@ impl Store {
         let mut rec = self.version(model, version)?.ok_or_else(|| CacheError::UnknownVersion { model: model.into(), version: version.into() })?;
         rec.state = State::Good;
         rec.unfinished_smoke_tests = 0;
-        self.put_version(&rec)
+        self.put_version(&rec)?;
+        crate::crash::point("cache.marked_good");
+        Ok(())
     }
 
     /// Makes a version the active one: swaps the `active` symlink, records the activation,
@@ -231,14 +239,20 @@ impl Store {
         let model_dir = self.model_dir(model);
         let tmp_link = model_dir.join(format!(".active-{}", fastrand::u64(..)));
         std::os::unix::fs::symlink(&rec.dir, &tmp_link).map_err(CacheError::io("linking", &tmp_link))?;
+        crate::crash::point("cache.active_link_made");
         let link = model_dir.join("active");
         std::fs::rename(&tmp_link, &link).map_err(CacheError::io("activating", &link))?;
+        crate::crash::point("cache.active_link_swapped");
         sync_dir(&model_dir)?;
+        crate::crash::point("cache.active_link_synced");
         rec.activated_at = Some(unix_now());
         if rec.state == State::Fetched {
             rec.state = State::Good;
         }
+        // Activated: its smoke test (if it ran one) ended.
+        rec.unfinished_smoke_tests = 0;
         self.put_version(&rec)?;
+        crate::crash::point("cache.activation_version_recorded");
         let mut m = self.model(model)?.unwrap_or_else(|| ModelRecord { model: model.to_string(), ..ModelRecord::default() });
         m.history.retain(|v| v != version);
         m.history.push(version.to_string());
@@ -247,7 +261,9 @@ impl Store {
         }
         m.active = Some(version.to_string());
         self.put_model(&m)?;
+        crate::crash::point("cache.activation_recorded");
         self.retain()?;
+        crate::crash::point("cache.retained");
         Ok(dir)
     }
 
@@ -330,6 +346,41 @@ mod tests {
         assert_eq!(store.last_known_good("m").unwrap().unwrap().version, "3");
         // The blob store holds each content once.
         assert_eq!(std::fs::read_dir(tmp.path().join("blobs")).unwrap().count(), 4);
+    }
+
+    /// A crash between the `active` link swap and the index record (found by tests/crash.rs):
+    /// reopening completes the activation the link made; a link naming no usable version is
+    /// put back on the index's.
+    #[test]
+    fn reopening_finishes_an_activation_that_a_crash_interrupted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = settings(tmp.path());
+        let link = tmp.path().join("models").join(slug("m")).join("active");
+        {
+            let store = Store::open(&s).unwrap();
+            add(&store, "m", "1", &[("genai_config.json", b"1")]);
+            store.activate("m", "1").unwrap();
+            let two = add(&store, "m", "2", &[("genai_config.json", b"2")]);
+            store.begin_smoke_test("m", "2").unwrap();
+            // The link swapped, the process gone before the index heard of it.
+            std::fs::remove_file(&link).unwrap();
+            std::os::unix::fs::symlink(&two.dir, &link).unwrap();
+            assert_eq!(store.active("m").unwrap().unwrap().0.version, "1");
+        }
+        {
+            let store = Store::open(&s).unwrap();
+            let (rec, dir) = store.active("m").unwrap().unwrap();
+            assert_eq!(rec.version, "2");
+            assert_eq!((rec.state, rec.unfinished_smoke_tests), (State::Good, 0));
+            assert_eq!(std::fs::read(dir.join("genai_config.json")).unwrap(), b"2");
+            assert_eq!(store.model("m").unwrap().unwrap().history, vec!["1", "2"]);
+            // A link naming a folder no usable record owns.
+            std::fs::remove_file(&link).unwrap();
+            std::os::unix::fs::symlink("v9.0", &link).unwrap();
+        }
+        let store = Store::open(&s).unwrap();
+        assert_eq!(store.active("m").unwrap().unwrap().0.version, "2");
+        assert_eq!(active_dir(tmp.path(), "m").unwrap(), store.active("m").unwrap().unwrap().1.canonicalize().unwrap());
     }
 
     #[test]

@@ -179,6 +179,7 @@ impl Runner {
                             tracing::error!(request_id = %run.request_id, error = %e, "could not make the command's id durable; not running it");
                             return (Running { set, ..run }, Err(format!("not run: its id could not be recorded on disk ({e})")));
                         }
+                        crate::crash::point("fleet.command_id_durable");
                     }
                     let answer = bus.submit(command, Origin::Fleet { request_id: run.request_id.clone() });
                     drop(submitted);

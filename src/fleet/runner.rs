@@ -328,7 +328,13 @@ impl Runner {
     async fn flush(&mut self) {
         self.flush_at = None;
         let db = self.spool.db().clone();
-        match tokio::task::spawn_blocking(move || db.flush()).await {
+        let flushed = tokio::task::spawn_blocking(move || {
+            crate::crash::point("fleet.spool_flushing");
+            let flushed = db.flush();
+            crate::crash::point("fleet.spool_flushed");
+            flushed
+        });
+        match flushed.await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "flushing the spool failed"),
             Err(e) => tracing::warn!(error = %e, "the spool flush task failed"),

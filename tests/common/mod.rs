@@ -1,11 +1,12 @@
 //! The one support module of the integration tests. This file owns what every kind of test
 //! needs: the repo, its fixture models and the trained model, the ONNX Runtime library, the
 //! test venv's python, the built binary as a clean command, and loopback ports. The peers
-//! live in submodules: [`http`] (curl over the API socket, stopping children), [`mlflow`] (a
-//! real MLflow server and a fault proxy in front of it) and [`mqtt`] (real Mosquitto brokers
-//! and clients).
+//! live in submodules: [`daemon`] (an `edgeflow run` process and its config), [`http`]
+//! (curl over the API socket, stopping children), [`mlflow`] (a real MLflow server and a
+//! fault proxy in front of it) and [`mqtt`] (real Mosquitto brokers and clients).
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod http;
 pub mod mlflow;
 pub mod mqtt;
