@@ -14,7 +14,7 @@ VENV_BENCH := .venv/bench
 # local API tests' real clients: the openai SDK and prometheus_client (tests/serve/).
 VENV_TEST := .venv/test
 
-.PHONY: all system build ort venv smollm2 test demo bench bench-engine bench-prefix bench-batch bench-serve bench-pull bench-fleet models clean
+.PHONY: all system build ort venv smollm2 test demo bench bench-engine bench-prefix bench-batch bench-serve bench-pull bench-fleet fuzz crash models clean
 
 all: build
 
@@ -73,6 +73,19 @@ bench-pull: build venv
 	benches/pull_bench.sh --rounds 5
 bench-fleet: build
 	python3 benches/fleet_link.py --minutes 16
+
+# Every fuzz target of fuzz/ for FUZZ_SECONDS each (cargo fuzz, libFuzzer, nightly; installs
+# cargo-fuzz when missing), one at a time; prints executions, corpus size and crashes per target
+# and fails on a crash. Not part of `make test`. See RELIABILITY.md.
+FUZZ_SECONDS ?= 60
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
+
+# The crash-consistency campaign: SIGKILL at every crash point a pull, activation and swap pass
+# (EDGEFLOW_CRASH_TRIALS=N samples N of them), restart, check (tests/crash.rs, RELIABILITY.md).
+# `make test` runs 24 of them.
+crash: system ort venv
+	$(CARGO) test --release --locked --test crash -- --ignored crash_consistency_campaign --nocapture
 
 # Regenerate the committed fixtures (needs torch; several GB, never part of `make test`).
 models:

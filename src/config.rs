@@ -74,7 +74,12 @@ impl Config {
 
     fn load_checked(path: &Path, check: fn(&Config) -> Vec<String>) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        Self::parse_checked(&text, path, check)
+    }
+
+    /// Parses the text of a config file and runs `check` on it; `path` names it in errors.
+    pub(crate) fn parse_checked(text: &str, path: &Path, check: fn(&Config) -> Vec<String>) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
         let problems = check(&config);
         if problems.is_empty() {
             Ok(config)

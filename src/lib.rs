@@ -14,6 +14,9 @@ pub mod crash;
 pub mod engine;
 pub mod fetch;
 pub mod fleet;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod lifecycle;
 pub mod notify;
 pub mod pipeline;

@@ -123,15 +123,25 @@ pub fn unix_secs(t: SystemTime) -> Option<u64> {
     t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
 }
 
+/// Longest duration a config value may give. Longer ones are mistakes, and the daemon adds
+/// durations to the clock for deadlines and next runs: `Instant::now()` plus a few hundred
+/// billion years panics.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
+
 /// Parses a duration string for `key`, recording a problem (and returning zero) when it is
-/// not one; shared by every section that validates durations.
+/// not one, is zero or is longer than [`MAX_DURATION`]; shared by every section that validates
+/// durations.
 pub fn duration(key: &str, value: &str, problems: &mut Vec<String>) -> Duration {
     match humantime::parse_duration(value.trim()) {
-        Ok(d) if !d.is_zero() => d,
-        Ok(_) => {
+        Ok(d) if d.is_zero() => {
             problems.push(format!("{key}: must be longer than zero"));
             Duration::ZERO
         }
+        Ok(d) if d > MAX_DURATION => {
+            problems.push(format!("{key}: `{value}` is longer than {} days", MAX_DURATION.as_secs() / 86400));
+            Duration::ZERO
+        }
+        Ok(d) => d,
         Err(e) => {
             problems.push(format!("{key}: `{value}` is not a duration such as \"30s\" or \"5m\" ({e})"));
             Duration::ZERO
@@ -174,5 +184,30 @@ mod tests {
         assert_eq!(clip("short", 10), "short");
         assert_eq!(clip("abcdef", 3), "abc…");
         assert_eq!(one_line("", 5), "");
+    }
+
+    /// A config duration of 500 billion years passed the check and panicked the poller when it
+    /// added it to the clock (fuzz/regressions/config_toml/).
+    #[test]
+    fn config_durations_are_positive_and_at_most_a_year() {
+        let table: [(&str, Result<Duration, &str>); 6] = [
+            ("5m", Ok(Duration::from_secs(300))),
+            (" 365days ", Ok(MAX_DURATION)),
+            ("0s", Err("must be longer than zero")),
+            ("366days", Err("is longer than 365 days")),
+            ("500000000000years", Err("is longer than 365 days")),
+            ("soon", Err("is not a duration")),
+        ];
+        for (value, want) in table {
+            let mut problems = Vec::new();
+            let got = duration("k", value, &mut problems);
+            match want {
+                Ok(d) => assert_eq!((got, problems.as_slice()), (d, &[][..]), "{value}"),
+                Err(needle) => {
+                    assert_eq!(got, Duration::ZERO, "{value}");
+                    assert!(problems.len() == 1 && problems[0].starts_with("k: ") && problems[0].contains(needle), "{value}: {problems:?}");
+                }
+            }
+        }
     }
 }

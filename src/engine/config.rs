@@ -16,6 +16,16 @@ pub const FILE_NAME: &str = "genai_config.json";
 /// Largest `genai_config.json` read (real ones are about 2 KiB).
 const MAX_BYTES: u64 = 1 << 20;
 
+// Largest sizes a config may give: far past any real decoder's (Llama 3.1 405B: 126 layers, 128
+// heads of 128, a 128k context; Gemma: a 256k vocabulary), and small enough that what the engine
+// derives from them (a name per layer, the KV cache's bytes for a whole context) stays small and
+// cannot overflow a u64.
+const MAX_LAYERS: usize = 1024;
+const MAX_HEADS: usize = 1024;
+const MAX_HEAD_SIZE: usize = 4096;
+const MAX_CONTEXT: usize = 1 << 24;
+const MAX_VOCAB: usize = 1 << 24;
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct GenaiConfig {
     pub model: ModelSection,
@@ -134,8 +144,17 @@ impl GenaiConfig {
     pub fn load(dir: &Path) -> Result<Self, EngineError> {
         let path = dir.join(FILE_NAME);
         let text = EngineError::read_capped(&path, MAX_BYTES)?;
-        let config: GenaiConfig = serde_json::from_slice(&text).map_err(|e| EngineError::Config { path: path.clone(), field: json_error_field(&e), message: e.to_string() })?;
-        config.validate(&path)?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses and checks the text of `genai_config.json`; `path` names it in errors.
+    ///
+    /// # Errors
+    /// [`EngineError::Config`] as for [`GenaiConfig::load`].
+    pub(crate) fn parse(text: &[u8], path: &Path) -> Result<Self, EngineError> {
+        let config: GenaiConfig =
+            serde_json::from_slice(text).map_err(|e| EngineError::Config { path: path.to_path_buf(), field: json_error_field(&e), message: e.to_string() })?;
+        config.validate(path)?;
         Ok(config)
     }
 
@@ -148,16 +167,19 @@ impl GenaiConfig {
         if d.filename.is_empty() || d.filename.contains('/') || d.filename.contains("..") {
             return Err(bad("model.decoder.filename", format!("`{}` must be a plain file name inside the model folder", d.filename)));
         }
-        for (field, value) in [
-            ("model.decoder.head_size", d.head_size),
-            ("model.decoder.num_attention_heads", d.num_attention_heads),
-            ("model.decoder.num_hidden_layers", d.num_hidden_layers),
-            ("model.decoder.num_key_value_heads", d.num_key_value_heads),
-            ("model.context_length", self.model.context_length),
-            ("model.vocab_size", self.model.vocab_size),
+        for (field, value, max) in [
+            ("model.decoder.head_size", d.head_size, MAX_HEAD_SIZE),
+            ("model.decoder.num_attention_heads", d.num_attention_heads, MAX_HEADS),
+            ("model.decoder.num_hidden_layers", d.num_hidden_layers, MAX_LAYERS),
+            ("model.decoder.num_key_value_heads", d.num_key_value_heads, MAX_HEADS),
+            ("model.context_length", self.model.context_length, MAX_CONTEXT),
+            ("model.vocab_size", self.model.vocab_size, MAX_VOCAB),
         ] {
             if value == 0 {
                 return Err(bad(field, "must be greater than zero".into()));
+            }
+            if value > max {
+                return Err(bad(field, format!("{value} is larger than {max}, past any model this engine loads")));
             }
         }
         if !d.num_attention_heads.is_multiple_of(d.num_key_value_heads) {
@@ -191,7 +213,8 @@ impl GenaiConfig {
     /// layer and kv head).
     pub fn kv_bytes_per_token(&self) -> u64 {
         let d = &self.model.decoder;
-        2 * (d.num_hidden_layers * d.num_key_value_heads * d.head_size) as u64 * 4
+        // In u64: on a 32-bit target the product of the (checked) sizes may not fit a usize.
+        2 * d.num_hidden_layers as u64 * d.num_key_value_heads as u64 * d.head_size as u64 * 4
     }
 
     pub fn eos_token_ids(&self) -> Vec<u32> {
@@ -272,6 +295,16 @@ mod tests {
             (PHI3.replace("[32007, 32001, 32000]", "[99999]"), "model.eos_token_id"),
             (PHI3.replace("\"model.onnx\"", "\"../x.onnx\""), "model.decoder.filename"),
             (PHI3.replace("\"context_length\": 4096,", ""), "context_length"),
+            // Sizes this large overflowed the KV cache's bytes per token and would have named a
+            // million layers (fuzz/regressions/genai_config/).
+            (PHI3.replace("\"head_size\": 96", "\"head_size\": 1099511627776"), "model.decoder.head_size"),
+            (PHI3.replace("\"num_hidden_layers\": 32", "\"num_hidden_layers\": 1048576"), "model.decoder.num_hidden_layers"),
+            (
+                PHI3.replace("\"num_key_value_heads\": 32", "\"num_key_value_heads\": 4096").replace("\"num_attention_heads\": 32", "\"num_attention_heads\": 4096"),
+                "model.decoder.num_attention_heads",
+            ),
+            (PHI3.replace("\"context_length\": 4096", "\"context_length\": 18446744073709551615"), "model.context_length"),
+            (PHI3.replace("\"vocab_size\": 32064", "\"vocab_size\": 4294967296"), "model.vocab_size"),
         ];
         for (text, field) in cases {
             match parse(&text) {

@@ -11,10 +11,10 @@
 
 mod batch;
 pub mod budget;
-mod config;
+pub(crate) mod config;
 mod decoder;
 mod error;
-mod graph;
+pub(crate) mod graph;
 mod heartbeat;
 mod model;
 mod prefix;
@@ -23,7 +23,7 @@ mod sampling;
 mod sequence;
 pub mod settings;
 pub mod template;
-mod tokenizer;
+pub(crate) mod tokenizer;
 
 pub use batch::{Batch, Need, Refused};
 pub use budget::MemoryBudget;

@@ -50,13 +50,39 @@ pub struct ChatMessage {
 
 /// The subset of `tokenizer_config.json` the engine uses.
 #[derive(Debug, Default, Deserialize)]
-struct TokenizerConfig {
+pub(crate) struct TokenizerConfig {
     #[serde(default)]
     chat_template: Option<ChatTemplateField>,
     #[serde(default)]
     bos_token: Option<TokenField>,
     #[serde(default)]
     eos_token: Option<TokenField>,
+}
+
+impl TokenizerConfig {
+    /// Parses the text of `tokenizer_config.json`; `path` names it in errors.
+    ///
+    /// # Errors
+    /// [`EngineError::Tokenizer`] when it is not JSON of the expected shape.
+    pub(crate) fn parse(text: &[u8], path: &Path) -> Result<Self, EngineError> {
+        serde_json::from_slice(text).map_err(|e| EngineError::Tokenizer { path: path.to_path_buf(), message: e.to_string() })
+    }
+
+    /// The chat template it names (Phi-3's when it has none) and its special tokens.
+    pub(crate) fn into_spec(self) -> Spec {
+        let source = match self.chat_template {
+            Some(ChatTemplateField::One(t)) => t,
+            Some(ChatTemplateField::Named(list)) => {
+                list.iter().find(|t| t.name == "default").or(list.first()).map(|t| t.template.clone()).unwrap_or_else(|| PHI3_CHAT_TEMPLATE.to_string())
+            }
+            None => PHI3_CHAT_TEMPLATE.to_string(),
+        };
+        Spec {
+            source,
+            bos_token: self.bos_token.map(|t| t.text().to_string()).unwrap_or_else(|| "<s>".into()),
+            eos_token: self.eos_token.map(|t| t.text().to_string()).unwrap_or_else(|| "<|endoftext|>".into()),
+        }
+    }
 }
 
 /// `chat_template` is a string, or a list of named templates (`default`, `tool_use`, ...).
@@ -112,24 +138,13 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| EngineError::Tokenizer { path: path.clone(), message: e.to_string() })?;
 
         let config_path = dir.join("tokenizer_config.json");
-        let config: TokenizerConfig = match EngineError::read_capped(&config_path, MAX_TOKENIZER_CONFIG_BYTES) {
-            Ok(text) => serde_json::from_slice(&text).map_err(|e| EngineError::Tokenizer { path: config_path.clone(), message: e.to_string() })?,
+        let config = match EngineError::read_capped(&config_path, MAX_TOKENIZER_CONFIG_BYTES) {
+            Ok(text) => TokenizerConfig::parse(&text, &config_path)?,
             Err(EngineError::MissingFile { .. }) => TokenizerConfig::default(),
             Err(e) => return Err(e),
         };
-        let chat_template = match config.chat_template {
-            Some(ChatTemplateField::One(t)) => t,
-            Some(ChatTemplateField::Named(list)) => {
-                list.iter().find(|t| t.name == "default").or(list.first()).map(|t| t.template.clone()).unwrap_or_else(|| PHI3_CHAT_TEMPLATE.to_string())
-            }
-            None => PHI3_CHAT_TEMPLATE.to_string(),
-        };
-        let spec = Spec {
-            source: chat_template,
-            bos_token: config.bos_token.map(|t| t.text().to_string()).unwrap_or_else(|| "<s>".into()),
-            eos_token: config.eos_token.map(|t| t.text().to_string()).unwrap_or_else(|| "<|endoftext|>".into()),
-        };
-        let chat = ChatTemplate::new(spec).map_err(|e| EngineError::Tokenizer { path: config_path.clone(), message: format!("its chat_template does not compile: {e}") })?;
+        let chat =
+            ChatTemplate::new(config.into_spec()).map_err(|e| EngineError::Tokenizer { path: config_path.clone(), message: format!("its chat_template does not compile: {e}") })?;
         Ok(Tokenizer { inner, path, chat, max_rendered_bytes: MAX_RENDERED_BYTES })
     }
 

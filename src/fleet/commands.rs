@@ -160,7 +160,8 @@ pub fn open(payload: &[u8], device_id: &str, name: &str, policy: &Policy, now: u
     }
     let skew = CLOCK_SKEW.as_secs();
     if let Some(exp) = body.expires_at {
-        if now > exp + skew {
+        // `expires_at` is the sender's number: any u64, so no sum with it may overflow.
+        if now > exp.saturating_add(skew) {
             return Err(refuse(Some(id), Refusal::Expired, format!("expired {}s ago", now - exp)));
         }
     }
@@ -174,7 +175,7 @@ pub fn open(payload: &[u8], device_id: &str, name: &str, policy: &Policy, now: u
         if exp < issued || exp - issued > policy.max_age.as_secs() {
             return Err(refuse(Some(id), Refusal::Expired, format!("validity of {}s exceeds fleet.signature_max_age ({}s)", exp.saturating_sub(issued), policy.max_age.as_secs())));
         }
-        if now > issued + policy.max_age.as_secs() + skew {
+        if now > issued.saturating_add(policy.max_age.as_secs()).saturating_add(skew) {
             return Err(refuse(Some(id), Refusal::Expired, "issued longer ago than fleet.signature_max_age"));
         }
         if policy.not_before.is_some_and(|floor| issued < floor) {
@@ -184,7 +185,8 @@ pub fn open(payload: &[u8], device_id: &str, name: &str, policy: &Policy, now: u
     Ok(Opened { request_id: id.to_string(), args: body.args, signed, expires_at: body.expires_at, digest })
 }
 
-fn signing_input(device_id: &str, name: &str, signed: &str) -> String {
+/// The bytes a command's signature covers: the body as sent, bound to the device and the name.
+pub(crate) fn signing_input(device_id: &str, name: &str, signed: &str) -> String {
     format!("{CONTEXT}\n{device_id}\n{name}\n{signed}")
 }
 
@@ -426,6 +428,25 @@ mod tests {
         // Unsigned commands may carry an expiry too.
         let late = json!({"request_id": "e", "expires_at": NOW - 100}).to_string();
         assert_eq!(open(late.as_bytes(), "dev", "sync", &policy(false), NOW).unwrap_err().refusal, Refusal::Expired);
+    }
+
+    /// `expires_at` near `u64::MAX` overflowed the expiry check: a panic with overflow checks,
+    /// a command refused as expired without (fuzz/regressions/mqtt_command/).
+    #[test]
+    fn timestamps_at_the_ends_of_the_range_do_not_overflow() {
+        let long = Policy { max_age: Duration::from_secs(u64::MAX), ..policy(false) };
+        let table = [
+            (json!({"request_id": "a", "expires_at": u64::MAX}), false, policy(false), Ok(())),
+            (json!({"request_id": "b", "expires_at": u64::MAX - 1}), false, policy(false), Ok(())),
+            (json!({"request_id": "c", "issued_at": NOW, "expires_at": u64::MAX}), true, policy(false), Err(Refusal::Expired)),
+            (json!({"request_id": "d", "issued_at": 0, "expires_at": u64::MAX}), true, long.clone(), Ok(())),
+            (json!({"request_id": "e", "issued_at": NOW, "expires_at": NOW + 60}), true, long, Ok(())),
+            (json!({"request_id": "f", "issued_at": u64::MAX, "expires_at": u64::MAX}), true, policy(false), Err(Refusal::Expired)),
+        ];
+        for (b, signed, policy, want) in table {
+            let payload = if signed { sign(&key(), "dev", "sync", &b) } else { b.to_string() };
+            assert_eq!(open(payload.as_bytes(), "dev", "sync", &policy, NOW).map(|_| ()).map_err(|r| r.refusal), want, "{b}");
+        }
     }
 
     #[test]

@@ -120,7 +120,7 @@ impl ModelVersion {
     ///
     /// # Errors
     /// [`RegistryError::Decode`] naming the field, its value shown escaped and cut short.
-    fn checked(self, name: &str) -> Result<ModelVersion, RegistryError> {
+    pub(crate) fn checked(self, name: &str) -> Result<ModelVersion, RegistryError> {
         let refuse = |message: String| RegistryError::Decode { url: format!("the registry's answer about model `{name}`"), message };
         let shown = |v: &str| format!("{:?}", crate::util::truncate(v, MAX_ID_BYTES));
         if self.name != name {
@@ -145,14 +145,85 @@ impl ModelVersion {
     }
 }
 
+// The answers of the MLflow routes read here, as they come off the wire (see [`decode`]).
+
+/// `registered-models/get-latest-versions`.
+#[derive(Deserialize)]
+pub(crate) struct LatestVersions {
+    #[serde(default)]
+    model_versions: Vec<ModelVersion>,
+}
+
+impl LatestVersions {
+    /// The newest version of `name` in `stage`, every version listed checked first.
+    ///
+    /// # Errors
+    /// As [`ModelVersion::checked`].
+    pub(crate) fn newest(self, name: &str, stage: &str) -> Result<Option<ModelVersion>, RegistryError> {
+        let versions = self.model_versions.into_iter().map(|v| v.checked(name)).collect::<Result<Vec<_>, _>>()?;
+        Ok(versions.into_iter().filter(|v| v.current_stage.as_deref().is_none_or(|s| s.eq_ignore_ascii_case(stage))).max_by_key(ModelVersion::number))
+    }
+}
+
+/// `registered-models/alias` and `model-versions/get`.
+#[derive(Deserialize)]
+pub(crate) struct OneVersion {
+    pub(crate) model_version: ModelVersion,
+}
+
+/// `model-versions/get-download-uri`.
+#[derive(Deserialize)]
+pub(crate) struct DownloadUri {
+    pub(crate) artifact_uri: String,
+}
+
+/// `mlflow-artifacts/artifacts`: one level of the artifact tree.
+#[derive(Deserialize)]
+pub(crate) struct Listing {
+    #[serde(default)]
+    pub(crate) files: Vec<Entry>,
+}
+
 /// One entry of an artifact listing.
 #[derive(Debug, Clone, Deserialize)]
-struct Entry {
+pub(crate) struct Entry {
     path: String,
     #[serde(default)]
     is_dir: bool,
     #[serde(default, deserialize_with = "u64_or_string")]
     file_size: Option<u64>,
+}
+
+/// A listed entry, checked: a folder to walk or a file to fetch, by its path relative to the
+/// model's artifact root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Listed {
+    Dir(String),
+    File(RemoteFile),
+}
+
+impl Listed {
+    /// Checks entry `e` of the listing of `full`, the folder `dir` under the artifact root
+    /// (`""` for the root itself).
+    ///
+    /// # Errors
+    /// [`RegistryError::UnsafePath`] for a name that is not a plain name or a path that would
+    /// leave the root, [`RegistryError::Decode`] for a size past [`MAX_FILE_BYTES`].
+    pub(crate) fn of(full: &str, dir: &str, e: Entry) -> Result<Listed, RegistryError> {
+        // MLflow lists bare names; accept a `dir/name` echo of the parent too.
+        let name = e.path.strip_prefix(&format!("{full}/")).unwrap_or(&e.path);
+        check_name(name)?;
+        let rel = if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") };
+        super::mlmodel::check_relative(&rel)?;
+        if e.is_dir {
+            return Ok(Listed::Dir(rel));
+        }
+        let size = e.file_size.unwrap_or(0);
+        if size > MAX_FILE_BYTES {
+            return Err(RegistryError::Decode { url: full.to_string(), message: format!("{rel:?} is listed at {size} bytes, more than any model file ({MAX_FILE_BYTES})") });
+        }
+        Ok(Listed::File(RemoteFile { path: rel, size }))
+    }
 }
 
 /// A file under a model's artifact root.
@@ -255,14 +326,8 @@ impl Client {
     /// # Errors
     /// As [`Client::resolve`].
     pub async fn latest_in_stage(&self, name: &str, stage: &str) -> Result<Option<ModelVersion>, RegistryError> {
-        #[derive(Deserialize)]
-        struct Answer {
-            #[serde(default)]
-            model_versions: Vec<ModelVersion>,
-        }
-        let a: Answer = self.api_get("registered-models/get-latest-versions", &[("name", name), ("stages", stage)]).await.map_err(|e| not_found_as_model(e, name))?;
-        let versions = a.model_versions.into_iter().map(|v| v.checked(name)).collect::<Result<Vec<_>, _>>()?;
-        Ok(versions.into_iter().filter(|v| v.current_stage.as_deref().is_none_or(|s| s.eq_ignore_ascii_case(stage))).max_by_key(ModelVersion::number))
+        let a: LatestVersions = self.api_get("registered-models/get-latest-versions", &[("name", name), ("stages", stage)]).await.map_err(|e| not_found_as_model(e, name))?;
+        a.newest(name, stage)
     }
 
     /// The version `alias` points at.
@@ -270,11 +335,7 @@ impl Client {
     /// # Errors
     /// As [`Client::resolve`].
     pub async fn by_alias(&self, name: &str, alias: &str) -> Result<Option<ModelVersion>, RegistryError> {
-        #[derive(Deserialize)]
-        struct Answer {
-            model_version: ModelVersion,
-        }
-        match self.api_get::<Answer>("registered-models/alias", &[("name", name), ("alias", alias)]).await {
+        match self.api_get::<OneVersion>("registered-models/alias", &[("name", name), ("alias", alias)]).await {
             Ok(a) => a.model_version.checked(name).map(Some),
             Err(RegistryError::Status { status: 400, code, message, .. })
                 if code.as_deref() == Some("INVALID_PARAMETER_VALUE") && message.contains("alias") && message.contains("not found") =>
@@ -290,11 +351,7 @@ impl Client {
     /// # Errors
     /// [`RegistryError::ModelNotFound`] when the model or version is gone.
     pub async fn model_version(&self, name: &str, version: &str) -> Result<ModelVersion, RegistryError> {
-        #[derive(Deserialize)]
-        struct Answer {
-            model_version: ModelVersion,
-        }
-        let a: Answer = self.api_get("model-versions/get", &[("name", name), ("version", version)]).await.map_err(|e| not_found_as_model(e, name))?;
+        let a: OneVersion = self.api_get("model-versions/get", &[("name", name), ("version", version)]).await.map_err(|e| not_found_as_model(e, name))?;
         let mv = a.model_version.checked(name)?;
         if mv.version != version {
             return Err(RegistryError::Decode {
@@ -311,11 +368,7 @@ impl Client {
     /// [`RegistryError::UnsupportedLocation`] when the artifacts are not served by the
     /// tracking server.
     pub async fn artifact_root(&self, mv: &ModelVersion) -> Result<String, RegistryError> {
-        #[derive(Deserialize)]
-        struct Answer {
-            artifact_uri: String,
-        }
-        let a: Answer = self.api_get("model-versions/get-download-uri", &[("name", &mv.name), ("version", &mv.version)]).await.map_err(|e| not_found_as_model(e, &mv.name))?;
+        let a: DownloadUri = self.api_get("model-versions/get-download-uri", &[("name", &mv.name), ("version", &mv.version)]).await.map_err(|e| not_found_as_model(e, &mv.name))?;
         proxy_path(&a.artifact_uri).ok_or_else(|| RegistryError::UnsupportedLocation { name: mv.name.clone(), version: mv.version.clone(), uri: a.artifact_uri.clone() })
     }
 
@@ -336,22 +389,9 @@ impl Client {
                 if entries > MAX_TREE_ENTRIES || depth >= MAX_TREE_DEPTH {
                     return Err(RegistryError::TreeTooLarge { root: root.to_string(), limit: MAX_TREE_ENTRIES, depth: MAX_TREE_DEPTH });
                 }
-                // MLflow lists bare names; accept a `dir/name` echo of the parent too.
-                let name = e.path.strip_prefix(&format!("{full}/")).unwrap_or(&e.path);
-                check_name(name)?;
-                let rel = if dir.is_empty() { name.to_string() } else { format!("{dir}/{name}") };
-                super::mlmodel::check_relative(&rel)?;
-                if e.is_dir {
-                    dirs.push((rel, depth + 1));
-                } else {
-                    let size = e.file_size.unwrap_or(0);
-                    if size > MAX_FILE_BYTES {
-                        return Err(RegistryError::Decode {
-                            url: full.clone(),
-                            message: format!("{rel:?} is listed at {size} bytes, more than any model file ({MAX_FILE_BYTES})"),
-                        });
-                    }
-                    files.push(RemoteFile { path: rel, size });
+                match Listed::of(&full, &dir, e)? {
+                    Listed::Dir(rel) => dirs.push((rel, depth + 1)),
+                    Listed::File(file) => files.push(file),
                 }
             }
         }
@@ -360,13 +400,8 @@ impl Client {
     }
 
     async fn list(&self, path: &str) -> Result<Vec<Entry>, RegistryError> {
-        #[derive(Deserialize)]
-        struct Answer {
-            #[serde(default)]
-            files: Vec<Entry>,
-        }
         let url = self.endpoint(&["api", "2.0", "mlflow-artifacts", "artifacts"]);
-        let a: Answer = self.get_json(url, &[("path", path)]).await?;
+        let a: Listing = self.get_json(url, &[("path", path)]).await?;
         Ok(a.files)
     }
 
@@ -460,13 +495,21 @@ impl Client {
                     let resp = self.send(self.request(Method::GET, url.clone()).query(query).timeout(self.request_timeout)).await?;
                     let body = read_bounded(resp, MAX_API_BODY).await.map_err(|source| RegistryError::Request { url: shown.clone(), source })?;
                     let body = body.ok_or_else(|| RegistryError::Decode { url: shown.clone(), message: format!("answer larger than {MAX_API_BODY} bytes") })?;
-                    serde_json::from_slice(&body).map_err(|e| RegistryError::Decode { url: shown.clone(), message: format!("{e}; body starts {:?}", preview(&body)) })
+                    decode(&body, &shown)
                 },
                 RegistryError::is_retryable,
                 retry_log,
             )
             .await
     }
+}
+
+/// Decodes the JSON answer from `url`.
+///
+/// # Errors
+/// [`RegistryError::Decode`] with serde's message and the start of the body.
+pub(crate) fn decode<T: DeserializeOwned>(body: &[u8], url: &str) -> Result<T, RegistryError> {
+    serde_json::from_slice(body).map_err(|e| RegistryError::Decode { url: url.to_string(), message: format!("{e}; body starts {:?}", preview(body)) })
 }
 
 fn retry_log(e: &RegistryError, delay: Duration) {
@@ -498,7 +541,7 @@ fn preview(body: &[u8]) -> String {
 }
 
 /// `(error_code, message)` from MLflow's JSON error, or the text of an HTML or plain answer.
-fn parse_error_body(body: &[u8]) -> (Option<String>, String) {
+pub(crate) fn parse_error_body(body: &[u8]) -> (Option<String>, String) {
     #[derive(Deserialize)]
     struct ApiError {
         error_code: Option<String>,

@@ -3,7 +3,7 @@
 //! flavor parsing, and the `[registry]` settings. What is done with a version, pulling it
 //! into the cache and following the registry over time, is [`crate::pipeline`]'s.
 
-mod client;
+pub(crate) mod client;
 mod error;
 pub mod mlmodel;
 pub mod settings;
