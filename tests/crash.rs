@@ -132,22 +132,25 @@ impl Scenario {
         assert!(link.starts_with(&format!("v{version}.")), "{what}: serves version {version} while the active link names {link}:\n{}", offline.log());
         let (code, fingerprint, body) = offline.chat();
         assert_eq!((code, fingerprint), (200, format!("phi-3@{version}")), "{what}: {body}\n{}", offline.log());
-        assert!(offline.stop().success(), "{what}: no clean stop:\n{}", offline.log());
-        let log = offline.log();
-        assert!(!log.contains("moved aside"), "{what}: the spool or the index was damaged:\n{log}");
         // Partial downloads stay, with their resume state, for the next pull to resume.
-        self.check_cache(&log, true);
+        self.stop_and_check(offline, &what, true);
 
         // Then with the registry back: the pull completes.
         let mut again = Daemon::start(&self.work, &self.config, None);
         again.wait_serving("2");
         let (code, fingerprint, body) = again.chat();
         assert_eq!((code, fingerprint.as_str()), (200, "phi-3@2"), "{what}: {body}\n{}", again.log());
-        assert!(again.stop().success(), "{what}: no clean stop:\n{}", again.log());
-        let log = again.log();
-        assert!(!log.contains("moved aside"), "{what}: the spool or the index was damaged:\n{log}");
-        self.check_cache(&log, false);
+        self.stop_and_check(again, &what, false);
         true
+    }
+
+    /// Stops `daemon`, which must exit cleanly having moved nothing aside as damaged, and
+    /// checks the cache it leaves ([`Scenario::check_cache`]).
+    fn stop_and_check(&self, mut daemon: Daemon, what: &str, partials: bool) {
+        assert!(daemon.stop().success(), "{what}: no clean stop:\n{}", daemon.log());
+        let log = daemon.log();
+        assert!(!log.contains("moved aside"), "{what}: the spool or the index was damaged:\n{log}");
+        self.check_cache(&log, partials);
     }
 
     /// Where the model's `active` link points (a version folder's name).
