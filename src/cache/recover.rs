@@ -85,12 +85,11 @@ impl Store {
     /// after. Where the two disagree, the process died in between: a link naming a recorded,
     /// usable version folder wins and the activation is recorded again (it happens only after
     /// the version passed its checks); a link naming anything else is put back on the
-    /// version the index calls active. Returns what was repaired, as `model@version`.
+    /// version the index calls active. Each repair is logged.
     ///
     /// # Errors
     /// I/O and index errors.
-    pub(super) fn finish_activations(&self) -> Result<Vec<String>, CacheError> {
-        let mut done = Vec::new();
+    pub(super) fn finish_activations(&self) -> Result<(), CacheError> {
         for m in self.models()? {
             let model_dir = self.root().join("models").join(slug(&m.model));
             let target = std::fs::read_link(model_dir.join("active")).ok().map(|t| t.to_string_lossy().into_owned());
@@ -112,9 +111,8 @@ impl Store {
             };
             tracing::warn!(model = %m.model, %version, link = ?target, index = ?m.active, "the active link and the index disagreed (an activation was interrupted); activating {version} again");
             self.activate(&m.model, &version)?;
-            done.push(format!("{}@{version}", m.model));
         }
-        Ok(done)
+        Ok(())
     }
 
     fn blobs_by_inode(&self) -> Result<HashMap<(u64, u64), String>, CacheError> {
