@@ -88,7 +88,7 @@ const INT64: u64 = 7;
 
 /// Element-wise operations: each output position depends on the same position of the inputs
 /// (the other inputs being constants, which the plan checks).
-const ELEMENTWISE: &[&str] = &["Add", "Sub", "Mul", "Div", "Cast", "Tanh", "Sigmoid", "Relu", "Identity", "Softcap"];
+const ELEMENTWISE: &[&str] = &["Add", "Sub", "Mul", "Div", "Cast", "Tanh", "Sigmoid", "Relu", "Identity"];
 /// Matrix products over the last axis of a region input and a constant.
 const PRODUCTS: &[&str] = &["MatMul", "MatMulNBits"];
 /// Reductions: allowed over axes past batch and position only.
