@@ -53,25 +53,26 @@ demo: system build venv smollm2
 
 # Side-by-side with onnxruntime-genai, every ratio of BENCHMARKS.md's engine sections in one
 # command: single stream (tiny fixture, SmolLM2, Phi-3-mini shape), prefix reuse, batching.
-# Builds the bench venv and the Phi-3-mini-shaped model on first use.
-bench: build smollm2
+# Builds the bench venv and the Phi-3-mini-shaped model on first use; installs the system
+# packages (python3-venv) when missing, as `make test` does.
+bench: system build smollm2
 	benches/run.sh
 	benches/run.sh --prefix
 	benches/run.sh --batch
 
 # One part of `make bench`, or another benchmark against its anchor (see benches/README.md).
-bench-engine: build smollm2
+bench-engine: system build smollm2
 	benches/run.sh
-bench-prefix: build smollm2
+bench-prefix: system build smollm2
 	benches/run.sh --prefix
-bench-batch: build smollm2
+bench-batch: system build smollm2
 	benches/run.sh --batch
 
-bench-serve: build
+bench-serve: system build
 	benches/serve.sh --runs 31
-bench-pull: build venv
+bench-pull: system build venv
 	benches/pull_bench.sh --rounds 5
-bench-fleet: build
+bench-fleet: system build
 	python3 benches/fleet_link.py --minutes 16
 
 # Every fuzz target of fuzz/ for FUZZ_SECONDS each (cargo fuzz, libFuzzer, nightly; installs
