@@ -11,7 +11,10 @@ rendering and tokenizing):
   system prompt  a ~512-token system prompt and a ~32-token user turn, a different user turn on
                  each request; the first request (nothing cached) is reported apart.
   chat           a 10-turn conversation: each turn sends every earlier turn with the model's
-                 own answers (32 tokens each) and a new ~32-token user turn.
+                 own answers (32 tokens each) and a new ~32-token user turn. The conversation
+                 runs --chat-runs times (3), each on a fresh server; each turn's figure is the
+                 median over the runs (one sample per turn is at the mercy of the machine's
+                 noise, and the turn-10 / turn-1 ratio of two single samples more so).
 
 Anchors, measured alternately with edgeflow's requests: onnxruntime-genai 0.18.0 (Python API,
 benches/genai_runner.py, a fresh process each) prefilling a prompt of the same length as each
@@ -193,20 +196,36 @@ def bench_model(name, model_dir, args):
             server.stop()
     res["system_prompt"] = {"first": first, "warm": rows}
 
-    # --- chat: 10 turns, prefix reuse on, genai on each turn's length.
-    engine_bench.wait_idle(args.wait_idle)
-    server = Server(args.edgeflow, model_dir, args.threads, "256MiB")
+    # --- chat: 10 turns, prefix reuse on, genai on each turn's length; --chat-runs times,
+    #     each on a fresh server (so turn 1 never finds the previous run's system prompt).
+    runs = []
+    for _ in range(args.chat_runs):
+        engine_bench.wait_idle(args.wait_idle)
+        server = Server(args.edgeflow, model_dir, args.threads, "256MiB")
+        run = []
+        try:
+            msgs = [{"role": "system", "content": "You are a helpful assistant. Answer in a few sentences."}]
+            for t in range(args.turns):
+                msgs.append({"role": "user", "content": USER_TURNS[t % len(USER_TURNS)]})
+                ttft, _, answer, usage = chat(server.sock, msgs, args.answer_tokens)
+                g = genai_ttft(args.genai_python, model_dir, usage["prompt_tokens"], filler, args.threads)
+                run.append({"turn": t + 1, "ttft_s": ttft, "genai_ttft_s": g, "prompt_tokens": usage["prompt_tokens"], "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]})
+                msgs.append({"role": "assistant", "content": answer})
+        finally:
+            server.stop()
+        runs.append(run)
+    # Greedy answers make every run the same conversation; the per-turn medians are reported.
     turns = []
-    try:
-        msgs = [{"role": "system", "content": "You are a helpful assistant. Answer in a few sentences."}]
-        for t in range(args.turns):
-            msgs.append({"role": "user", "content": USER_TURNS[t % len(USER_TURNS)]})
-            ttft, _, answer, usage = chat(server.sock, msgs, args.answer_tokens)
-            g = genai_ttft(args.genai_python, model_dir, usage["prompt_tokens"], filler, args.threads)
-            turns.append({"turn": t + 1, "ttft_s": ttft, "genai_ttft_s": g, "prompt_tokens": usage["prompt_tokens"], "cached_tokens": usage["prompt_tokens_details"]["cached_tokens"]})
-            msgs.append({"role": "assistant", "content": answer})
-    finally:
-        server.stop()
+    for i in range(args.turns):
+        samples = [r[i] for r in runs]
+        turns.append({
+            "turn": i + 1,
+            "ttft_s": median([s["ttft_s"] for s in samples]),
+            "genai_ttft_s": median([s["genai_ttft_s"] for s in samples]),
+            "ttft_samples_s": [s["ttft_s"] for s in samples],
+            "prompt_tokens": samples[0]["prompt_tokens"],
+            "cached_tokens": samples[0]["cached_tokens"],
+        })
     res["chat"] = turns
     return res
 
@@ -222,12 +241,13 @@ def report(res):
     g0 = f.get("genai_list", [{}])[0].get("ttft_s", float("nan"))
     print(f"| first request (nothing cached) | {f['on']['ttft_s']*1000:.1f} ms | {f['off']['ttft_s']*1000:.1f} ms | {g0*1000:.1f} ms | {f['on']['ttft_s']/g0:.2f} | {f['off']['ttft_s']/g0:.2f} |")
     print(f"| later requests, TTFT median of {len(sp['warm']['on'])} | {on*1000:.1f} ms | {off*1000:.1f} ms | {ga*1000:.1f} ms | **{on/ga:.2f}** | {off/ga:.2f} |")
-    print(f"\n### {res['model']}: 10-turn chat\n")
-    print("| turn | prompt tokens | reused | edgeflow TTFT | genai TTFT | edgeflow / genai |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for t in res["chat"]:
-        print(f"| {t['turn']} | {t['prompt_tokens']} | {t['cached_tokens']} | {t['ttft_s']*1000:.1f} ms | {t['genai_ttft_s']*1000:.1f} ms | {t['ttft_s']/t['genai_ttft_s']:.2f} |")
     c = res["chat"]
+    print(f"\n### {res['model']}: 10-turn chat (medians of {len(c[0].get('ttft_samples_s', [0]))} runs)\n")
+    print("| turn | prompt tokens | reused | edgeflow TTFT | edgeflow range | genai TTFT | edgeflow / genai |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for t in c:
+        samples = t.get("ttft_samples_s", [t["ttft_s"]])
+        print(f"| {t['turn']} | {t['prompt_tokens']} | {t['cached_tokens']} | {t['ttft_s']*1000:.1f} ms | {min(samples)*1000:.1f}–{max(samples)*1000:.1f} ms | {t['genai_ttft_s']*1000:.1f} ms | {t['ttft_s']/t['genai_ttft_s']:.2f} |")
     print(f"\nTurn {c[-1]['turn']} / turn 1 TTFT: edgeflow **{c[-1]['ttft_s']/c[0]['ttft_s']:.2f}**, genai {c[-1]['genai_ttft_s']/c[0]['genai_ttft_s']:.2f}")
     print(f"Metrics after the system-prompt run: {res.get('metrics')}")
 
@@ -238,6 +258,7 @@ def main():
     ap.add_argument("--requests", type=int, default=5, help="warm requests after the first")
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--answer-tokens", type=int, default=32)
+    ap.add_argument("--chat-runs", type=int, default=3, help="times the 10-turn chat runs, each on a fresh server")
     args = ap.parse_args()
     engine_bench.run_models(args, bench_model, report)
 

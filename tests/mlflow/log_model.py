@@ -22,8 +22,14 @@ import os
 import sys
 import tempfile
 
-import mlflow
-from mlflow.tracking import MlflowClient
+# MLflow's usage telemetry: no phoning home from tests, and no race in it (3.17's client
+# deletes its session id from os.environ on one thread while another reads it: a KeyError
+# that failed a log_model under load).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
 
 
 class GenaiWrapper(mlflow.pyfunc.PythonModel):

@@ -22,6 +22,9 @@ def main():
     args, rest = p.parse_known_args()
 
     env = dict(os.environ)
+    # No usage telemetry from the test server (see log_model.py).
+    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    env.setdefault("DO_NOT_TRACK", "true")
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "mlflow"), "server",
         "--host", "127.0.0.1", "--port", args.port, "--workers", "2",
