@@ -16,10 +16,17 @@
 //! or stale data). Without a validator from the server nothing is resumed: a ranged request
 //! could splice two versions of the file.
 //!
-//! The size must match the registry's listing exactly. Files download a few at a time
-//! (`parallel_downloads`), optionally under a shared bandwidth cap. The HTTP requests go
-//! through a [`Source`] (the registry's client implements it), so this module knows nothing
-//! of MLflow.
+//! The size must match the registry's listing exactly. An answer that proves itself wrong
+//! (more bytes than listed, or a Content-Length that disagrees) costs its partial file: the
+//! bytes already on disk came from the same server and are no longer trusted. A download
+//! that trickles (less than [`MIN_RATE`] over a `read_timeout` window, which a byte now and
+//! then keeps from timing out) is dropped and resumed like a stalled one. When the disk
+//! fills, every partial file of the pull is removed, so the space goes back to the version
+//! serving (its index, its logs) and the next attempt starts from a clean slate.
+//!
+//! Files download a few at a time (`parallel_downloads`), optionally under a shared bandwidth
+//! cap. The HTTP requests go through a [`Source`] (the registry's client implements it), so
+//! this module knows nothing of MLflow.
 
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
@@ -36,6 +43,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
+use crate::telemetry::metrics::RegistryMetrics;
 
 /// Batches queued between the network and the writer thread.
 const WRITE_QUEUE: usize = 16;
@@ -48,6 +56,10 @@ const WRITE_BUFFER: usize = 1 << 20;
 const WRITEBACK_STEP: u64 = 64 << 20;
 /// The partial file is fsynced and its durable length recorded this often.
 const CHECKPOINT_STEP: u64 = 2 * WRITEBACK_STEP;
+/// Bytes per second below which a download counts as stalled, judged over a whole stall
+/// window: a link this slow would take a month over a 2.4 GB model, and a server that sends
+/// a byte now and then to beat the read timeout must not hold the poller forever.
+pub const MIN_RATE: u64 = 1024;
 
 /// Where the bytes come from: one ranged GET, and an answer that is not 200/206/416 turned
 /// into an error. The registry's client implements it with its auth, TLS and timeouts.
@@ -69,6 +81,8 @@ pub struct SourceError {
     pub retryable: bool,
     /// The server could not be reached at all.
     pub unreachable: bool,
+    /// The failure as a metric label (`connect`, `timeout`, `http_5xx`...).
+    pub kind: &'static str,
 }
 
 impl std::fmt::Display for SourceError {
@@ -85,7 +99,13 @@ impl std::error::Error for SourceError {
 
 impl SourceError {
     pub fn new(inner: impl std::error::Error + Send + Sync + 'static, retryable: bool, unreachable: bool) -> Self {
-        Self { inner: Box::new(inner), retryable, unreachable }
+        Self { inner: Box::new(inner), retryable, unreachable, kind: "transport" }
+    }
+
+    /// The same error, labelled `kind` in metrics.
+    pub fn with_kind(mut self, kind: &'static str) -> Self {
+        self.kind = kind;
+        self
     }
 }
 
@@ -153,6 +173,14 @@ pub enum FetchError {
     SizeMismatch { name: String, expected: u64, actual: u64 },
     #[error("downloading {name}: range request at {from} was refused (416); the file changed on the server")]
     RangeRefused { name: String, from: u64 },
+    #[error("downloading {name}: only {received} bytes arrived in {}s (at {at} of {size} bytes), below the minimum of {min_rate} bytes/s; the server is stalling", .window.as_secs())]
+    Stalled { name: String, at: u64, size: u64, received: u64, window: Duration, min_rate: u64 },
+    #[error("writing {path}: the file system holding the cache is full; the partial downloads of this pull are removed to give the space back")]
+    DiskFull {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("writing {path}")]
     Io {
         path: PathBuf,
@@ -167,13 +195,41 @@ impl FetchError {
     pub fn is_retryable(&self) -> bool {
         match self {
             FetchError::Source { source, .. } => source.retryable,
-            FetchError::Body { .. } | FetchError::Truncated { .. } | FetchError::RangeRefused { .. } => true,
-            FetchError::SizeMismatch { .. } | FetchError::Io { .. } | FetchError::WriterGone { .. } => false,
+            FetchError::Body { .. } | FetchError::Truncated { .. } | FetchError::RangeRefused { .. } | FetchError::Stalled { .. } => true,
+            FetchError::SizeMismatch { .. } | FetchError::DiskFull { .. } | FetchError::Io { .. } | FetchError::WriterGone { .. } => false,
+        }
+    }
+
+    /// True when the local disk is full (or over its quota): not the registry's fault.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, FetchError::DiskFull { .. })
+    }
+
+    /// The failure as a metric label (see `telemetry::metrics::RegistryMetrics::request`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            FetchError::Source { source, .. } => source.kind,
+            FetchError::Body { source, .. } if source.is_timeout() => "timeout",
+            FetchError::Body { .. } => "transport",
+            FetchError::Truncated { .. } => "truncated",
+            FetchError::SizeMismatch { .. } => "bad_answer",
+            FetchError::RangeRefused { .. } => "range_refused",
+            FetchError::Stalled { .. } => "stalled",
+            FetchError::DiskFull { .. } | FetchError::Io { .. } | FetchError::WriterGone { .. } => "local_error",
         }
     }
 
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError + '_ {
-        move |source| FetchError::Io { path: path.to_path_buf(), source }
+        move |source| FetchError::from_io(path, source)
+    }
+
+    /// An I/O error on `path`: [`FetchError::DiskFull`] when the file system is full.
+    fn from_io(path: &Path, source: std::io::Error) -> FetchError {
+        if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) {
+            FetchError::DiskFull { path: path.to_path_buf(), source }
+        } else {
+            FetchError::Io { path: path.to_path_buf(), source }
+        }
     }
 }
 
@@ -250,6 +306,10 @@ pub struct Downloader {
     parallel: usize,
     backoff: Backoff,
     limiter: Option<Arc<RateLimiter>>,
+    /// A download receiving less than `min_rate` bytes/s over this window is stalled.
+    stall_window: Duration,
+    min_rate: u64,
+    metrics: RegistryMetrics,
     /// One lock per partial file. A download abandoned mid-way (its pull was preempted) has
     /// a writer thread that may still be flushing; the writer holds the lock until it is
     /// done, so a resume of the same file never appends beside it.
@@ -258,8 +318,35 @@ pub struct Downloader {
 
 impl Downloader {
     /// Downloads from `source` into `tmp`, `parallel` files at a time, retrying with `backoff`.
+    /// A download is stalled when it receives less than [`MIN_RATE`] bytes/s (half its share
+    /// of the `bandwidth_limit`, if that is lower) over 60 s; see
+    /// [`Downloader::with_stall_window`].
     pub fn new(source: Arc<dyn Source>, backoff: Backoff, tmp: PathBuf, parallel: usize, bandwidth_limit: Option<u64>) -> Downloader {
-        Downloader { source, tmp, parallel: parallel.max(1), backoff, limiter: bandwidth_limit.map(|b| Arc::new(RateLimiter::new(b))), locks: Arc::default() }
+        Downloader {
+            source,
+            tmp,
+            parallel: parallel.max(1),
+            backoff,
+            limiter: bandwidth_limit.map(|b| Arc::new(RateLimiter::new(b))),
+            stall_window: Duration::from_secs(60),
+            // Under a cap, each of the files downloading at once gets its share of it.
+            min_rate: bandwidth_limit.map_or(MIN_RATE, |b| MIN_RATE.min(b / (2 * parallel.max(1) as u64))),
+            locks: Arc::default(),
+            metrics: RegistryMetrics::new(),
+        }
+    }
+
+    /// Judges the download rate over `window` (the registry's `read_timeout`: a download
+    /// that receives nothing for that long has timed out already).
+    pub fn with_stall_window(mut self, window: Duration) -> Downloader {
+        self.stall_window = window.max(Duration::from_secs(1));
+        self
+    }
+
+    /// Counts every download attempt, retry and backoff in `metrics`.
+    pub fn with_metrics(mut self, metrics: RegistryMetrics) -> Downloader {
+        self.metrics = metrics;
+        self
     }
 
     /// Downloads every job, `parallel` at a time; stops at the first error that retries
@@ -268,6 +355,34 @@ impl Downloader {
     /// # Errors
     /// The first [`FetchError`] that was not retryable or ran out of attempts.
     pub async fn fetch_all(&self, jobs: Vec<Job>, progress: Arc<Progress>, observer: Observer) -> Result<Vec<Fetched>, FetchError> {
+        let keys: Vec<String> = jobs.iter().map(|j| j.key.clone()).collect();
+        let result = self.fetch_each(jobs, progress, observer).await;
+        if let Err(e) = &result {
+            if e.is_disk_full() {
+                // DEVNOTE: the other downloads were aborted with the JoinSet; a writer thread
+                // still flushing keeps its file open, and its space comes back when it ends.
+                let freed = self.discard(&keys);
+                tracing::error!(error = %crate::util::chain(e), files = keys.len(), freed, "the disk is full; removed this pull's partial downloads");
+            }
+        }
+        result
+    }
+
+    /// Removes the partial files (and their resume state) of `keys`; the bytes freed.
+    fn discard(&self, keys: &[String]) -> u64 {
+        let mut freed = 0;
+        for key in keys {
+            for path in [self.tmp.join(format!("{key}.part")), self.tmp.join(format!("{key}.part.json"))] {
+                let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                if std::fs::remove_file(&path).is_ok() {
+                    freed += len;
+                }
+            }
+        }
+        freed
+    }
+
+    async fn fetch_each(&self, jobs: Vec<Job>, progress: Arc<Progress>, observer: Observer) -> Result<Vec<Fetched>, FetchError> {
         progress.total.fetch_add(jobs.iter().fold(0u64, |sum, j| sum.saturating_add(j.size)), Ordering::Relaxed);
         let semaphore = Arc::new(tokio::sync::Semaphore::new(self.parallel));
         let mut set = tokio::task::JoinSet::new();
@@ -323,15 +438,18 @@ impl Downloader {
         while have < job.size || (job.size == 0 && !part.exists()) {
             let before = have;
             let result = self.attempt(job, &part, &state_path, &mut hasher, &mut have, &mut validator, progress, &held).await;
+            self.metrics.request("download", result.as_ref().map_or_else(FetchError::kind, |()| "ok"));
             match result {
                 Ok(()) => {}
                 Err(e) if e.is_retryable() && retry + 1 < self.backoff.max_attempts => {
                     // Progress made on this attempt earns the retries back: a flaky link that
-                    // keeps moving forward is not a failing one.
-                    if have > before {
+                    // keeps moving forward is not a failing one (a stalled one is: its trickle
+                    // of bytes earns nothing).
+                    if have > before && !matches!(e, FetchError::Stalled { .. }) {
                         retry = 0;
                     }
                     let delay = self.backoff.delay(retry);
+                    self.metrics.retrying("download", delay);
                     tracing::warn!(file = %job.name, at = have, error = %crate::util::chain(&e), ?delay, "download interrupted; resuming");
                     observer(&Event::Retrying { name: job.name.clone(), error: crate::util::chain(&e), delay, at: have });
                     tokio::time::sleep(delay).await;
@@ -393,7 +511,11 @@ impl Downloader {
         if let Some(len) = resp.content_length() {
             // The server's Content-Length is untrusted: it may be near u64::MAX.
             if have.saturating_add(len) != job.size {
-                return Err(FetchError::SizeMismatch { name: job.name.clone(), expected: job.size, actual: have.saturating_add(len) });
+                let actual = have.saturating_add(len);
+                // A server that disagrees with the listing about the file is not trusted with
+                // the bytes it sent before either.
+                discard_partial(part, state_path, hasher, have, progress)?;
+                return Err(FetchError::SizeMismatch { name: job.name.clone(), expected: job.size, actual });
             }
         }
         let new_validator =
@@ -432,6 +554,14 @@ impl Downloader {
         let (back, written) = writer.await.map_err(|_| FetchError::WriterGone { name: job.name.clone() })??;
         *hasher = back;
         *have += written;
+        if let Err(e @ FetchError::SizeMismatch { .. }) = &stream_result {
+            // More bytes than the listing says: this answer was not the file (a runaway or
+            // hostile server, a middlebox appending to it), and the bytes it wrote before
+            // proving it are no better. Keeping them would let the next attempt resume after
+            // them and publish a file whose digest is only ever computed here.
+            tracing::warn!(file = %job.name, error = %e, "the server sent more than the listed size; discarding the partial download");
+            discard_partial(part, state_path, hasher, have, progress)?;
+        }
         stream_result?;
         if *have < job.size {
             return Err(FetchError::Truncated { name: job.name.clone(), at: *have, size: job.size });
@@ -447,6 +577,10 @@ impl Downloader {
         let mut stream_result = Ok(());
         let mut batch: Vec<Bytes> = Vec::new();
         let mut batch_bytes = 0usize;
+        // Bytes received since `window_start`, judged against `min_rate` once a stall window
+        // has passed (the read timeout only notices total silence).
+        let mut window_start = Instant::now();
+        let mut window_bytes = 0u64;
         loop {
             let chunk = match resp.chunk().await {
                 Ok(Some(chunk)) => chunk,
@@ -465,6 +599,7 @@ impl Downloader {
                 l.acquire(chunk.len()).await;
             }
             batch_bytes += chunk.len();
+            window_bytes += chunk.len() as u64;
             batch.push(chunk);
             // Under a bandwidth cap, hand over every chunk: bytes must reach the disk as they arrive.
             if batch_bytes >= BATCH_BYTES || self.limiter.is_some() {
@@ -473,6 +608,19 @@ impl Downloader {
                 }
                 progress.done.fetch_add(batch_bytes as u64, Ordering::Relaxed);
                 batch_bytes = 0;
+            }
+            let elapsed = window_start.elapsed();
+            if elapsed >= self.stall_window {
+                let floor = self.min_rate.saturating_mul(elapsed.as_secs());
+                if window_bytes < floor {
+                    // The bytes that came are genuine so far: kept, and the next attempt
+                    // resumes after them.
+                    stream_result =
+                        Err(FetchError::Stalled { name: job.name.clone(), at: received, size: job.size, received: window_bytes, window: elapsed, min_rate: self.min_rate });
+                    break;
+                }
+                window_start = Instant::now();
+                window_bytes = 0;
             }
         }
         // What arrived before a failure is kept: the next attempt resumes after it.
@@ -532,6 +680,16 @@ fn prepare_in_boot(part: &Path, state_path: &Path, url: &str, size: u64, boot: O
         }
     }
     Ok((hasher, total, state.validator))
+}
+
+/// [`reset`], and the resume state removed too: nothing of the file is trusted any more.
+fn discard_partial(part: &Path, state_path: &Path, hasher: &mut Sha256, have: &mut u64, progress: &Progress) -> Result<(), FetchError> {
+    reset(part, hasher, have, progress)?;
+    match std::fs::remove_file(state_path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(FetchError::from_io(state_path, e)),
+    }
 }
 
 fn reset(part: &Path, hasher: &mut Sha256, have: &mut u64, progress: &Progress) -> Result<(), FetchError> {
@@ -604,7 +762,7 @@ fn write_loop(
             checkpoint_from = written;
         }
     }
-    let mut file = out.into_inner().map_err(|e| FetchError::Io { path: path.to_path_buf(), source: e.into_error() })?;
+    let mut file = out.into_inner().map_err(|e| FetchError::from_io(path, e.into_error()))?;
     file.flush().map_err(FetchError::io(path))?;
     // Position is irrelevant in append mode; this only surfaces a deferred write error.
     file.stream_position().map_err(FetchError::io(path))?;
@@ -727,6 +885,110 @@ mod tests {
         std::fs::write(&part, b"0123456").unwrap();
         write_state(&state, &PartState { durable: 0, durable_sha256: None, boot_id: None, ..checkpointed(0, b"") }).unwrap();
         assert_eq!(prepare_in_boot(&part, &state, "http://x/a", 20, Some("boot-2")).unwrap().1, 0);
+    }
+
+    /// Downloads over plain reqwest, as the registry's client does (without its retries).
+    struct Plain(reqwest::Client);
+
+    impl Source for Plain {
+        fn get<'a>(&'a self, url: &'a Url, from: u64, if_range: Option<&'a str>) -> BoxFuture<'a, Result<reqwest::Response, SourceError>> {
+            Box::pin(async move {
+                let mut rb = self.0.get(url.clone());
+                if from > 0 {
+                    rb = rb.header(reqwest::header::RANGE, format!("bytes={from}-"));
+                    if let Some(v) = if_range {
+                        rb = rb.header(reqwest::header::IF_RANGE, v);
+                    }
+                }
+                rb.send().await.map_err(|e| SourceError::new(e, true, true))
+            })
+        }
+
+        fn error_for(&self, resp: reqwest::Response) -> BoxFuture<'static, SourceError> {
+            Box::pin(async move { SourceError::new(std::io::Error::other(format!("answered {}", resp.status())), false, false) })
+        }
+    }
+
+    /// A loopback server answering the n-th connection with `answers[n]` (head, then body
+    /// writes with a pause after each); records each request's Range header.
+    async fn serve(answers: Vec<(String, Vec<Vec<u8>>, Duration)>) -> (Url, Arc<Mutex<Vec<Option<String>>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = Url::parse(&format!("http://{}/model.onnx.data", listener.local_addr().unwrap())).unwrap();
+        let ranges = Arc::new(Mutex::new(Vec::new()));
+        let seen = ranges.clone();
+        tokio::spawn(async move {
+            for (head, writes, pause) in answers {
+                let Ok((mut conn, _)) = listener.accept().await else { return };
+                let mut request = Vec::new();
+                let mut byte = [0u8; 1];
+                while !request.ends_with(b"\r\n\r\n") && conn.read(&mut byte).await.unwrap_or(0) == 1 {
+                    request.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                seen.lock().unwrap().push(text.lines().find_map(|l| l.strip_prefix("range: ").map(str::to_string)));
+                tokio::spawn(async move {
+                    let _ = conn.write_all(head.as_bytes()).await;
+                    for w in writes {
+                        if conn.write_all(&w).await.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                });
+            }
+        });
+        (url, ranges)
+    }
+
+    fn downloader(tmp: &Path, window: Duration) -> Downloader {
+        // reqwest is built without a crypto provider (see Cargo.toml); the daemon's client
+        // installs this one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let backoff = Backoff { initial: Duration::from_millis(10), max: Duration::from_millis(10), max_attempts: 1 };
+        Downloader::new(Arc::new(Plain(reqwest::Client::new())), backoff, tmp.to_path_buf(), 1, None).with_stall_window(window)
+    }
+
+    fn quiet() -> Observer {
+        Arc::new(|_| {})
+    }
+
+    /// Found by the registry-faults campaign: an answer longer than the listed size (zeros
+    /// after a genuine head, an ETag with it) left its bytes in the partial file, and the next
+    /// attempt resumed after them, so the file was published with the zeros in it.
+    #[tokio::test]
+    async fn an_answer_longer_than_listed_costs_its_partial_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let overlong = "HTTP/1.1 200 OK\r\nETag: \"e\"\r\nConnection: close\r\n\r\n".to_string();
+        let honest = format!("HTTP/1.1 200 OK\r\nETag: \"e\"\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", file.len());
+        let (url, ranges) = serve(vec![(overlong, vec![vec![0u8; 64 << 10]; 6], Duration::ZERO), (honest, vec![file.clone()], Duration::ZERO)]).await;
+        let d = downloader(tmp.path(), Duration::from_secs(60));
+        let job = Job { url, name: "model.onnx.data".into(), size: file.len() as u64, key: "k".into() };
+        let e = d.fetch_all(vec![job.clone()], Arc::new(Progress::default()), quiet()).await.unwrap_err();
+        assert!(matches!(e, FetchError::SizeMismatch { .. }), "{e}");
+        assert!(!tmp.path().join("k.part").exists() || std::fs::metadata(tmp.path().join("k.part")).unwrap().len() == 0, "the overlong answer's bytes were kept");
+        assert!(!tmp.path().join("k.part.json").exists(), "its resume state was kept");
+        let f = d.fetch_all(vec![job], Arc::new(Progress::default()), quiet()).await.unwrap();
+        assert_eq!(f[0].sha256, hex::encode(Sha256::digest(&file)), "the file is the server's, not zeros and a tail");
+        assert_eq!(ranges.lock().unwrap().clone(), vec![None, None], "started over, not resumed after the zeros");
+    }
+
+    /// Found by the registry-faults campaign: a server sending a few bytes now and then never
+    /// tripped the read timeout, and the pull (and with it every later poll) waited forever.
+    #[tokio::test]
+    async fn a_trickle_below_the_minimum_rate_is_a_stall_and_its_bytes_are_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let head = "HTTP/1.1 200 OK\r\nETag: \"e\"\r\nContent-Length: 100000\r\nConnection: close\r\n\r\n".to_string();
+        let (url, _) = serve(vec![(head, vec![vec![7u8; 50]; 40], Duration::from_millis(100))]).await;
+        let d = downloader(tmp.path(), Duration::from_secs(1));
+        let job = Job { url, name: "model.onnx.data".into(), size: 100_000, key: "k".into() };
+        let started = std::time::Instant::now();
+        let e = d.fetch_all(vec![job], Arc::new(Progress::default()), quiet()).await.unwrap_err();
+        assert!(matches!(e, FetchError::Stalled { min_rate: MIN_RATE, .. }) && e.is_retryable() && e.kind() == "stalled", "{e}");
+        assert!(started.elapsed() < Duration::from_secs(3), "judged after one window: {:?}", started.elapsed());
+        let kept = std::fs::metadata(tmp.path().join("k.part")).unwrap().len();
+        assert!(kept >= 400 && kept.is_multiple_of(50), "the genuine bytes stay for the resume: {kept}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -75,19 +75,17 @@ const MAX_DETAIL: usize = 2048;
 impl From<&crate::pipeline::Status> for PollStatus {
     fn from(s: &crate::pipeline::Status) -> Self {
         use crate::pipeline::Condition as C;
-        let (outcome, detail) = match &s.condition {
-            C::Starting => ("starting", None),
-            C::UpToDate => ("up_to_date", None),
-            C::Updated { from, to } => ("updated", Some(format!("{} -> {to}", from.as_deref().unwrap_or("none")))),
-            C::Repaired { files } => ("repaired", Some(files.join(", "))),
-            C::RolledBack { from, to, reason } => ("rolled_back", Some(format!("{from} -> {to}: {reason}"))),
-            C::TargetGone { detail } => ("target_gone", Some(detail.clone())),
-            C::ModelDeleted => ("model_deleted", None),
-            C::Rejected { version, reason } => ("rejected", Some(format!("version {version}: {reason}"))),
-            C::Unreachable { error } => ("unreachable", Some(error.clone())),
-            C::Failed { error } => ("failed", Some(error.clone())),
-            C::Interrupted { by } => ("interrupted", Some(format!("by {by}"))),
+        let detail = match &s.condition {
+            C::Starting | C::UpToDate | C::ModelDeleted => None,
+            C::Updated { from, to } => Some(format!("{} -> {to}", from.as_deref().unwrap_or("none"))),
+            C::Repaired { files } => Some(files.join(", ")),
+            C::RolledBack { from, to, reason } => Some(format!("{from} -> {to}: {reason}")),
+            C::TargetGone { detail } => Some(detail.clone()),
+            C::Rejected { version, reason } => Some(format!("version {version}: {reason}")),
+            C::Unreachable { error } | C::Failed { error } => Some(error.clone()),
+            C::Interrupted { by } => Some(format!("by {by}")),
         };
+        let outcome = s.condition.name();
         // Errors carry text from the registry: bounded, so a health report always fits.
         let detail = detail.map(|d| crate::util::clip(&d, MAX_DETAIL));
         PollStatus { checked_at: s.checked_at, outcome: outcome.to_string(), detail, polls: s.polls }

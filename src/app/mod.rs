@@ -169,13 +169,14 @@ impl Daemon {
         }
 
         let status_doc = status_document(status_rx.clone(), link_state, manager.clone(), serve_settings.queue_depth, socket_path.clone());
+        let registry_metrics = metrics.registry_metrics.clone();
         let app = App::from_settings(manager.clone(), metrics, &serve_settings).with_drift(drift).with_status(status_doc);
         let stop_http = CancellationToken::new();
         let servers = listeners.serve(&app, &stop_http);
 
         // The registry side: the poller owns the cache's "active", the supervisor makes the
         // engine follow it, the handler turns commands into poller operations.
-        let client = Client::new(&url, &registry, Auth::from_env()).context("configuring the registry client")?;
+        let client = Client::new(&url, &registry, Auth::from_env()).context("configuring the registry client")?.with_metrics(registry_metrics);
         let puller = Puller::new(client, store.clone(), registry.parallel_downloads, registry.bandwidth_limit, load);
         let jitter = Jitter { interval: registry.poll_interval, jitter: registry.poll_jitter, phase: device_phase(&device_id.unwrap_or_else(machine_id)) };
         let poller = Poller::new(puller, model.clone(), registry.target.clone(), jitter).with_observer(pulled_events(&model, link_sender.clone()));

@@ -42,6 +42,9 @@ pub enum CacheError {
 
     #[error("the cache quota of {quota} bytes cannot hold {needed} more bytes ({used} in use by versions that must be kept)")]
     QuotaExceeded { quota: u64, needed: u64, used: u64 },
+
+    #[error("no space left for the download: the file system holding {path} has {available} bytes free, and the download needs {needed} more plus {reserve} kept free for the cache index")]
+    NoSpace { path: PathBuf, needed: u64, available: u64, reserve: u64 },
 }
 
 impl CacheError {

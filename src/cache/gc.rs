@@ -1,6 +1,6 @@
 //! Retention and garbage collection: how much the cache holds, evicting versions to stay
-//! under the quota, keeping `keep_versions` per model, and sweeping what nothing points at
-//! (stale temp files, orphan blobs and folders).
+//! under the quota and within the free space of the disk, keeping `keep_versions` per model,
+//! and sweeping what nothing points at (stale temp files, orphan blobs and folders).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
@@ -10,6 +10,21 @@ use super::blobs::sync_dir;
 use super::records::{GcReport, State, VersionRecord};
 use super::store::{slug, Store};
 use super::CacheError;
+
+/// Free space a download must leave on the cache's file system: the index, the version
+/// folder's own entries, the logs and the resume state of the version serving live there too,
+/// and sled cannot write to a full disk (its error then sticks until the process restarts).
+pub const DISK_RESERVE: u64 = 8 << 20;
+
+/// Bytes free for an unprivileged writer on the file system holding `path`.
+///
+/// # Errors
+/// The `statvfs` error.
+pub fn free_space(path: &Path) -> Result<u64, CacheError> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(|e| CacheError::Io { action: "reading the free space of", path: path.to_path_buf(), source: e.into() })?;
+    #[allow(clippy::useless_conversion)] // the field widths differ between targets
+    Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+}
 
 impl Store {
     /// Bytes held by blobs and partial downloads.
@@ -24,38 +39,58 @@ impl Store {
         Ok(total)
     }
 
-    /// Frees room for `needed` more bytes under the quota by evicting versions retention
-    /// would let go first (never the active, pinned or `keep` version).
+    /// Frees room for `needed` more bytes, under the quota and on the disk (leaving
+    /// [`DISK_RESERVE`] free), by evicting versions retention would let go first (never the
+    /// active, pinned or `keep` version). `on_disk` of the `needed` bytes are there already
+    /// (partial downloads to resume): the quota counts them, the disk has them.
     ///
     /// # Errors
-    /// [`CacheError::QuotaExceeded`] when that is not enough.
-    pub fn make_room(&self, needed: u64, keep: (&str, &str)) -> Result<(), CacheError> {
-        let Some(quota) = self.settings().quota else { return Ok(()) };
+    /// [`CacheError::QuotaExceeded`] or [`CacheError::NoSpace`] when that is not enough;
+    /// nothing is evicted then.
+    pub fn make_room(&self, needed: u64, on_disk: u64, keep: (&str, &str)) -> Result<(), CacheError> {
+        let quota = self.settings().quota;
+        let to_write = needed.saturating_sub(on_disk);
         let mut first = true;
         loop {
             let used = self.usage()?;
-            if used.saturating_add(needed) <= quota {
+            let over_quota = quota.is_some_and(|q| used.saturating_add(needed) > q);
+            let available = free_space(self.root())?;
+            let short_of_disk = to_write.saturating_add(DISK_RESERVE) > available;
+            if !over_quota && !short_of_disk {
                 return Ok(());
             }
+            let no_space = || CacheError::NoSpace { path: self.root().to_path_buf(), needed: to_write, available, reserve: DISK_RESERVE };
             let mut candidates: Vec<VersionRecord> = self
                 .versions(None)?
                 .into_iter()
                 .filter(|r| !r.dir.is_empty() && (r.model.as_str(), r.version.as_str()) != keep && !self.is_pinned(r))
                 .filter(|r| self.model(&r.model).ok().flatten().and_then(|m| m.active).as_deref() != Some(&r.version))
                 .collect();
-            // Evicting everything it may would not be enough (a listed size past the quota,
-            // say): refuse before evicting anything, so the last-known-good version stays.
-            // Sizes of blobs shared between versions count once per version: an upper bound.
+            // Evicting everything it may would not be enough (a listed size past the quota or
+            // the disk, say): refuse before evicting anything, so the last-known-good version
+            // stays. Sizes of blobs shared between versions count once per version: an upper
+            // bound.
             let evictable = candidates.iter().fold(0u64, |sum, r| sum.saturating_add(r.size()));
-            if first && (needed > quota || used.saturating_add(needed) > quota.saturating_add(evictable)) {
-                return Err(CacheError::QuotaExceeded { quota, needed, used });
+            if first {
+                if let Some(q) = quota.filter(|_| over_quota) {
+                    if needed > q || used.saturating_add(needed) > q.saturating_add(evictable) {
+                        return Err(CacheError::QuotaExceeded { quota: q, needed, used });
+                    }
+                }
+                if short_of_disk && to_write.saturating_add(DISK_RESERVE) > available.saturating_add(evictable) {
+                    return Err(no_space());
+                }
             }
             first = false;
             candidates.sort_by_key(|r| self.recency(r));
             let Some(victim) = candidates.first() else {
-                return Err(CacheError::QuotaExceeded { quota, needed, used });
+                return Err(match quota {
+                    Some(q) if over_quota => CacheError::QuotaExceeded { quota: q, needed, used },
+                    _ => no_space(),
+                });
             };
-            tracing::info!(model = %victim.model, version = %victim.version, "evicting a cached version to stay within the quota");
+            let why = if over_quota { "to stay within the quota" } else { "to make room on the disk" };
+            tracing::info!(model = %victim.model, version = %victim.version, why, "evicting a cached version");
             self.remove_version(victim)?;
             self.sweep()?;
         }
@@ -269,22 +304,46 @@ mod tests {
         assert!(store.active("m").unwrap().is_some());
     }
 
+    /// A store keeping five versions, holding versions 1 and 2 (active) of 40 bytes each.
+    fn two_versions(root: &Path, quota: Option<u64>) -> Store {
+        let mut s = settings(root);
+        s.quota = quota;
+        s.keep_versions = 5;
+        let store = Store::open(&s).unwrap();
+        for v in [1u8, 2] {
+            add(&store, "m", &v.to_string(), &[("w", &[v; 40])]);
+            store.activate("m", &v.to_string()).unwrap();
+        }
+        store
+    }
+
     #[test]
     fn quota_evicts_old_versions_then_refuses() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut s = settings(tmp.path());
-        s.quota = Some(100);
-        s.keep_versions = 5;
-        let store = Store::open(&s).unwrap();
-        add(&store, "m", "1", &[("w", &[1u8; 40])]);
-        store.activate("m", "1").unwrap();
-        add(&store, "m", "2", &[("w", &[2u8; 40])]);
-        store.activate("m", "2").unwrap();
+        let store = two_versions(tmp.path(), Some(100));
         // 80 used; 50 more needs version 1 evicted (2 is active).
-        store.make_room(50, ("m", "3")).unwrap();
+        store.make_room(50, 0, ("m", "3")).unwrap();
         assert!(store.version("m", "1").unwrap().is_none());
         assert!(store.version("m", "2").unwrap().is_some());
-        let err = store.make_room(70, ("m", "3")).unwrap_err();
+        let err = store.make_room(70, 0, ("m", "3")).unwrap_err();
         assert!(matches!(err, CacheError::QuotaExceeded { quota: 100, needed: 70, used: 40 }), "{err}");
+    }
+
+    #[test]
+    fn a_download_the_disk_cannot_hold_is_refused_before_anything_is_evicted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = two_versions(tmp.path(), None);
+        // Past what the disk has free (with room to spare for other writers meanwhile).
+        let ask = free_space(tmp.path()).unwrap() + DISK_RESERVE;
+        let err = store.make_room(ask, 0, ("m", "3")).unwrap_err();
+        match &err {
+            CacheError::NoSpace { needed, reserve, .. } => assert_eq!((*needed, *reserve), (ask, DISK_RESERVE)),
+            other => panic!("{other}"),
+        }
+        assert!(err.to_string().contains("bytes free"), "{err}");
+        assert!(store.version("m", "1").unwrap().is_some(), "nothing evicted for a download that cannot fit");
+        // The bytes already on disk (partial downloads) are not asked for again.
+        store.make_room(ask, ask, ("m", "3")).unwrap();
+        store.make_room(1 << 20, 0, ("m", "3")).unwrap();
     }
 }

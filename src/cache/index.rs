@@ -1,8 +1,18 @@
 //! The cache's sled index under `<root>/index`: opening it (and waiting out a lock a
 //! predecessor still holds), reading and writing version and model records, their keys and
 //! their JSON encoding.
+//!
+//! DEVNOTE: once sled fails to write its log (a full disk), it remembers the error and
+//! refuses every later write until the database is opened again, so a daemon that once ran
+//! out of space could never record another activation until restarted. An I/O error from
+//! sled therefore closes the index here, and the next use opens it again (recovering what
+//! reached the disk; the failed write, which its caller saw fail, is not among it). sled
+//! also writes as it opens (a snapshot of its log), so on a full disk the index may not open
+//! at all: the cache then opens with the index closed, every use of it tries again, and the
+//! daemon serves what the `active` links name meanwhile (see `Store::active_from_link`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use serde::Deserialize;
 
@@ -65,18 +75,38 @@ pub(crate) fn quarantine(dir: &Path) -> std::io::Result<std::path::PathBuf> {
     Ok(to)
 }
 
+/// Whether sled failed for want of space (the disk, or the user's quota on it).
+fn is_out_of_space(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
+}
+
 /// Whether opening failed because another handle holds the database's file lock.
 pub(crate) fn is_locked(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock"))
 }
 
-/// The open index: the database and its two trees, `versions` (keyed `<model>\0<version>`)
-/// and `models` (keyed by model name). Cheap to clone (sled handles are shared).
+/// The database and its two trees, `versions` (keyed `<model>\0<version>`) and `models`
+/// (keyed by model name). Cheap to clone (sled handles are shared).
 #[derive(Clone)]
-pub(super) struct Index {
+struct Trees {
     db: sled::Db,
     versions: sled::Tree,
     models: sled::Tree,
+}
+
+impl Trees {
+    fn open(path: &Path) -> Result<Trees, sled::Error> {
+        let db = open_sled(&sled::Config::new().path(path).mode(sled::Mode::LowSpace))?;
+        Ok(Trees { versions: db.open_tree("versions")?, models: db.open_tree("models")?, db })
+    }
+}
+
+/// The index: open, or closed after an I/O error until its next use opens it again. Cheap to
+/// clone (every clone shares the one database).
+#[derive(Clone)]
+pub(super) struct Index {
+    path: PathBuf,
+    trees: Arc<RwLock<Option<Trees>>>,
 }
 
 impl Index {
@@ -85,11 +115,49 @@ impl Index {
     /// # Errors
     /// [`CacheError::Locked`] when another process holds it; [`CacheError::Index`].
     pub(super) fn open(path: &Path) -> Result<Index, CacheError> {
-        let opened = (|| {
-            let db = open_sled(&sled::Config::new().path(path).mode(sled::Mode::LowSpace))?;
-            Ok::<_, sled::Error>(Index { versions: db.open_tree("versions")?, models: db.open_tree("models")?, db })
-        })();
-        opened.map_err(|source| if is_locked(&source) { CacheError::Locked { path: path.to_path_buf() } } else { CacheError::Index { path: path.to_path_buf(), source } })
+        let closed = |trees| Index { path: path.to_path_buf(), trees: Arc::new(RwLock::new(trees)) };
+        match Trees::open(path) {
+            Ok(t) => Ok(closed(Some(t))),
+            Err(source) if is_locked(&source) => Err(CacheError::Locked { path: path.to_path_buf() }),
+            Err(source) if is_out_of_space(&source) => {
+                tracing::error!(index = %path.display(), error = %source, "the disk is full and the cache index cannot open (sled writes as it opens); it is tried again at each use");
+                Ok(closed(None))
+            }
+            Err(source) => Err(CacheError::Index { path: path.to_path_buf(), source }),
+        }
+    }
+
+    /// Whether the database is open now (it is not after an I/O error, or when the disk was
+    /// too full to open it).
+    pub(super) fn is_open(&self) -> bool {
+        self.trees.read().unwrap_or_else(PoisonError::into_inner).is_some()
+    }
+
+    /// The open trees, opening the database again if an I/O error closed it.
+    fn trees(&self) -> Result<Trees, sled::Error> {
+        if let Some(t) = self.trees.read().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            return Ok(t.clone());
+        }
+        let mut slot = self.trees.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(t) = slot.as_ref() {
+            return Ok(t.clone());
+        }
+        let t = Trees::open(&self.path)?;
+        tracing::info!(index = %self.path.display(), "the cache index is open again");
+        *slot = Some(t.clone());
+        Ok(t)
+    }
+
+    /// Runs `op` on the open trees; an I/O error closes the database (see the module doc).
+    fn with<T>(&self, op: impl FnOnce(&Trees) -> Result<T, sled::Error>) -> Result<T, sled::Error> {
+        let trees = self.trees()?;
+        let result = op(&trees);
+        if let Err(e @ sled::Error::Io(_)) = &result {
+            tracing::error!(index = %self.path.display(), error = %e, "the cache index failed to read or write; closing it, to open it again at its next use");
+            drop(trees);
+            *self.trees.write().unwrap_or_else(PoisonError::into_inner) = None;
+        }
+        result
     }
 
     /// Opens the index; a damaged one is moved aside and a fresh, empty one created (the
@@ -116,7 +184,7 @@ impl Store {
     /// Index errors.
     pub fn version(&self, model: &str, version: &str) -> Result<Option<VersionRecord>, CacheError> {
         let key = version_key(model, version);
-        match self.index.versions.get(&key).map_err(|e| self.index_err(e))? {
+        match self.index.with(|t| t.versions.get(&key)).map_err(|e| self.index_err(e))? {
             Some(v) => Ok(Some(decode(&key, &v)?)),
             None => Ok(None),
         }
@@ -127,13 +195,15 @@ impl Store {
     /// # Errors
     /// Index errors.
     pub fn versions(&self, model: Option<&str>) -> Result<Vec<VersionRecord>, CacheError> {
-        let mut out: Vec<VersionRecord> = Vec::new();
-        let iter = match model {
-            Some(m) => self.index.versions.scan_prefix(format!("{m}\0").as_bytes()),
-            None => self.index.versions.iter(),
-        };
-        for item in iter {
-            let (k, v) = item.map_err(|e| self.index_err(e))?;
+        let items = self
+            .index
+            .with(|t| match model {
+                Some(m) => t.versions.scan_prefix(format!("{m}\0").as_bytes()).collect::<Result<Vec<_>, _>>(),
+                None => t.versions.iter().collect::<Result<Vec<_>, _>>(),
+            })
+            .map_err(|e| self.index_err(e))?;
+        let mut out: Vec<VersionRecord> = Vec::with_capacity(items.len());
+        for (k, v) in items {
             out.push(decode(&String::from_utf8_lossy(&k), &v)?);
         }
         out.sort_by(|a, b| a.model.cmp(&b.model).then(version_order(&a.version, &b.version)));
@@ -143,7 +213,7 @@ impl Store {
     /// # Errors
     /// Index errors.
     pub fn model(&self, model: &str) -> Result<Option<ModelRecord>, CacheError> {
-        match self.index.models.get(model.as_bytes()).map_err(|e| self.index_err(e))? {
+        match self.index.with(|t| t.models.get(model.as_bytes())).map_err(|e| self.index_err(e))? {
             Some(v) => Ok(Some(decode(model, &v)?)),
             None => Ok(None),
         }
@@ -152,9 +222,9 @@ impl Store {
     /// # Errors
     /// Index errors.
     pub fn models(&self) -> Result<Vec<ModelRecord>, CacheError> {
-        let mut out = Vec::new();
-        for item in self.index.models.iter() {
-            let (k, v) = item.map_err(|e| self.index_err(e))?;
+        let items = self.index.with(|t| t.models.iter().collect::<Result<Vec<_>, _>>()).map_err(|e| self.index_err(e))?;
+        let mut out = Vec::with_capacity(items.len());
+        for (k, v) in items {
             out.push(decode(&String::from_utf8_lossy(&k), &v)?);
         }
         Ok(out)
@@ -164,25 +234,21 @@ impl Store {
     pub(super) fn put_version(&self, rec: &VersionRecord) -> Result<(), CacheError> {
         let key = version_key(&rec.model, &rec.version);
         let value = serde_json::to_vec(rec).map_err(|e| CacheError::Record { key: key.clone(), message: e.to_string() })?;
-        self.index.versions.insert(key.as_bytes(), value).map_err(|e| self.index_err(e))?;
-        self.flush()
+        self.index.with(|t| t.versions.insert(key.as_bytes(), value).and_then(|_| t.db.flush())).map_err(|e| self.index_err(e))?;
+        Ok(())
     }
 
     /// Writes a model's record and flushes the index.
     pub(super) fn put_model(&self, rec: &ModelRecord) -> Result<(), CacheError> {
         let value = serde_json::to_vec(rec).map_err(|e| CacheError::Record { key: rec.model.clone(), message: e.to_string() })?;
-        self.index.models.insert(rec.model.as_bytes(), value).map_err(|e| self.index_err(e))?;
-        self.flush()
+        self.index.with(|t| t.models.insert(rec.model.as_bytes(), value).and_then(|_| t.db.flush())).map_err(|e| self.index_err(e))?;
+        Ok(())
     }
 
     /// Deletes a version's record and flushes the index (its folder is the caller's).
     pub(super) fn delete_version(&self, model: &str, version: &str) -> Result<(), CacheError> {
-        self.index.versions.remove(version_key(model, version).as_bytes()).map_err(|e| self.index_err(e))?;
-        self.flush()
-    }
-
-    fn flush(&self) -> Result<(), CacheError> {
-        self.index.db.flush().map(|_| ()).map_err(|e| self.index_err(e))
+        self.index.with(|t| t.versions.remove(version_key(model, version).as_bytes()).and_then(|_| t.db.flush())).map_err(|e| self.index_err(e))?;
+        Ok(())
     }
 
     fn index_err(&self, source: sled::Error) -> CacheError {

@@ -38,40 +38,14 @@ impl Store {
     /// # Errors
     /// I/O and index errors.
     pub(super) fn rebuild(&self, models: &[String], quarantined: Option<PathBuf>) -> Result<Option<IndexRecovery>, CacheError> {
-        let mut blobs = None;
         let mut rebuilt = Vec::new();
         for model in models {
             if self.model(model)?.is_some() {
                 continue;
             }
-            let model_dir = self.root().join("models").join(slug(model));
-            let Ok(target) = std::fs::read_link(model_dir.join("active")) else { continue };
-            let dir = target.to_string_lossy().into_owned();
-            let folder = model_dir.join(&dir);
-            let Some(version) = version_of(&dir).filter(|_| folder.is_dir()) else {
-                tracing::warn!(%model, folder = %folder.display(), "the active symlink names no usable version folder; not rebuilt");
-                continue;
-            };
-            if blobs.is_none() {
-                blobs = Some(self.blobs_by_inode()?);
-            }
-            let mut files = Vec::new();
-            self.collect(&folder, &folder, blobs.as_ref().unwrap_or(&HashMap::new()), &mut files)?;
-            files.sort_by(|a, b| a.path.cmp(&b.path));
             let now = unix_now();
-            let rec = VersionRecord {
-                model: model.clone(),
-                version: version.clone(),
-                source: String::new(),
-                run_id: None,
-                flavor: "recovered".into(),
-                files,
-                state: State::Good,
-                dir,
-                fetched_at: now,
-                activated_at: Some(now),
-                unfinished_smoke_tests: 0,
-            };
+            let Some((rec, _)) = self.record_from_link(model, true, Some(now))? else { continue };
+            let version = rec.version.clone();
             self.put_version(&rec)?;
             self.put_model(&ModelRecord { model: model.clone(), active: Some(version.clone()), history: vec![version.clone()], pinned: None })?;
             tracing::warn!(%model, %version, files = rec.files.len(), "the active version was recorded again from its folder; other versions, pins and the rollback history were lost with the index");
@@ -115,6 +89,51 @@ impl Store {
         Ok(())
     }
 
+    /// The version the `active` link of `model` names, its record made from its folder alone
+    /// (a file's digest is the name of the blob with its inode, or of the blob its bytes hash
+    /// to), without the index and without writing: what serves while the index cannot open (a
+    /// full disk). Its bytes are verified like any other at load. `None` when the link names
+    /// no version folder, or a file of it is not a stored blob.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn active_from_link(&self, model: &str) -> Result<Option<(VersionRecord, PathBuf)>, CacheError> {
+        self.record_from_link(model, false, None)
+    }
+
+    /// The record of the version the `active` link of `model` names, made from its folder,
+    /// and the folder: recorded as activated `at` (`None`: not recorded, only read). A file
+    /// that is not a stored blob is stored as one when `adopt`, and makes it `None` otherwise.
+    fn record_from_link(&self, model: &str, adopt: bool, at: Option<u64>) -> Result<Option<(VersionRecord, PathBuf)>, CacheError> {
+        let model_dir = self.root().join("models").join(slug(model));
+        let Ok(target) = std::fs::read_link(model_dir.join("active")) else { return Ok(None) };
+        let dir = target.to_string_lossy().into_owned();
+        let folder = model_dir.join(&dir);
+        let Some(version) = version_of(&dir).filter(|_| folder.is_dir()) else {
+            tracing::warn!(%model, folder = %folder.display(), "the active symlink names no usable version folder");
+            return Ok(None);
+        };
+        let mut files = Vec::new();
+        if !self.collect(&folder, &folder, &self.blobs_by_inode()?, adopt, &mut files)? {
+            return Ok(None);
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let rec = VersionRecord {
+            model: model.to_string(),
+            version,
+            source: String::new(),
+            run_id: None,
+            flavor: "recovered".into(),
+            files,
+            state: State::Good,
+            dir,
+            fetched_at: at.unwrap_or(0),
+            activated_at: at,
+            unfinished_smoke_tests: 0,
+        };
+        Ok(Some((rec, folder)))
+    }
+
     fn blobs_by_inode(&self) -> Result<HashMap<(u64, u64), String>, CacheError> {
         let dir = self.root().join("blobs");
         let mut out = HashMap::new();
@@ -129,14 +148,18 @@ impl Store {
         Ok(out)
     }
 
-    /// Every regular file under `dir` as a record relative to `root`.
-    fn collect(&self, root: &Path, dir: &Path, blobs: &HashMap<(u64, u64), String>, out: &mut Vec<FileRecord>) -> Result<(), CacheError> {
+    /// Every regular file under `dir` as a record relative to `root`. A file that is not a
+    /// stored blob is hashed and stored as one when `adopt`; otherwise the walk stops and
+    /// says so (`false`).
+    fn collect(&self, root: &Path, dir: &Path, blobs: &HashMap<(u64, u64), String>, adopt: bool, out: &mut Vec<FileRecord>) -> Result<bool, CacheError> {
         for entry in std::fs::read_dir(dir).map_err(CacheError::io("listing", dir))? {
             let entry = entry.map_err(CacheError::io("listing", dir))?;
             let path = entry.path();
             let meta = std::fs::symlink_metadata(&path).map_err(CacheError::io("reading", &path))?;
             if meta.is_dir() {
-                self.collect(root, &path, blobs, out)?;
+                if !self.collect(root, &path, blobs, adopt, out)? {
+                    return Ok(false);
+                }
                 continue;
             }
             if !meta.is_file() {
@@ -145,6 +168,16 @@ impl Store {
             let Ok(rel) = path.strip_prefix(root) else { continue };
             let sha256 = match blobs.get(&(meta.dev(), meta.ino())) {
                 Some(d) => d.clone(),
+                // Not the blob's inode: the blob was stored again since (a later version
+                // brought the same file, and fresh bytes replace a blob). Its bytes must still
+                // hash to a stored blob's name.
+                None if !adopt => {
+                    let (digest, _) = hash_file(&path).map_err(CacheError::io("hashing", &path))?;
+                    if !self.blob_path(&digest).is_file() {
+                        return Ok(false);
+                    }
+                    digest
+                }
                 None => {
                     let (digest, _) = hash_file(&path).map_err(CacheError::io("hashing", &path))?;
                     let blob = self.blob_path(&digest);
@@ -157,7 +190,7 @@ impl Store {
             };
             out.push(FileRecord { path: rel.to_string_lossy().into_owned(), size: meta.len(), sha256 });
         }
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -202,6 +235,31 @@ mod tests {
         assert!(store.verify(&rec).unwrap().is_empty());
         assert!(store.version("m", "1").unwrap().is_none(), "what only the index knew is gone");
         assert!(Store::open_recovering(&s, &["m".into()]).is_err(), "still locked by the first handle");
+    }
+
+    /// What serves while the index cannot open (a full disk): the linked folder, its files'
+    /// digests taken from the blobs they are links to, nothing written.
+    #[test]
+    fn the_active_link_alone_gives_the_version_and_its_digests() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(&settings(tmp.path())).unwrap();
+        add(&store, "m", "1", &[("genai_config.json", b"one"), ("sub/tokenizer.json", b"tok")]);
+        let dir = store.activate("m", "1").unwrap();
+        let (indexed, _) = store.active("m").unwrap().unwrap();
+        let (rec, folder) = store.active_from_link("m").unwrap().expect("the linked version");
+        assert_eq!((rec.version.as_str(), rec.digest(), folder.canonicalize().unwrap()), ("1", indexed.digest(), dir.canonicalize().unwrap()));
+        assert!(store.verify(&rec).unwrap().is_empty());
+        assert!(store.active_from_link("other").unwrap().is_none(), "no link");
+        // A blob stored again since (another version brought the same file): found by its
+        // bytes, not its inode.
+        let tok = store.blob_path(&hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"tok")));
+        std::fs::remove_file(&tok).unwrap();
+        std::fs::write(&tok, b"tok").unwrap();
+        assert_eq!(store.active_from_link("m").unwrap().expect("still found").0.digest(), indexed.digest());
+        // A file that is no stored blob: not served on the link's word alone.
+        std::fs::write(dir.join("stray.bin"), b"x").unwrap();
+        assert!(store.active_from_link("m").unwrap().is_none());
+        assert_eq!(std::fs::read_dir(tmp.path().join("blobs")).unwrap().count(), 2, "nothing adopted into the blobs");
     }
 
     #[test]

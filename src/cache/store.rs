@@ -71,8 +71,17 @@ impl Store {
         }
         let (index, quarantined) = Index::open_or_quarantine(&root.join("index"))?;
         let mut store = Store { index, root, settings: settings.clone(), swept_at_open: GcReport::default(), recovered: None };
+        if !store.index.is_open() {
+            // The disk is too full for sled to open (see index.rs): nothing here can run
+            // without the index; the daemon serves what the `active` links name meanwhile.
+            return Ok(store);
+        }
         store.recovered = store.rebuild(models, quarantined)?;
-        store.finish_activations()?;
+        if let Err(e) = store.finish_activations() {
+            // A full disk, say: the index's active version serves meanwhile (the daemon must
+            // start to serve at all), and the next open tries again.
+            tracing::error!(error = %crate::util::chain(&e), "could not finish an interrupted activation; the version the index names stays active");
+        }
         let report = store.sweep()?;
         if report != GcReport::default() {
             tracing::info!(blobs = report.blobs_removed, temp = report.temp_removed, bytes = report.bytes_freed, "cache swept at start");
@@ -231,19 +240,41 @@ impl Store {
     /// [`CacheError::UnknownVersion`] when the version or its folder is missing; I/O and
     /// index errors.
     pub fn activate(&self, model: &str, version: &str) -> Result<PathBuf, CacheError> {
-        let mut rec = self.version(model, version)?.ok_or_else(|| CacheError::UnknownVersion { model: model.into(), version: version.into() })?;
+        let rec = self.version(model, version)?.ok_or_else(|| CacheError::UnknownVersion { model: model.into(), version: version.into() })?;
         let dir = self.version_dir(&rec);
         if rec.dir.is_empty() || !dir.is_dir() {
             return Err(CacheError::UnknownVersion { model: model.into(), version: version.into() });
         }
         let model_dir = self.model_dir(model);
-        let tmp_link = model_dir.join(format!(".active-{}", fastrand::u64(..)));
-        std::os::unix::fs::symlink(&rec.dir, &tmp_link).map_err(CacheError::io("linking", &tmp_link))?;
-        crate::crash::point("cache.active_link_made");
         let link = model_dir.join("active");
-        std::fs::rename(&tmp_link, &link).map_err(CacheError::io("activating", &link))?;
+        let before = std::fs::read_link(&link).ok();
+        swap_link(&model_dir, Path::new(&rec.dir))?;
         crate::crash::point("cache.active_link_swapped");
-        sync_dir(&model_dir)?;
+        let recorded = self.record_activation(&model_dir, rec, version);
+        if let Err(e) = &recorded {
+            // The link swapped but the index could not hear of it (a full disk, say): put the
+            // link back, so the cache, the daemon and `cache path` keep agreeing on the version
+            // before (a restart would otherwise have to finish this activation, on the same
+            // full disk). Best effort: if this fails too, reopening the cache settles it.
+            tracing::error!(%model, %version, error = %crate::util::chain(e), "recording the activation failed; putting the active link back");
+            let restored = match &before {
+                Some(previous) => swap_link(&model_dir, previous),
+                None => std::fs::remove_file(&link).map_err(CacheError::io("removing", &link)),
+            };
+            if let Err(undo) = restored {
+                tracing::error!(error = %crate::util::chain(&undo), "could not put the active link back; the next start settles it");
+            }
+        }
+        recorded?;
+        Ok(dir)
+    }
+
+    /// The index's side of an activation whose link has swapped: the version's record, the
+    /// model's history, then retention.
+    fn record_activation(&self, model_dir: &Path, mut rec: VersionRecord, version: &str) -> Result<(), CacheError> {
+        let model = rec.model.clone();
+        let model = model.as_str();
+        sync_dir(model_dir)?;
         crate::crash::point("cache.active_link_synced");
         rec.activated_at = Some(unix_now());
         if rec.state == State::Fetched {
@@ -262,9 +293,12 @@ impl Store {
         m.active = Some(version.to_string());
         self.put_model(&m)?;
         crate::crash::point("cache.activation_recorded");
-        self.retain()?;
+        // Retention after the activation is housekeeping: the activation stands if it fails.
+        if let Err(e) = self.retain() {
+            tracing::warn!(%model, error = %crate::util::chain(&e), "applying retention after an activation failed; the next activation tries again");
+        }
         crate::crash::point("cache.retained");
-        Ok(dir)
+        Ok(())
     }
 
     /// The active version of `model` and its folder.
@@ -300,6 +334,20 @@ impl Store {
         }
         Ok(None)
     }
+}
+
+/// Points the `active` link of `model_dir` at `target` atomically: a new link under a
+/// temporary name, renamed over the old one.
+fn swap_link(model_dir: &Path, target: &Path) -> Result<(), CacheError> {
+    let tmp_link = model_dir.join(format!(".active-{}", fastrand::u64(..)));
+    std::os::unix::fs::symlink(target, &tmp_link).map_err(CacheError::io("linking", &tmp_link))?;
+    crate::crash::point("cache.active_link_made");
+    let link = model_dir.join("active");
+    if let Err(e) = std::fs::rename(&tmp_link, &link) {
+        let _ = std::fs::remove_file(&tmp_link);
+        return Err(CacheError::Io { action: "activating", path: link, source: e });
+    }
+    Ok(())
 }
 
 /// A folder name for a model: readable, and unique through a short hash of the full name

@@ -72,6 +72,31 @@ pub enum Condition {
     Interrupted { by: String },
 }
 
+impl Condition {
+    /// The condition's name in `/status`, reports and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Condition::Starting => "starting",
+            Condition::UpToDate => "up_to_date",
+            Condition::Updated { .. } => "updated",
+            Condition::Repaired { .. } => "repaired",
+            Condition::RolledBack { .. } => "rolled_back",
+            Condition::TargetGone { .. } => "target_gone",
+            Condition::ModelDeleted => "model_deleted",
+            Condition::Rejected { .. } => "rejected",
+            Condition::Unreachable { .. } => "unreachable",
+            Condition::Failed { .. } => "failed",
+            Condition::Interrupted { .. } => "interrupted",
+        }
+    }
+
+    /// Whether a poll that ended here succeeded: the registry answered, whatever it said
+    /// (a version refused by its smoke test or a stage emptied is an answer, not a fault).
+    pub fn succeeded(&self) -> bool {
+        !matches!(self, Condition::Starting | Condition::Unreachable { .. } | Condition::Failed { .. } | Condition::Interrupted { .. })
+    }
+}
+
 /// Published after every poll and every operation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Status {
@@ -692,6 +717,8 @@ impl Worker {
                 }
             }
         };
+        let metrics = self.puller.client().metrics();
+        metrics.poll(status.condition.name(), status.condition.succeeded(), status.checked_at.unwrap_or_default());
         match &status.condition {
             Condition::UpToDate => tracing::debug!("up to date"),
             Condition::Updated { from, to } => tracing::info!(?from, %to, "new version active"),

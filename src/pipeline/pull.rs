@@ -172,7 +172,9 @@ pub struct Puller {
 
 impl Puller {
     pub fn new(client: Client, store: Store, parallel_downloads: usize, bandwidth_limit: Option<u64>, load_options: LoadOptions) -> Puller {
-        let downloader = Downloader::new(Arc::new(client.clone()), client.backoff(), store.tmp_dir(), parallel_downloads, bandwidth_limit);
+        let downloader = Downloader::new(Arc::new(client.clone()), client.backoff(), store.tmp_dir(), parallel_downloads, bandwidth_limit)
+            .with_stall_window(client.read_timeout())
+            .with_metrics(client.metrics().clone());
         Puller { client, store, downloader, load_options, guard: Arc::default(), interrupt: CancellationToken::new() }
     }
 
@@ -435,7 +437,15 @@ impl Puller {
         observer(&PullEvent::Planned { flavor, files: plan.len(), bytes: total, to_download: needed });
         let store = self.store.clone();
         let (m, v) = (model.clone(), version.clone());
-        self.blocking(move || store.make_room(needed, (&m, &v))).await?.map_err(job.cache_err("making room in the cache"))?;
+        // Partial downloads of these files from an earlier attempt are on the disk already.
+        let partials: Vec<(PathBuf, u64)> =
+            to_fetch.iter().map(|p| (store.tmp_dir().join(format!("{}.part", fetch::job_key(&model, &version, &mv.source, &p.remote))), p.size)).collect();
+        self.blocking(move || {
+            let on_disk = partials.iter().fold(0u64, |sum, (part, size)| sum.saturating_add(std::fs::metadata(part).map_or(0, |m| m.len().min(*size))));
+            store.make_room(needed, on_disk, (&m, &v))
+        })
+        .await?
+        .map_err(job.cache_err("making room in the cache"))?;
         let jobs = to_fetch
             .iter()
             .map(|p| fetch::Job {
@@ -482,7 +492,22 @@ impl Puller {
         let store = self.store.clone();
         let m = model.to_string();
         let cache_err = |step: &'static str| move |source| PullError::Cache { step, model: model.to_string(), version: String::new(), source };
-        let active = self.blocking(move || store.active(&m)).await?.map_err(cache_err("reading the cache index"))?;
+        let active = match self.blocking(move || store.active(&m)).await? {
+            Ok(active) => active,
+            Err(e) => {
+                // The index cannot be read (a disk too full for it to open, say): the `active`
+                // link and the blobs still tell what served, and its bytes are verified below.
+                let store = self.store.clone();
+                let m = model.to_string();
+                match self.blocking(move || store.active_from_link(&m)).await? {
+                    Ok(Some(found)) => {
+                        tracing::warn!(%model, version = %found.0.version, error = %crate::util::chain(&e), "the cache index cannot be read; serving the version the active link names");
+                        Some(found)
+                    }
+                    _ => return Err(cache_err("reading the cache index")(e)),
+                }
+            }
+        };
         let Some((rec, dir)) = active else { return Ok(None) };
         if !self.store.settings().verify_on_load {
             return Ok(Some(PullOutcome { model: rec.model, version: rec.version, dir, change: Change::Unchanged }));

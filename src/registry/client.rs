@@ -22,6 +22,7 @@ use super::error::RegistryError;
 use super::settings::{RegistrySettings, Target};
 use crate::backoff::Backoff;
 use crate::fetch::SourceError;
+use crate::telemetry::metrics::RegistryMetrics;
 
 /// API answers larger than this are refused (a listing of 10 000 files is about 1 MiB).
 const MAX_API_BODY: usize = 16 << 20;
@@ -241,6 +242,8 @@ pub struct Client {
     auth: Auth,
     backoff: Backoff,
     request_timeout: Duration,
+    read_timeout: Duration,
+    metrics: RegistryMetrics,
 }
 
 impl std::fmt::Debug for Client {
@@ -297,7 +300,24 @@ impl Client {
             },
         }
         .map_err(|e| RegistryError::Setup { message: format!("{e}") })?;
-        Ok(Client { http, base, auth, backoff: settings.backoff, request_timeout: settings.request_timeout })
+        Ok(Client { http, base, auth, backoff: settings.backoff, request_timeout: settings.request_timeout, read_timeout: settings.read_timeout, metrics: RegistryMetrics::new() })
+    }
+
+    /// The same client, counting its exchanges, retries and backoff (and its poller's polls)
+    /// in `metrics` (the daemon's `/metrics`).
+    pub fn with_metrics(mut self, metrics: RegistryMetrics) -> Client {
+        self.metrics = metrics;
+        self
+    }
+
+    pub fn metrics(&self) -> &RegistryMetrics {
+        &self.metrics
+    }
+
+    /// How long a download may receive nothing (and, see `fetch`, the window over which
+    /// its rate is judged).
+    pub fn read_timeout(&self) -> Duration {
+        self.read_timeout
     }
 
     pub fn base_url(&self) -> &str {
@@ -412,13 +432,23 @@ impl Client {
     pub async fn read_text(&self, path: &str, limit: usize) -> Result<String, RegistryError> {
         let url = self.artifact_url(path);
         let shown = url.to_string();
-        let resp =
-            self.backoff.retry(|_| async { self.send(self.request(Method::GET, url.clone()).timeout(self.request_timeout)).await }, RegistryError::is_retryable, retry_log).await?;
-        let body = read_bounded(resp, limit).await.map_err(|source| RegistryError::Request { url: shown.clone(), source })?;
-        match body {
-            Some(b) => String::from_utf8(b).map_err(|_| RegistryError::Decode { url: shown, message: "not UTF-8 text".into() }),
-            None => Err(RegistryError::Decode { url: shown, message: format!("larger than {limit} bytes") }),
-        }
+        // The body is read inside the attempt: a cut or stalled body is retried like a
+        // failed request, and the request timeout covers it.
+        let body = self
+            .backoff
+            .retry(
+                |_| {
+                    self.counted(async {
+                        let resp = self.send(self.request(Method::GET, url.clone()).timeout(self.request_timeout)).await?;
+                        let body = read_bounded(resp, limit).await.map_err(|source| RegistryError::Request { url: shown.clone(), source })?;
+                        body.ok_or_else(|| RegistryError::TooLarge { url: shown.clone(), limit })
+                    })
+                },
+                RegistryError::is_retryable,
+                |e, delay| self.retry_noted(e, delay),
+            )
+            .await?;
+        String::from_utf8(body).map_err(|_| RegistryError::Decode { url: shown, message: "not UTF-8 text".into() })
     }
 
     /// The download URL of an artifact path (each segment percent-encoded).
@@ -491,16 +521,31 @@ impl Client {
         let shown = url.to_string();
         self.backoff
             .retry(
-                |_| async {
-                    let resp = self.send(self.request(Method::GET, url.clone()).query(query).timeout(self.request_timeout)).await?;
-                    let body = read_bounded(resp, MAX_API_BODY).await.map_err(|source| RegistryError::Request { url: shown.clone(), source })?;
-                    let body = body.ok_or_else(|| RegistryError::Decode { url: shown.clone(), message: format!("answer larger than {MAX_API_BODY} bytes") })?;
-                    decode(&body, &shown)
+                |_| {
+                    self.counted(async {
+                        let resp = self.send(self.request(Method::GET, url.clone()).query(query).timeout(self.request_timeout)).await?;
+                        let body = read_bounded(resp, MAX_API_BODY).await.map_err(|source| RegistryError::Request { url: shown.clone(), source })?;
+                        let body = body.ok_or_else(|| RegistryError::TooLarge { url: shown.clone(), limit: MAX_API_BODY })?;
+                        decode(&body, &shown)
+                    })
                 },
                 RegistryError::is_retryable,
-                retry_log,
+                |e, delay| self.retry_noted(e, delay),
             )
             .await
+    }
+
+    /// Runs one API exchange and counts its result.
+    async fn counted<T>(&self, exchange: impl std::future::Future<Output = Result<T, RegistryError>>) -> Result<T, RegistryError> {
+        let result = exchange.await;
+        self.metrics.request("api", result.as_ref().map_or_else(RegistryError::kind, |_| "ok"));
+        result
+    }
+
+    /// Logs and counts a retry of an API exchange.
+    fn retry_noted(&self, e: &RegistryError, delay: Duration) {
+        tracing::warn!(error = %crate::util::chain(e), ?delay, "registry request failed; retrying");
+        self.metrics.retrying("api", delay);
     }
 }
 
@@ -510,10 +555,6 @@ impl Client {
 /// [`RegistryError::Decode`] with serde's message and the start of the body.
 pub(crate) fn decode<T: DeserializeOwned>(body: &[u8], url: &str) -> Result<T, RegistryError> {
     serde_json::from_slice(body).map_err(|e| RegistryError::Decode { url: url.to_string(), message: format!("{e}; body starts {:?}", preview(body)) })
-}
-
-fn retry_log(e: &RegistryError, delay: Duration) {
-    tracing::warn!(error = %crate::util::chain(e), ?delay, "registry request failed; retrying");
 }
 
 /// A 404 about the registered model becomes [`RegistryError::ModelNotFound`].
@@ -635,8 +676,8 @@ impl crate::fetch::Source for Client {
 }
 
 fn source_error(e: RegistryError) -> SourceError {
-    let (retryable, unreachable) = (e.is_retryable(), e.is_unreachable());
-    SourceError::new(e, retryable, unreachable)
+    let (retryable, unreachable, kind) = (e.is_retryable(), e.is_unreachable(), e.kind());
+    SourceError::new(e, retryable, unreachable).with_kind(kind)
 }
 
 #[cfg(test)]

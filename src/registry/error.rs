@@ -39,6 +39,11 @@ pub enum RegistryError {
     #[error("{url}: unexpected answer: {message}")]
     Decode { url: String, message: String },
 
+    /// An answer longer than anything the registry sends for this question (a runaway or
+    /// hostile server); reading stopped at the limit.
+    #[error("{url}: the answer is larger than {limit} bytes; refused without reading the rest")]
+    TooLarge { url: String, limit: usize },
+
     #[error("the artifact tree under `{root}` has more than {limit} entries or is deeper than {depth} levels")]
     TreeTooLarge { root: String, limit: usize, depth: usize },
 
@@ -63,10 +68,27 @@ impl RegistryError {
         }
     }
 
-    /// True when the registry could not be reached at all (as opposed to answering "no").
+    /// The failure as a metric label (see `telemetry::metrics::RegistryMetrics::request`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RegistryError::Request { source, .. } if source.is_timeout() => "timeout",
+            RegistryError::Request { source, .. } if source.is_connect() => "connect",
+            RegistryError::Request { .. } => "transport",
+            RegistryError::Status { status, .. } if *status >= 500 => "http_5xx",
+            RegistryError::Status { .. } | RegistryError::Unauthorized { .. } => "http_4xx",
+            RegistryError::TooLarge { .. } => "too_large",
+            _ => "bad_answer",
+        }
+    }
+
+    /// True when the registry could not be reached at all (as opposed to answering "no"):
+    /// no usable answer came over the network (refused, timed out, reset before or during
+    /// the answer), or the server said it is failing (5xx).
     pub fn is_unreachable(&self) -> bool {
         match self {
-            RegistryError::Request { source, .. } => source.is_connect() || source.is_timeout(),
+            // DEVNOTE: a reset or a cut answer is the network (or a proxy) failing, as much as
+            // a refused connection is; `/status` says "unreachable" with the error, not "failed".
+            RegistryError::Request { .. } => self.is_retryable(),
             RegistryError::Status { status, .. } => *status >= 500,
             _ => false,
         }

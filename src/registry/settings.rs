@@ -27,7 +27,8 @@ pub struct RegistryConfig {
     pub connect_timeout: String,
     /// Whole-request timeout for API calls (not downloads).
     pub request_timeout: String,
-    /// A download that receives nothing for this long is dropped and resumed.
+    /// A download that receives nothing for this long, or less than 1 KiB/s on average over
+    /// this long (a server trickling bytes to beat the timeout), is dropped and resumed.
     pub read_timeout: String,
     /// Attempts per request or file, the first included.
     pub attempts: u32,

@@ -2,10 +2,14 @@
 //!
 //! One [`Metrics`] value per process, shared by `Arc`: the HTTP layer counts requests, the
 //! engine workers count tokens as they are generated (so a scrape during a long stream
-//! shows progress, and a disconnected client shows the counter stopping), and the model
-//! manager publishes which version is active.
+//! shows progress, and a disconnected client shows the counter stopping), the model
+//! manager publishes which version is active, and the registry client and poller say how
+//! the registry answers ([`RegistryMetrics`]: every exchange by result, the retries and the
+//! backoff they wait, every poll by outcome, the last poll that succeeded).
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use std::time::Duration;
+
+use prometheus::{Counter, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// Seconds; from a fast health check to a long generation.
 const LATENCY_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
@@ -20,7 +24,8 @@ pub struct Metrics {
     pub http_errors: IntCounterVec,
     /// Connections open on the API's listeners.
     pub http_connections: IntGauge,
-    /// Connections answered 503 and closed because `serve.max_connections` were open.
+    /// Connections refused and closed: 503 when `serve.max_connections` were open, 429 when
+    /// the peer's uid held `serve.max_connections_per_uid`.
     pub http_connections_refused: IntCounter,
     /// From the request's arrival to the last byte of its response, by route.
     pub request_duration: HistogramVec,
@@ -49,6 +54,8 @@ pub struct Metrics {
     pub model_swaps: IntCounterVec,
     /// Loaded models, including ones still draining after a swap.
     pub models_loaded: IntGauge,
+    /// The registry's side: handed to the registry client, which feeds it.
+    pub registry_metrics: RegistryMetrics,
 }
 
 impl Metrics {
@@ -66,7 +73,8 @@ impl Metrics {
         let http_requests = counter_vec("http_requests_total", "HTTP requests answered, by route and status.", &["route", "status"]);
         let http_errors = counter_vec("http_request_errors_total", "Requests that ended in an error, by route and error code.", &["route", "code"]);
         let http_connections = gauge("http_connections", "Connections open on the API's listeners.");
-        let http_connections_refused = counter("http_connections_refused_total", "Connections refused with 503 because serve.max_connections were open.");
+        let http_connections_refused =
+            counter("http_connections_refused_total", "Connections refused: 503 when serve.max_connections were open, 429 when the peer's uid held serve.max_connections_per_uid.");
         let request_duration = reg(
             &registry,
             HistogramVec::new(
@@ -98,6 +106,8 @@ impl Metrics {
         );
         let model_swaps = counter_vec("model_activations_total", "Model activations, by result.", &["result"]);
         let models_loaded = gauge("models_loaded", "Models held in memory, including ones draining after a swap.");
+        let registry_metrics = RegistryMetrics::new();
+        registry_metrics.register(&registry);
         Metrics {
             registry,
             http_requests,
@@ -119,6 +129,7 @@ impl Metrics {
             active_model,
             model_swaps,
             models_loaded,
+            registry_metrics,
         }
     }
 
@@ -143,6 +154,99 @@ impl Metrics {
 }
 
 impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the registry client and the poller count. Cheap to clone (the handles are shared);
+/// [`RegistryMetrics::new`] makes a set no `/metrics` shows (the CLI's pulls, tests), and
+/// [`Metrics::new`] registers its own set, `Metrics::registry_metrics`, for the daemon to hand
+/// to its registry client.
+#[derive(Clone)]
+pub struct RegistryMetrics {
+    /// HTTP exchanges with the registry, by kind (`api`: JSON and small text answers,
+    /// `download`: model files) and result (`ok`, or how it failed: see [`RegistryMetrics::request`]).
+    requests: IntCounterVec,
+    /// Failed exchanges retried after a backoff delay, by kind.
+    retries: IntCounterVec,
+    /// The backoff delay chosen before the latest retry, while exchanges keep failing; 0 once
+    /// one succeeds.
+    backoff: Gauge,
+    /// Seconds spent waiting in backoff, in all.
+    backoff_waited: Counter,
+    /// Polls by outcome (the names `/status` uses).
+    polls: IntCounterVec,
+    /// Unix seconds of the last poll that succeeded (the registry answered it).
+    last_success: IntGauge,
+    /// Polls that failed since the last one that succeeded.
+    failed_in_a_row: IntGauge,
+}
+
+impl RegistryMetrics {
+    pub fn new() -> Self {
+        // DEVNOTE: constant names and labels; creation only fails on a programming error,
+        // which the unit tests catch.
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+        RegistryMetrics {
+            requests: counter_vec("registry_requests_total", "HTTP exchanges with the registry, by kind (api, download) and result.", &["kind", "result"]),
+            retries: counter_vec("registry_retries_total", "Failed registry exchanges retried after a backoff delay, by kind.", &["kind"]),
+            backoff: Gauge::new("registry_backoff_seconds", "Backoff delay before the latest retry while registry exchanges keep failing; 0 once one succeeds.")
+                .expect("valid metric"),
+            backoff_waited: Counter::new("registry_backoff_waited_seconds_total", "Seconds spent waiting between retries of registry exchanges.").expect("valid metric"),
+            polls: counter_vec("registry_polls_total", "Registry polls by outcome (as /status names them).", &["outcome"]),
+            last_success: IntGauge::new("registry_last_success_timestamp_seconds", "Unix time of the last registry poll that succeeded (0: none yet).").expect("valid metric"),
+            failed_in_a_row: IntGauge::new("registry_consecutive_failed_polls", "Registry polls failed since the last one that succeeded.").expect("valid metric"),
+        }
+    }
+
+    fn register(&self, r: &Registry) {
+        let collectors: [Box<dyn prometheus::core::Collector>; 7] = [
+            Box::new(self.requests.clone()),
+            Box::new(self.retries.clone()),
+            Box::new(self.backoff.clone()),
+            Box::new(self.backoff_waited.clone()),
+            Box::new(self.polls.clone()),
+            Box::new(self.last_success.clone()),
+            Box::new(self.failed_in_a_row.clone()),
+        ];
+        for c in collectors {
+            r.register(c).expect("unique metric names");
+        }
+    }
+
+    /// Counts one exchange of `kind` (`api`, `download`) that ended with `result`: `ok`, or
+    /// `connect`, `timeout`, `transport` (reset, cut or unreadable answer), `http_4xx`,
+    /// `http_5xx`, `too_large`, `bad_answer` (not what was asked for), `truncated`,
+    /// `stalled` (a trickle below the minimum rate), `range_refused`, `local_error` (the
+    /// disk, not the registry). A success ends the backoff.
+    pub fn request(&self, kind: &str, result: &str) {
+        self.requests.with_label_values(&[kind, result]).inc();
+        if result == "ok" {
+            self.backoff.set(0.0);
+        }
+    }
+
+    /// A failed exchange of `kind` is retried after `delay`.
+    pub fn retrying(&self, kind: &str, delay: Duration) {
+        self.retries.with_label_values(&[kind]).inc();
+        self.backoff.set(delay.as_secs_f64());
+        self.backoff_waited.inc_by(delay.as_secs_f64());
+    }
+
+    /// Counts a poll that ended with `outcome`; `succeeded` when the registry answered it.
+    pub fn poll(&self, outcome: &str, succeeded: bool, now: u64) {
+        self.polls.with_label_values(&[outcome]).inc();
+        if succeeded {
+            self.last_success.set(i64::try_from(now).unwrap_or(i64::MAX));
+            self.failed_in_a_row.set(0);
+        } else {
+            self.failed_in_a_row.inc();
+        }
+    }
+}
+
+impl Default for RegistryMetrics {
     fn default() -> Self {
         Self::new()
     }
@@ -176,6 +280,34 @@ mod tests {
             "edgeflow_model_activations_total{result=\"ok\"} 1",
         ] {
             assert!(text.contains(family), "missing {family} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn registry_backoff_rises_with_retries_and_falls_with_a_success() {
+        let m = Metrics::new();
+        let r = m.registry_metrics.clone();
+        r.request("api", "http_5xx");
+        r.retrying("api", Duration::from_millis(1500));
+        r.poll("unreachable", false, 10);
+        r.poll("unreachable", false, 20);
+        let text = m.render();
+        for line in [
+            "edgeflow_registry_requests_total{kind=\"api\",result=\"http_5xx\"} 1",
+            "edgeflow_registry_retries_total{kind=\"api\"} 1",
+            "edgeflow_registry_backoff_seconds 1.5",
+            "edgeflow_registry_backoff_waited_seconds_total 1.5",
+            "edgeflow_registry_polls_total{outcome=\"unreachable\"} 2",
+            "edgeflow_registry_consecutive_failed_polls 2",
+            "edgeflow_registry_last_success_timestamp_seconds 0",
+        ] {
+            assert!(text.contains(line), "missing {line} in:\n{text}");
+        }
+        r.request("download", "ok");
+        r.poll("updated", true, 30);
+        let text = m.render();
+        for line in ["edgeflow_registry_backoff_seconds 0", "edgeflow_registry_consecutive_failed_polls 0", "edgeflow_registry_last_success_timestamp_seconds 30"] {
+            assert!(text.contains(line), "missing {line} in:\n{text}");
         }
     }
 

@@ -60,6 +60,8 @@ pub struct Daemon {
     pub child: Child,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// The API's bearer token, when its config sets one (`/status` asks for it then).
+    pub token: Option<String>,
 }
 
 impl Daemon {
@@ -79,7 +81,7 @@ impl Daemon {
             cmd.env("NOTIFY_SOCKET", &n.path).env("WATCHDOG_USEC", "1000000");
         }
         cmd.envs(env.iter().copied());
-        Daemon { child: cmd.spawn().expect("spawn edgeflow run"), socket: dir.join("api.sock"), log }
+        Daemon { child: cmd.spawn().expect("spawn edgeflow run"), socket: dir.join("api.sock"), log, token: None }
     }
 
     pub fn log(&self) -> String {
@@ -94,7 +96,9 @@ impl Daemon {
                 panic!("edgeflow run exited with {s}:\n{}", self.log());
             }
             if self.socket.exists() {
-                let r = curl(&self.socket, &["/status"], None);
+                let auth = self.token.as_ref().map(|t| format!("authorization: Bearer {t}"));
+                let args: Vec<&str> = auth.iter().flat_map(|a| ["-H", a.as_str()]).chain(["/status"]).collect();
+                let r = curl(&self.socket, &args, None);
                 if r.status == 200 {
                     return r.json();
                 }
@@ -181,4 +185,57 @@ shutdown_grace = "20s"
         cache = dir.join("cache").display(),
         socket = dir.join("api.sock").display(),
     )
+}
+
+/// One chat answer a [`Chatter`] got: when it ended, its status and fingerprint.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub at: Instant,
+    pub status: u16,
+    pub fingerprint: String,
+}
+
+/// A client chatting with a daemon over its socket, one short chat after another, until
+/// stopped: what "serving never interrupted" is measured with.
+pub struct Chatter {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    answers: Arc<Mutex<Vec<Answer>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Chatter {
+    pub fn start(socket: &Path) -> Chatter {
+        let (stop, answers) = (Arc::new(std::sync::atomic::AtomicBool::new(false)), Arc::new(Mutex::new(Vec::new())));
+        let (s, a, socket) = (stop.clone(), answers.clone(), socket.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}).to_string();
+            while !s.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = curl_post(&socket, "/v1/chat/completions", &body);
+                let fingerprint = r.header("x-edgeflow-model").unwrap_or_default().to_string();
+                a.lock().unwrap().push(Answer { at: Instant::now(), status: r.status, fingerprint });
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        });
+        Chatter { stop, answers, thread: Some(thread) }
+    }
+
+    /// The answers that ended in `[from, to)`.
+    pub fn between(&self, from: Instant, to: Instant) -> Vec<Answer> {
+        self.answers.lock().unwrap().iter().filter(|a| a.at >= from && a.at < to).cloned().collect()
+    }
+
+    /// Stops chatting; every answer.
+    pub fn stop(&mut self) -> Vec<Answer> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.answers.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Chatter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -1,7 +1,8 @@
 //! The registry tests' peers: a real `mlflow server` from the project venv (`make venv`),
 //! model logging with the MLflow Python client, REST calls that move stages and aliases, a
 //! fault proxy for what a real server cannot do on demand (cut a download at byte N, answer
-//! 5xx, demand a token, list a hostile path), and file digests to compare pulled folders.
+//! 5xx, demand a token, list a hostile path, reset the connection, lie about the length,
+//! answer forever), and file digests to compare pulled folders.
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
@@ -117,6 +118,9 @@ impl Mlflow {
     }
 
     pub async fn api(&self, method: reqwest::Method, route: &str, body: serde_json::Value) {
+        // reqwest is built without a crypto provider (see Cargo.toml); a test that has not made
+        // an edgeflow registry client yet (which installs it) needs one here.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let url = format!("{}/api/2.0/mlflow/{route}", self.url);
         let resp = reqwest::Client::new().request(method, &url).json(&body).send().await.expect("mlflow api");
         let status = resp.status();
@@ -170,6 +174,26 @@ pub enum Action {
     Rewrite(fn(&mut serde_json::Value)),
     /// Answer 200 with this body without forwarding.
     Body(Vec<u8>),
+    /// Reset the connection (RST) once the request has arrived, before any answer.
+    Reset,
+    /// Wait this long, then forward (latency).
+    Delay(Duration),
+    /// Forward the answer's head, then send nothing more, holding the connection open until
+    /// the client gives up: an answer that never ends.
+    Hang,
+    /// Forward the body `bytes` at a time, one write every `every`: never silent for long,
+    /// never done.
+    Trickle { bytes: usize, every: Duration },
+    /// Forward the answer's head without its length, then a body of this byte that never
+    /// ends, streamed (never buffered) until the client hangs up.
+    Endless(u8),
+    /// Forward the answer with its Content-Length off by this many bytes (the body as is).
+    WrongLength(i64),
+    /// Answer 200 with a JSON document of this many bytes (a list of model versions that
+    /// goes on and on), generated as it is sent.
+    HugeJson(u64),
+    /// Add this many small files to an artifact listing.
+    InjectFiles(usize),
 }
 
 #[derive(Debug, Clone)]
@@ -232,6 +256,11 @@ impl Proxy {
     pub fn seen(&self) -> Vec<Seen> {
         self.state.lock().unwrap().seen.clone()
     }
+
+    /// How many requests arrived so far.
+    pub fn seen_count(&self) -> usize {
+        self.state.lock().unwrap().seen.len()
+    }
 }
 
 async fn handle(mut client: AsyncTcpStream, upstream: &str, state: Arc<Mutex<ProxyState>>) -> std::io::Result<()> {
@@ -287,6 +316,29 @@ async fn handle(mut client: AsyncTcpStream, upstream: &str, state: Arc<Mutex<Pro
             client.write_all(resp.as_bytes()).await?;
             return client.shutdown().await;
         }
+        Some(Action::Reset) => {
+            // SO_LINGER 0: closing sends RST instead of FIN.
+            return client.set_zero_linger();
+        }
+        Some(Action::Delay(d)) => tokio::time::sleep(*d).await,
+        Some(Action::HugeJson(total)) => {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {total}\r\nConnection: close\r\n\r\n");
+            client.write_all(head.as_bytes()).await?;
+            let open = br#"{"model_versions": ["#;
+            let item = br#"{"name": "phi-3", "version": "1", "status": "READY", "source": "models:/m-0", "current_stage": "Production"}, "#;
+            let mut chunk = Vec::with_capacity(64 << 10);
+            while chunk.len() + item.len() <= 64 << 10 {
+                chunk.extend_from_slice(item);
+            }
+            client.write_all(open).await?;
+            let mut sent = open.len() as u64;
+            while sent < *total {
+                let n = chunk.len().min(usize::try_from(total - sent).unwrap_or(usize::MAX));
+                client.write_all(&chunk[..n]).await?;
+                sent += n as u64;
+            }
+            return client.shutdown().await;
+        }
         _ => {}
     }
     // Forward with Connection: close, so one connection carries one exchange.
@@ -320,6 +372,49 @@ async fn handle(mut client: AsyncTcpStream, upstream: &str, state: Arc<Mutex<Pro
             rewrite_json(&mut client, &mut up, &response, add).await?;
         }
         Some(Action::Rewrite(f)) => rewrite_json(&mut client, &mut up, &response, f).await?,
+        Some(Action::InjectFiles(n)) => {
+            let add = move |v: &mut serde_json::Value| {
+                if let Some(files) = v.get_mut("files").and_then(|f| f.as_array_mut()) {
+                    files.extend((0..n).map(|i| serde_json::json!({"path": format!("shard-{i:06}.bin"), "is_dir": false, "file_size": 1024})));
+                }
+            };
+            rewrite_json(&mut client, &mut up, &response, add).await?;
+        }
+        Some(Action::Hang) => {
+            client.write_all(&response).await?;
+            client.flush().await?;
+            // Until the client gives up.
+            let mut sink = [0u8; 1024];
+            while client.read(&mut sink).await? > 0 {}
+            return Ok(());
+        }
+        Some(Action::Trickle { bytes, every }) => {
+            client.write_all(&response).await?;
+            let mut buf = vec![0u8; bytes.max(1)];
+            loop {
+                let got = up.read(&mut buf).await?;
+                if got == 0 {
+                    break;
+                }
+                client.write_all(&buf[..got]).await?;
+                client.flush().await?;
+                tokio::time::sleep(every).await;
+            }
+        }
+        Some(Action::Endless(fill)) => {
+            client.write_all(rehead(&response, None).as_bytes()).await?;
+            let chunk = vec![fill; 64 << 10];
+            loop {
+                client.write_all(&chunk).await?;
+            }
+        }
+        Some(Action::WrongLength(delta)) => {
+            let mut body = Vec::new();
+            up.read_to_end(&mut body).await?;
+            let declared = (body.len() as i64 + delta).max(0) as u64;
+            client.write_all(rehead(&response, Some(declared)).as_bytes()).await?;
+            client.write_all(&body).await?;
+        }
         Some(Action::CutAfter(n)) => {
             client.write_all(&response).await?;
             let mut left = n;
@@ -365,17 +460,27 @@ async fn rewrite_json(client: &mut AsyncTcpStream, up: &mut AsyncTcpStream, head
     let mut v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|_| serde_json::json!({"files": []}));
     f(&mut v);
     let body = serde_json::to_vec(&v).unwrap();
+    client.write_all(rehead(head, Some(body.len() as u64)).as_bytes()).await?;
+    client.write_all(&body).await
+}
+
+/// An answer's head with its length (and transfer encoding) replaced by `content_length`,
+/// or dropped (the body then ends when the connection closes).
+fn rehead(head: &[u8], content_length: Option<u64>) -> String {
     let head_text = String::from_utf8_lossy(head).into_owned();
     let mut new_head = String::new();
     for l in head_text.split("\r\n").filter(|l| !l.is_empty()) {
-        if !l.to_ascii_lowercase().starts_with("content-length:") {
+        let lower = l.to_ascii_lowercase();
+        if !lower.starts_with("content-length:") && !lower.starts_with("transfer-encoding:") {
             new_head.push_str(l);
             new_head.push_str("\r\n");
         }
     }
-    new_head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
-    client.write_all(new_head.as_bytes()).await?;
-    client.write_all(&body).await
+    if let Some(n) = content_length {
+        new_head.push_str(&format!("Content-Length: {n}\r\n"));
+    }
+    new_head.push_str("\r\n");
+    new_head
 }
 
 /// sha256 of a file, hex.
