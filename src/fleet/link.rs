@@ -17,6 +17,7 @@ use super::commands::{Policy, Recent};
 use super::events::Event;
 use super::health::{HostSampler, RequestWindow};
 use super::reconnect::Reconnect;
+use super::replies::Finals;
 use super::reports::load_baselines;
 use super::runner::Runner;
 use super::settings::{FleetSettings, Protocol};
@@ -170,6 +171,8 @@ impl Link {
         let recent = Recent::load(spool.db().open_tree("commands").ok(), s.command_window, now);
         let baseline_tree = spool.db().open_tree("drift_baselines").ok();
         let baselines = load_baselines(baseline_tree.as_ref());
+        // What the spool holds at opening was read from disk.
+        let durable_seq = spool.next_seq().saturating_sub(1);
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(8);
         let (state_tx, state_rx) = watch::channel(LinkState::default());
@@ -222,6 +225,9 @@ impl Link {
             running: JoinSet::new(),
             pending_reports: Vec::new(),
             flush_at: None,
+            durable_seq,
+            finals: Finals::default(),
+            flushes: 0,
             submit_chain: None,
             overflow_unreported: 0,
             session: format!("{:016x}", fastrand::u64(..)),

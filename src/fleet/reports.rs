@@ -48,7 +48,7 @@ impl Runner {
             tracing::error!(channel = channel.topic_suffix(), size = bytes.len(), "a report is too large to send; dropped");
             return Err(format!("the {} report is too large ({} bytes)", channel.topic_suffix(), bytes.len()));
         }
-        self.mark_dirty();
+        self.spooled();
         match self.spool.push(channel, move |_| bytes) {
             Ok(p) => {
                 if p.dropped > 0 {

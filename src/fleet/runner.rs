@@ -2,6 +2,14 @@
 //! track what the broker acknowledged, reconnect after the [`Reconnect`] policy's delay, say
 //! goodbye. The [`Runner`] holds all the task's state; its reports are built in
 //! `reports.rs` and its commands handled in `replies.rs`, as further `impl Runner` blocks.
+//!
+//! Two rules keep delivery honest when the broker or the device dies at any moment:
+//! - a spooled message is published only once it is on disk ([`Runner::durable_seq`]): its
+//!   `seq` is then never handed out again after a crash, so a console that drops duplicates
+//!   by `seq` never drops a new message as an old one; a final command reply likewise waits
+//!   for the flush that records its outcome in the table of recent requests;
+//! - a message or a final command reply leaves the link's care only when the broker
+//!   acknowledges it; whatever a dead connection still held is published again on the next.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,7 +27,7 @@ use super::events::Event;
 use super::health::{HostSampler, RequestWindow};
 use super::link::{Control, LinkState};
 use super::reconnect::Reconnect;
-use super::replies::Running;
+use super::replies::{Finals, Running};
 use super::settings::FleetSettings;
 use super::spool::Spool;
 use super::topics::Topics;
@@ -45,7 +53,10 @@ const MAX_PACKET: u32 = 256 * 1024;
 /// is known.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Tag {
+    /// A spooled message, by its seq.
     Spooled(u64),
+    /// A final command reply held until acknowledged ([`super::replies::Finals`]), by its id.
+    Final(u64),
     Other,
     Goodbye,
 }
@@ -55,10 +66,14 @@ pub(super) struct Conn {
     version: Version,
     pub(super) up: bool,
     pub(super) awaiting: VecDeque<Tag>,
-    inflight: HashMap<u16, u64>,
+    /// Spooled messages and final replies published and not yet acknowledged, by packet id.
+    inflight: HashMap<u16, Tag>,
     /// Highest spool seq handed to this connection.
     last_sent: Option<u64>,
     goodbye_pkid: Option<u16>,
+    /// Which connection this is (the link's count of connections once it came up), so a held
+    /// reply knows whether this connection has had it.
+    pub(super) serial: u64,
 }
 
 impl Conn {
@@ -67,14 +82,14 @@ impl Conn {
     }
 
     fn in_window(&self) -> usize {
-        self.inflight.len() + self.awaiting.iter().filter(|t| matches!(t, Tag::Spooled(_))).count()
+        self.inflight.values().chain(&self.awaiting).filter(|t| matches!(t, Tag::Spooled(_))).count()
     }
 
     /// A publish left with `pkid`: the oldest one awaiting its packet id.
     fn sent(&mut self, pkid: u16) {
         match self.awaiting.pop_front() {
-            Some(Tag::Spooled(seq)) => {
-                self.inflight.insert(pkid, seq);
+            Some(tag @ (Tag::Spooled(_) | Tag::Final(_))) => {
+                self.inflight.insert(pkid, tag);
             }
             Some(Tag::Goodbye) => self.goodbye_pkid = Some(pkid),
             Some(Tag::Other) | None => {}
@@ -114,6 +129,12 @@ pub(super) struct Runner {
     /// `report` commands waiting for the next health report.
     pub(super) pending_reports: Vec<Running>,
     pub(super) flush_at: Option<Instant>,
+    /// Highest seq known to be on disk; only messages up to it are published.
+    pub(super) durable_seq: u64,
+    /// Final command replies not yet acknowledged by the broker.
+    pub(super) finals: Finals,
+    /// Flushes of the spool's database completed since start.
+    pub(super) flushes: u64,
     /// Resolves (or closes) once the last accepted command was handed to the bus: the next
     /// waits for it, so commands run in the order they arrived.
     pub(super) submit_chain: Option<tokio::sync::oneshot::Receiver<()>>,
@@ -213,6 +234,7 @@ impl Runner {
             inflight: HashMap::new(),
             last_sent: None,
             goodbye_pkid: None,
+            serial: 0,
         });
     }
 
@@ -225,9 +247,8 @@ impl Runner {
                     c.sent(pkid);
                 }
             }
-            WireEvent::Acked { pkid, accepted } => {
-                let seq = self.conn.as_mut().and_then(|c| c.inflight.remove(&pkid));
-                if let Some(seq) = seq {
+            WireEvent::Acked { pkid, accepted } => match self.conn.as_mut().and_then(|c| c.inflight.remove(&pkid)) {
+                Some(Tag::Spooled(seq)) => {
                     if !accepted {
                         tracing::warn!(seq, "the broker refused a report (not authorized?); dropping it");
                     }
@@ -238,7 +259,14 @@ impl Runner {
                     }
                     self.mark_dirty();
                 }
-            }
+                Some(Tag::Final(id)) => {
+                    if !accepted {
+                        tracing::warn!("the broker refused a command reply (not authorized?); dropping it");
+                    }
+                    self.finals.acked(id);
+                }
+                Some(Tag::Other | Tag::Goodbye) | None => {}
+            },
             WireEvent::Subscribed { granted } => {
                 if !granted {
                     tracing::error!(topic = %self.topics.commands(), "the broker refused the command subscription (ACL?); commands will not arrive");
@@ -255,8 +283,13 @@ impl Runner {
         if !first {
             self.state.reconnects += 1;
         }
+        let serial = self.state.connections;
+        if self.durable_seq < self.spool.next_seq().saturating_sub(1) {
+            self.flush_at = Some(Instant::now());
+        }
         let Some(c) = &mut self.conn else { return };
         c.up = true;
+        c.serial = serial;
         let version = c.version;
         self.state.connected = true;
         self.state.protocol = Some(version.as_str());
@@ -297,8 +330,10 @@ impl Runner {
         self.state.last_error = Some(c.error);
     }
 
-    /// Publishes spooled messages while the window has room.
+    /// Publishes the final replies this connection has not had, then spooled messages that
+    /// are on disk while the window has room.
     fn pump(&mut self) {
+        self.send_finals();
         let Some(c) = &mut self.conn else { return };
         if !c.up {
             return;
@@ -307,7 +342,8 @@ impl Runner {
         if room == 0 {
             return;
         }
-        for r in self.spool.after(c.last_sent, room) {
+        let durable = self.durable_seq;
+        for r in self.spool.after(c.last_sent, room).into_iter().take_while(|r| r.seq <= durable) {
             let topic = self.topics.channel(r.channel.topic_suffix());
             match c.client().publish(&topic, false, r.payload, None) {
                 Ok(()) => {
@@ -325,8 +361,19 @@ impl Runner {
         }
     }
 
+    /// A message was spooled: while connected it is published once on disk, so the flush
+    /// comes at once (a burst of messages still shares one); offline it can wait.
+    pub(super) fn spooled(&mut self) {
+        if self.conn.as_ref().is_some_and(|c| c.up) {
+            self.flush_at = Some(Instant::now());
+        } else {
+            self.mark_dirty();
+        }
+    }
+
     async fn flush(&mut self) {
         self.flush_at = None;
+        let through = self.spool.next_seq().saturating_sub(1);
         let db = self.spool.db().clone();
         let flushed = tokio::task::spawn_blocking(move || {
             crate::crash::point("fleet.spool_flushing");
@@ -339,6 +386,11 @@ impl Runner {
             Ok(Err(e)) => tracing::warn!(error = %e, "flushing the spool failed"),
             Err(e) => tracing::warn!(error = %e, "the spool flush task failed"),
         }
+        // DEVNOTE: also after a failed flush. A disk that refuses to sync must not silence the
+        // device; the messages are in memory, and only a crash before a later flush could
+        // hand their seqs out again.
+        self.durable_seq = self.durable_seq.max(through);
+        self.flushes += 1;
     }
 
     fn publish_state(&mut self) {
@@ -376,11 +428,13 @@ impl Runner {
                 match ev {
                     Some(WireEvent::Sent { pkid }) => c.sent(pkid),
                     Some(WireEvent::Acked { pkid, .. }) if c.goodbye_pkid == Some(pkid) => break,
-                    Some(WireEvent::Acked { pkid, .. }) => {
-                        if let Some(seq) = c.inflight.remove(&pkid) {
+                    Some(WireEvent::Acked { pkid, .. }) => match c.inflight.remove(&pkid) {
+                        Some(Tag::Spooled(seq)) => {
                             let _ = self.spool.remove(seq);
                         }
-                    }
+                        Some(Tag::Final(id)) => self.finals.acked(id),
+                        _ => {}
+                    },
                     Some(WireEvent::Closed(_)) | None => {
                         tracing::warn!("the broker did not acknowledge the goodbye in time");
                         return;

@@ -1,7 +1,10 @@
 //! The fleet tests' peers: a real Mosquitto broker per test (own config, own loopback port,
-//! own folder), certificates made with openssl, `mosquitto_sub`/`mosquitto_pub` as the
-//! independent client, fleet settings and the payload schema check. The one fake is
-//! [`Proxy`]: a byte-counting TCP relay that can also play a broker that only speaks MQTT 3.1.1.
+//! own folder; stopped, killed and started again at will), certificates made with openssl,
+//! `mosquitto_sub`/`mosquitto_pub` as the independent client, fleet settings and the payload
+//! schema check. Two relays stand between a device and a broker where a real peer cannot do
+//! what a test needs: [`Proxy`] counts bytes and can play a broker that only speaks MQTT 3.1.1;
+//! [`Gate`] keeps a restarted broker out of the device's reach until the test's observers are
+//! back on it.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -47,7 +50,9 @@ impl Mosquitto {
         m
     }
 
-    fn launch(&mut self) {
+    /// Starts it again (after [`Mosquitto::kill`] or [`Mosquitto::stop`]) on the same port
+    /// with the same config.
+    pub fn launch(&mut self) {
         // Debian installs the broker in /usr/sbin, which a non-root PATH may lack.
         let exe = if Path::new("/usr/sbin/mosquitto").exists() { "/usr/sbin/mosquitto" } else { "mosquitto" };
         let child = Command::new(exe).arg("-c").arg(&self.conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("mosquitto is installed (apt-get install mosquitto)");
@@ -71,6 +76,19 @@ impl Mosquitto {
     pub fn restart(&mut self) {
         self.stop();
         self.launch();
+    }
+
+    /// SIGKILL: the broker dies at once, saving nothing (sessions, queued and retained
+    /// messages since its last save are gone).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn log(&self) -> String {
@@ -152,10 +170,12 @@ impl Msg {
     }
 }
 
-/// A `mosquitto_sub` process collecting messages (MQTT 5, QoS 1).
+/// A `mosquitto_sub` process collecting messages (MQTT 5, QoS 1). It reconnects and
+/// subscribes again by itself when the broker comes back.
 pub struct Sub {
     child: Child,
     msgs: Arc<Mutex<Vec<Msg>>>,
+    ready: String,
 }
 
 impl Sub {
@@ -184,19 +204,35 @@ impl Sub {
                 sink.lock().unwrap().push(Msg { topic: topic.into(), retained: r == "1", correlation: c.into(), payload: p.into() });
             }
         });
-        let sub = Sub { child, msgs };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let sub = Sub { child, msgs, ready };
+        assert!(sub.subscribed(port, Duration::from_secs(10)), "mosquitto_sub did not subscribe");
+        sub
+    }
+
+    /// Whether the subscription is live on the broker at `port` (again, after a restart)
+    /// within `timeout`: a marker published on its own topic comes back.
+    pub fn subscribed(&self, port: u16, timeout: Duration) -> bool {
+        let marker = format!("ready-{}", fastrand::u64(..));
+        let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            publish(port, &ready, "ready", &[]);
-            if sub.wait_raw(|m| m.topic == ready, Duration::from_millis(300)).is_some() {
-                return sub;
+            if try_publish(port, &self.ready, &marker, &[]) && self.wait_raw(|m| m.topic == self.ready && m.payload == marker, Duration::from_millis(300)).is_some() {
+                return true;
             }
+            std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("mosquitto_sub did not subscribe");
+        false
     }
 
     pub fn all(&self) -> Vec<Msg> {
         self.msgs.lock().unwrap().iter().filter(|m| !m.topic.starts_with("test/ready/")).cloned().collect()
+    }
+
+    /// Messages received from index `start` on (readiness markers are counted, so indexes
+    /// stay put, but not returned), and the index to continue from.
+    pub fn since(&self, start: usize) -> (Vec<Msg>, usize) {
+        let msgs = self.msgs.lock().unwrap();
+        let start = start.min(msgs.len());
+        (msgs[start..].iter().filter(|m| !m.topic.starts_with("test/ready/")).cloned().collect(), msgs.len())
     }
 
     /// Messages on `topic`, as JSON.
@@ -244,13 +280,27 @@ impl Drop for Sub {
 
 /// `mosquitto_pub` one QoS 1 message; `extra` adds arguments (e.g. MQTT 5 properties).
 pub fn publish(port: u16, topic: &str, payload: &str, extra: &[&str]) {
-    let out = Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-m", payload]).args(extra).output().expect("mosquitto_pub");
+    let out = mosquitto_pub(port, topic, payload, extra);
     assert!(out.status.success(), "mosquitto_pub failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// As [`publish`], for a broker that may be down: whether the broker acknowledged it.
+pub fn try_publish(port: u16, topic: &str, payload: &str, extra: &[&str]) -> bool {
+    mosquitto_pub(port, topic, payload, extra).status.success()
+}
+
+fn mosquitto_pub(port: u16, topic: &str, payload: &str, extra: &[&str]) -> std::process::Output {
+    Command::new("mosquitto_pub").args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-m", payload]).args(extra).output().expect("mosquitto_pub")
 }
 
 /// A command on MQTT 5 with a response topic and correlation data.
 pub fn publish_v5_command(port: u16, topic: &str, payload: &str, response_topic: &str, correlation: &str) {
-    publish(port, topic, payload, &["-V", "mqttv5", "-D", "publish", "response-topic", response_topic, "-D", "publish", "correlation-data", correlation]);
+    assert!(try_publish_v5_command(port, topic, payload, response_topic, correlation), "mosquitto_pub failed");
+}
+
+/// As [`publish_v5_command`], for a broker that may be down: whether the broker acknowledged it.
+pub fn try_publish_v5_command(port: u16, topic: &str, payload: &str, response_topic: &str, correlation: &str) -> bool {
+    try_publish(port, topic, payload, &["-V", "mqttv5", "-D", "publish", "response-topic", response_topic, "-D", "publish", "correlation-data", correlation])
 }
 
 /// A TCP relay to a broker that counts the bytes each way. With `only_3_1_1`, it answers an
@@ -309,14 +359,7 @@ impl Proxy {
                         let _ = client.write_all(&[0x20, 0x02, 0x00, 0x01]);
                         return;
                     }
-                    let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
-                    if server.write_all(&head).is_err() {
-                        return;
-                    }
-                    u.fetch_add(head.len() as u64, Ordering::SeqCst);
-                    let (Ok(mut c2), Ok(mut s2)) = (client.try_clone(), server.try_clone()) else { return };
-                    std::thread::spawn(move || copy_counting(&mut s2, &mut c2, &d));
-                    copy_counting(&mut client, &mut server, &u);
+                    relay(client, &head, upstream, &u, &d);
                 });
             }
         });
@@ -332,6 +375,103 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Relays `client` to the broker on `upstream` (after sending it `head`, bytes already read
+/// from the client) until either side hangs up, counting the bytes each way; returns then.
+fn relay(mut client: TcpStream, head: &[u8], upstream: u16, up: &AtomicU64, down: &Arc<AtomicU64>) {
+    let Ok(mut server) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+    if server.write_all(head).is_err() {
+        return;
+    }
+    up.fetch_add(head.len() as u64, Ordering::SeqCst);
+    let (Ok(mut c2), Ok(mut s2)) = (client.try_clone(), server.try_clone()) else { return };
+    let d = down.clone();
+    std::thread::spawn(move || copy_counting(&mut s2, &mut c2, &d));
+    copy_counting(&mut client, &mut server, up);
+}
+
+/// A relay on a fixed loopback port to the broker on `upstream` that can be closed and
+/// opened. Closed, nothing listens on its port, so a device's connection is refused exactly
+/// as by a dead broker; open, each connection is relayed, and one ends when the broker's end
+/// does (a broker killed behind it hangs up on the device at once).
+///
+/// A SIGKILLed broker keeps no session, so after its restart a subscriber sees only what
+/// arrives once it has subscribed again. A broker-fault campaign therefore closes the gate
+/// before each kill and opens it after the restart only when its observer is back: whatever
+/// the device publishes on the restarted broker then has a subscriber to reach.
+pub struct Gate {
+    pub port: u16,
+    upstream: u16,
+    /// Connections relayed so far.
+    pub accepted: Arc<AtomicU64>,
+    open: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+}
+
+impl Gate {
+    /// A closed gate in front of the broker on `upstream`.
+    pub fn closed(upstream: u16) -> Gate {
+        Gate { port: free_port(), upstream, accepted: Arc::new(AtomicU64::new(0)), open: None }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Listens on the gate's port again and relays every connection from now on.
+    pub fn open(&mut self) {
+        if self.open.is_some() {
+            return;
+        }
+        // The port was ours a moment ago; bind retries while the kernel lets it go.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", self.port)) {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "the gate cannot listen on {} again: {e}", self.port);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        };
+        listener.set_nonblocking(true).expect("a non-blocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, upstream, accepted) = (stop.clone(), self.upstream, self.accepted.clone());
+        let thread = std::thread::spawn(move || {
+            let (up, down) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        accepted.fetch_add(1, Ordering::SeqCst);
+                        let _ = client.set_nonblocking(false);
+                        let (up, down) = (up.clone(), down.clone());
+                        std::thread::spawn(move || relay(client, &[], upstream, &up, &down));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                }
+            }
+            // The listener is dropped here: the port refuses connections from now on.
+        });
+        self.open = Some((stop, thread));
+    }
+
+    /// Stops listening: new connections are refused (relayed ones run on until a side ends).
+    pub fn close(&mut self) {
+        if let Some((stop, thread)) = self.open.take() {
+            stop.store(true, Ordering::SeqCst);
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
