@@ -252,6 +252,7 @@ max_tokens = 0
 request_timeout = "forever"
 shutdown_grace = "0s"
 max_connections = 0
+max_connections_per_uid = 0
 header_timeout = "soon"
 stream_interval = "2s"
 "#;
@@ -268,12 +269,13 @@ stream_interval = "2s"
             "serve.request_timeout",
             "serve.shutdown_grace",
             "serve.max_connections",
+            "serve.max_connections_per_uid",
             "serve.header_timeout",
             "serve.stream_interval",
         ] {
             assert!(problems.iter().any(|p| p.starts_with(&format!("{key}:"))), "{key} not reported in {problems:#?}");
         }
-        assert_eq!(problems.len(), 12, "{problems:#?}");
+        assert_eq!(problems.len(), 13, "{problems:#?}");
         let c: Config = toml::from_str("[serve]\ntcp_listen = \"127.0.0.1:8080\"\nallowed_uids = [1000]\n").unwrap();
         assert!(c.validate().iter().any(|p| p.contains("needs serve.token_env")));
         let err = toml::from_str::<Config>("[serve]\nswap = \"sometimes\"\n").unwrap_err().to_string();

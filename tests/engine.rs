@@ -669,6 +669,36 @@ fn batched_sequences_decode_as_they_would_alone() {
     assert!(model.has_room(&batch, short), "a short one fits beside it");
 }
 
+/// A chat whose next turn outgrows the KV buffers keeps its whole earlier turn even when the
+/// snapshots could hold only a little of it (here 20 tokens' worth): the row the turn continues
+/// is carried into the grown buffers. Before, growing emptied every idle row into the snapshots,
+/// so a long chat on a big model (Phi-3-mini: 786 KB a token) lost all but what
+/// `engine.prefix_cache` took.
+#[test]
+fn a_turn_that_outgrows_the_buffers_keeps_its_whole_prefix_past_the_snapshot_ceiling() {
+    let name = "phi3-tiny-gqa";
+    let mut plain = load(name);
+    // 2 layers × 2 kv heads × 16 × (key + value) × 4 bytes = 512 bytes a token: 20 tokens.
+    let options = LoadOptions { prefix_cache: Some(512 * 20), ..common::load_options() };
+    let mut reusing = Model::load(&common::fixture_model(name), &options).unwrap();
+    let tokenizer = Tokenizer::load(&common::fixture_model(name)).unwrap();
+    let encode = |t: &str| tokenizer.encode(t).unwrap();
+    let first = encode(
+        "<|system|>\nYou are the assistant of a small device at the edge of a network. Answer briefly.<|end|>\n<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n",
+    );
+    let (a, _) = run(&mut plain, &first, &greedy(12));
+    let (b, _) = run(&mut reusing, &first, &greedy(12));
+    assert_eq!(b.token_ids, a.token_ids);
+    let chat = [first.clone(), b.token_ids.clone(), encode("<|end|>\n<|user|>\nAnd of Spain?<|end|>\n<|assistant|>\n")].concat();
+    assert!(first.len() + b.token_ids.len() > 40, "an earlier turn well past the snapshots' 20 tokens");
+    // 200 new tokens: past twice the buffers sized for the first turn, so they grow.
+    let (a, _) = run(&mut plain, &chat, &greedy(200));
+    let (b2, _) = run(&mut reusing, &chat, &greedy(200));
+    assert_eq!(b2.token_ids, a.token_ids, "reuse across the growth changed the greedy output");
+    assert_eq!(b2.reused_tokens, first.len() + b.token_ids.len() - 1, "the whole earlier turn was kept through the growth");
+    assert!(reusing.prefix_cache_bytes() <= 512 * 20);
+}
+
 /// A request planned to start from a snapshot must not get another one's keys and values when
 /// saving the row it takes evicts that snapshot first (the store holds one snapshot here).
 #[test]

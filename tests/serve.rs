@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::http::{curl, curl_post, parse_curl, terminate, Http};
+use common::server::Server;
 use common::{edgeflow, python};
 use edgeflow::active::{Manager, ManagerOptions, ModelSource, SwapMode};
 use edgeflow::engine::{ChatMessage, GenerateParams, Model};
@@ -28,98 +29,6 @@ const TOKEN_ENV: &str = "EDGEFLOW_SERVE_TEST_TOKEN";
 
 fn tiny(name: &str) -> PathBuf {
     common::fixture_model(name)
-}
-
-/// An `edgeflow serve` process on a temp socket; stopped with SIGTERM on drop.
-struct Server {
-    child: Child,
-    dir: tempfile::TempDir,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(model: &str, config: &str, args: &[&str], envs: &[(&str, &str)]) -> Server {
-        Server::start_folder(&tiny(model), config, args, envs)
-    }
-
-    fn start_folder(model: &Path, config: &str, args: &[&str], envs: &[(&str, &str)]) -> Server {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("api.sock");
-        let config_path = dir.path().join("edgeflow.toml");
-        std::fs::write(&config_path, config).unwrap();
-        let log = dir.path().join("server.log");
-        let mut cmd = edgeflow();
-        cmd.args(["serve", "--model-dir"])
-            .arg(model)
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--config")
-            .arg(&config_path)
-            .args(["--threads", "2", "--log", "info"])
-            .args(args)
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn edgeflow serve");
-        let mut server = Server { child, dir, socket, log };
-        server.wait_ready();
-        server
-    }
-
-    fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("edgeflow serve exited with {status}:\n{}", self.log());
-            }
-            if self.socket.exists() && self.curl(&["/readyz"]).status == 200 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "server not ready after 60 s:\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn curl(&self, args: &[&str]) -> Http {
-        curl(&self.socket, args, None)
-    }
-
-    fn metric(&self, line_prefix: &str) -> f64 {
-        metric(&self.socket, line_prefix)
-    }
-
-    fn stop(mut self) -> (std::process::ExitStatus, String) {
-        let status = terminate(&mut self.child);
-        (status, self.log())
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            terminate(&mut self.child);
-        }
-    }
-}
-
-/// The value of the first `/metrics` line starting with `line_prefix`.
-fn metric(socket: &Path, line_prefix: &str) -> f64 {
-    let m = curl(socket, &["/metrics"], None);
-    assert_eq!(m.status, 200);
-    m.body
-        .lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {line_prefix} in:\n{}", m.body))
 }
 
 /// The SSE events of a stream body: every event is one `data:` line and a blank line.
@@ -438,11 +347,12 @@ fn connection_limit_and_header_timeout() {
 fn slow_request_bodies_are_cut_off_and_free_their_slots() {
     use std::io::{Read, Write};
     use std::os::unix::net::UnixStream;
-    let server = Server::start("phi3-tiny-gqa", "[serve]\nmax_connections = 4\nheader_timeout = \"2s\"\n", &[], &[]);
+    let server = Server::start("phi3-tiny-gqa", "[serve]\nmax_connections = 4\nmax_connections_per_uid = 4\nheader_timeout = \"2s\"\n", &[], &[]);
     let s = server.socket.clone();
     let body = json!({"model": "phi3-tiny-gqa", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2}).to_string();
     let started = Instant::now();
-    // Three slow clients (one slot stays for the others): headers at once, then one body byte
+    // Three slow clients (one slot stays for the others; all come from this uid, so its limit is
+    // raised to the listener's): headers at once, then one body byte
     // a second, which never lets an idle timer fire.
     let slow: Vec<_> = (0..3)
         .map(|_| {

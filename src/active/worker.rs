@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::engine::{Batch, ChatMessage, EngineError, GenaiConfig, GenerateParams, Generation, Heartbeat, LoadOptions, Model, Need, Refused, StepAllowance};
+use crate::engine::{Batch, ChatMessage, EngineError, GenaiConfig, GenerateParams, Generation, Heartbeat, LoadOptions, Model, Need, PromptText, Refused, StepAllowance};
 use crate::telemetry::Metrics;
 
 /// What to generate from.
@@ -314,6 +314,7 @@ impl Thread {
             tracing::error!("engine worker panicked; the model is unloaded");
         }
         drop(model);
+        crate::engine::heap::release_freed();
         self.metrics.models_loaded.dec();
         tracing::info!("model unloaded");
     }
@@ -409,19 +410,23 @@ impl Thread {
             self.metrics.generations_cancelled.inc();
             return None;
         }
-        let ids = match prompt {
-            Prompt::Text(text) => model.encode(&text),
-            Prompt::Chat(messages) => model.encode_chat(&messages),
-            Prompt::Ids(ids) => Ok(ids),
+        let limit = model.context_length().saturating_sub(1).min(self.limits.max_prompt_tokens.unwrap_or(usize::MAX));
+        let ids = match &prompt {
+            Prompt::Text(text) => model.encode_prompt_within(PromptText::Raw(text), limit),
+            Prompt::Chat(messages) => model.encode_prompt_within(PromptText::Chat(messages), limit),
+            Prompt::Ids(ids) => Ok(Ok(ids.clone())),
         };
         let ids = match ids {
-            Ok(ids) => ids,
+            Ok(Ok(ids)) => ids,
+            Ok(Err(at_least)) => {
+                let _ = client.events.send(Event::Failed(JobError::PromptTooLong { tokens: at_least, limit }));
+                return None;
+            }
             Err(e) => {
                 let _ = client.events.send(Event::Failed(e.into()));
                 return None;
             }
         };
-        let limit = model.context_length().saturating_sub(1).min(self.limits.max_prompt_tokens.unwrap_or(usize::MAX));
         if ids.len() > limit {
             let _ = client.events.send(Event::Failed(JobError::PromptTooLong { tokens: ids.len(), limit }));
             return None;

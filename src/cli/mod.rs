@@ -71,6 +71,7 @@ pub fn main() -> ExitCode {
     if args.get(1).is_some_and(|a| a == template::sandbox::ARG) {
         return template::sandbox::child_main(&args[2..]);
     }
+    crate::engine::heap::configure();
     // Chat templates of the models this process loads render in children of this binary.
     template::sandbox::host(Some(template::sandbox::Settings::this_binary()));
     let cli = match Cli::try_parse_from(args) {

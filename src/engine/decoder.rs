@@ -304,7 +304,7 @@ impl Decoder {
             }
             return Ok((Cache::Growing { len: 0, past }, 0));
         }
-        self.reserve(capacity)?;
+        self.reserve(capacity, prompt)?;
         let during = "starting a sequence";
         let block = self.block.as_ref().ok_or(EngineError::Inference { during, message: "KV cache not allocated".into() })?;
         let (slot, plan) = block
@@ -389,11 +389,11 @@ impl Decoder {
         Ok(())
     }
 
-    /// Makes the block hold at least `capacity` tokens per row. It grows by doubling (up to the
-    /// context), so a prefix is not lost to every slightly longer request; the rows' tokens are
-    /// copied into the new block (running sequences go on), and pages never written are never
-    /// resident.
-    fn reserve(&mut self, capacity: usize) -> Result<(), EngineError> {
+    /// Makes the block hold at least `capacity` tokens per row, for a sequence about to start
+    /// with `prompt`. It grows by doubling (up to the context), so a prefix is not lost to every
+    /// slightly longer request; the rows' tokens are copied into the new block (running
+    /// sequences go on), and pages never written are never resident.
+    fn reserve(&mut self, capacity: usize, prompt: &[u32]) -> Result<(), EngineError> {
         let have = self.block.as_ref().map(|b| b.capacity);
         if have.is_some_and(|c| c >= capacity) {
             return Ok(());
@@ -401,24 +401,44 @@ impl Decoder {
         let grown = have.map_or(capacity, |c| c.saturating_mul(2).min(self.context).max(capacity));
         // Idle rows are not copied: what they hold goes to the snapshots (as much as they take)
         // and the rows are emptied, so the copy below holds running sequences only and a lone
-        // request grows as it always did (old buffers gone before the new ones fill).
-        let idle: Vec<usize> = self.block.as_ref().map(|b| (0..b.slots.len()).filter(|&i| !b.slots[i].busy && !b.slots[i].held.is_empty()).collect()).unwrap_or_default();
+        // request grows as it always did (old buffers gone before the new ones fill). Except the
+        // idle row that `prompt` continues (the next turn of a chat whose prompt outgrew the
+        // block): its shared tokens are copied like a running sequence's, since a snapshot
+        // holds only what `engine.prefix_cache` takes, and a long chat would lose the rest.
+        let (kv, hs) = (self.kv_heads, self.head_size);
+        let carried = self.block.as_ref().filter(|_| self.reuse).and_then(|b| {
+            (0..b.slots.len())
+                .filter(|&i| !b.slots[i].busy)
+                .map(|i| (i, super::prefix::common_prefix(&b.slots[i].held, prompt).min(prompt.len().saturating_sub(1))))
+                .filter(|&(_, n)| n >= super::prefix::MIN_SNAPSHOT_TOKENS)
+                .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))
+        });
+        if let Some((slot, keep)) = carried {
+            // What the row holds past the shared part may still be worth a snapshot.
+            self.save_live(slot, keep)?;
+            if let Some(block) = self.block.as_mut() {
+                block.truncate(slot, keep, kv, hs);
+            }
+        }
+        let idle: Vec<usize> = self
+            .block
+            .as_ref()
+            .map(|b| (0..b.slots.len()).filter(|&i| !b.slots[i].busy && !b.slots[i].held.is_empty() && carried.is_none_or(|(c, _)| c != i)).collect())
+            .unwrap_or_default();
         for slot in idle {
             if self.reuse {
                 self.save_live(slot, 0)?;
             }
-            let (kv, hs) = (self.kv_heads, self.head_size);
             if let Some(block) = self.block.as_mut() {
                 block.truncate(slot, 0, kv, hs);
             }
         }
-        if self.block.as_ref().is_some_and(|b| b.slots.iter().all(|s| !s.busy)) {
+        if self.block.as_ref().is_some_and(|b| b.slots.iter().all(|s| s.held.is_empty() && !s.busy)) {
             self.block = None;
         }
         let mut new = self.allocate_block(grown)?;
         if let Some(mut old) = self.block.take() {
             let during = "growing the KV cache";
-            let (kv, hs) = (self.kv_heads, self.head_size);
             for (from, to) in old.buffers.iter_mut().zip(new.buffers.iter_mut()) {
                 let (_, from) = from.try_extract_tensor_mut::<f32>().map_err(EngineError::inference(during))?;
                 let (_, to) = to.try_extract_tensor_mut::<f32>().map_err(EngineError::inference(during))?;

@@ -129,6 +129,13 @@ impl Generation {
     }
 }
 
+/// A prompt as text: raw, or a chat to render with the model's template first.
+#[derive(Debug, Clone, Copy)]
+pub enum PromptText<'a> {
+    Raw(&'a str),
+    Chat(&'a [ChatMessage]),
+}
+
 pub struct Model {
     dir: PathBuf,
     config: GenaiConfig,
@@ -231,6 +238,21 @@ impl Model {
     /// Tokenizes raw text (special tokens recognised).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         self.tokenizer.encode(text)
+    }
+
+    /// As [`Model::encode`] and [`Model::encode_chat`], for a prompt of at most `limit` tokens:
+    /// `Ok(Err(n))` when it has at least `n > limit` (see [`Tokenizer::encode_within`]).
+    ///
+    /// # Errors
+    /// As [`Model::encode_chat`].
+    pub fn encode_prompt_within(&self, prompt: PromptText<'_>, limit: usize) -> Result<Result<Vec<u32>, usize>, EngineError> {
+        match prompt {
+            PromptText::Raw(text) => self.tokenizer.encode_within(text, limit),
+            PromptText::Chat(messages) => {
+                let text = self.tokenizer.apply_chat_template(messages)?;
+                self.tokenizer.encode_within(&text, limit)
+            }
+        }
     }
 
     /// Renders and tokenizes a chat with the generation prompt.

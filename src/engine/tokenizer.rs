@@ -116,6 +116,12 @@ impl TokenField {
     }
 }
 
+/// [`Tokenizer::encode_within`] probes texts longer than this many bytes per allowed token
+/// (ordinary text runs 3 to 5 bytes a token).
+pub const BYTES_PER_TOKEN_PROBE: usize = 16;
+/// Tokens a cut in the middle of a word may add to the probe's count.
+const PROBE_MARGIN: usize = 16;
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
@@ -183,6 +189,30 @@ impl Tokenizer {
     /// [`EngineError::Tokenizer`] if the tokenizer rejects the text.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         self.inner.encode(text, true).map(|e| e.get_ids().to_vec()).map_err(|e| EngineError::Tokenizer { path: self.path.clone(), message: e.to_string() })
+    }
+
+    /// As [`Tokenizer::encode`] for a prompt that may hold at most `limit` tokens, without the
+    /// cost of tokenizing all of a text far past it: a text longer than
+    /// [`BYTES_PER_TOKEN_PROBE`] bytes a token of `limit` has its start tokenized first, and when
+    /// that start alone is past `limit` (with a margin for the cut), the answer is `Err(n)`: at
+    /// least `n` tokens. A megabyte of prompt costs seconds and a hundred megabytes to tokenize
+    /// whole, only to be refused.
+    ///
+    /// # Errors
+    /// [`EngineError::Tokenizer`] if the tokenizer rejects the text.
+    pub fn encode_within(&self, text: &str, limit: usize) -> Result<Result<Vec<u32>, usize>, EngineError> {
+        let probe = limit.saturating_mul(BYTES_PER_TOKEN_PROBE);
+        if text.len() > probe {
+            let mut cut = probe;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let start = self.encode(&text[..cut])?;
+            if start.len() > limit.saturating_add(PROBE_MARGIN) {
+                return Ok(Err(start.len() - PROBE_MARGIN));
+            }
+        }
+        self.encode(text).map(Ok)
     }
 
     /// Decodes ids to text, dropping special tokens.
@@ -461,5 +491,20 @@ mod tests {
         std::fs::File::options().write(true).open(dir.path().join("tokenizer.json")).unwrap().set_len(MAX_TOKENIZER_BYTES + 1).unwrap();
         let err = Tokenizer::load(dir.path()).err().expect("an oversized tokenizer.json does not load");
         assert!(matches!(err, EngineError::TooLarge { limit: MAX_TOKENIZER_BYTES, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_text_far_past_the_limit_is_refused_from_its_start_alone() {
+        let t = Tokenizer::load(&fixture()).unwrap();
+        let short = "The quick brown fox jumps over the lazy dog. ".repeat(4);
+        let whole = t.encode(&short).unwrap();
+        assert_eq!(t.encode_within(&short, 1000).unwrap(), Ok(whole.clone()), "under the limit: the same tokens");
+        assert_eq!(t.encode_within(&short, 4).unwrap(), Ok(whole), "a short text is tokenized whole, even past a small limit");
+        let long = "lorem ipsum ".repeat(20_000);
+        let all = t.encode(&long).unwrap().len();
+        let Err(at_least) = t.encode_within(&long, 64).unwrap() else { panic!("a 240 KB text is past 64 tokens") };
+        assert!(at_least > 64 && at_least <= all, "{at_least} is a lower bound on the {all} tokens, past the limit");
+        let multibyte = "é".repeat(10_000);
+        assert!(t.encode_within(&multibyte, 64).unwrap().is_err(), "the probe cuts on a character boundary");
     }
 }

@@ -46,6 +46,9 @@ pub enum ApiError {
     #[error("the server already serves its limit of {limit} connections; retry after {}s", .retry_after.as_secs())]
     TooManyConnections { limit: usize, retry_after: Duration },
 
+    #[error("uid {uid} already holds its limit of {limit} connections (serve.max_connections_per_uid); close idle ones or retry after {}s", .retry_after.as_secs())]
+    TooManyConnectionsForUser { uid: u32, limit: usize, retry_after: Duration },
+
     #[error("{reason}")]
     NoModel { reason: &'static str, retry_after: Duration },
 
@@ -75,7 +78,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
-            ApiError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QueueFull { .. } | ApiError::TooManyConnectionsForUser { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NoModel { .. } | ApiError::TooManyConnections { .. } | ApiError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -93,7 +96,7 @@ impl ApiError {
             | ApiError::BodyTimeout { .. } => "invalid_request_error",
             ApiError::Unauthorized => "authentication_error",
             ApiError::Forbidden { .. } => "permission_error",
-            ApiError::QueueFull { .. } => "rate_limit_error",
+            ApiError::QueueFull { .. } | ApiError::TooManyConnectionsForUser { .. } => "rate_limit_error",
             ApiError::NoModel { .. } | ApiError::TooManyConnections { .. } | ApiError::ShuttingDown | ApiError::Timeout { .. } => "server_error",
             ApiError::Internal { .. } => "server_error",
         }
@@ -112,7 +115,7 @@ impl ApiError {
             ApiError::BodyTimeout { .. } => "request_timeout",
             ApiError::QueueFull { .. } => "queue_full",
             ApiError::NoModel { .. } => "model_not_ready",
-            ApiError::TooManyConnections { .. } => "too_many_connections",
+            ApiError::TooManyConnections { .. } | ApiError::TooManyConnectionsForUser { .. } => "too_many_connections",
             ApiError::Timeout { .. } => "timeout",
             ApiError::ShuttingDown => "shutting_down",
             ApiError::Internal { .. } => "internal_error",
@@ -129,7 +132,10 @@ impl ApiError {
 
     pub(super) fn retry_after(&self) -> Option<Duration> {
         match self {
-            ApiError::QueueFull { retry_after } | ApiError::NoModel { retry_after, .. } | ApiError::TooManyConnections { retry_after, .. } => Some(*retry_after),
+            ApiError::QueueFull { retry_after }
+            | ApiError::NoModel { retry_after, .. }
+            | ApiError::TooManyConnections { retry_after, .. }
+            | ApiError::TooManyConnectionsForUser { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -230,6 +236,7 @@ mod tests {
             (ApiError::NoModel { reason: "none", retry_after: Duration::from_secs(1) }, 503, "server_error"),
             (ApiError::ShuttingDown, 503, "server_error"),
             (ApiError::TooManyConnections { limit: 4, retry_after: Duration::from_secs(1) }, 503, "server_error"),
+            (ApiError::TooManyConnectionsForUser { uid: 7, limit: 3, retry_after: Duration::from_secs(1) }, 429, "rate_limit_error"),
             (ApiError::Timeout { limit: Duration::from_secs(1) }, 504, "server_error"),
             (ApiError::Internal { request_id: "r".into() }, 500, "server_error"),
         ];

@@ -46,6 +46,8 @@ pub struct Limits {
     pub stream_interval: Duration,
     /// Connections served at once per listener; more are answered 503 and closed.
     pub max_connections: usize,
+    /// Connections one Unix peer uid may hold at once (the daemon's own are not counted).
+    pub max_connections_per_uid: usize,
     /// For a request's headers to arrive, and for a kept-alive connection to sit idle.
     pub header_timeout: Duration,
 }
@@ -58,6 +60,7 @@ impl From<&ServeSettings> for Limits {
             request_timeout: settings.request_timeout,
             stream_interval: settings.stream_interval,
             max_connections: settings.max_connections,
+            max_connections_per_uid: settings.max_connections_per_uid,
             header_timeout: settings.header_timeout,
         }
     }
@@ -72,6 +75,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(300),
             stream_interval: Duration::from_millis(5),
             max_connections: 64,
+            max_connections_per_uid: settings::default_per_uid(64),
             header_timeout: Duration::from_secs(10),
         }
     }

@@ -41,6 +41,11 @@ pub struct ServeConfig {
     pub shutdown_grace: String,
     /// Connections served at once (per listener); more get 503 with `Retry-After`.
     pub max_connections: usize,
+    /// Connections one local user (peer uid on the socket) may hold at once, so a client
+    /// that leaks or hoards connections leaves room for the others; unset means three
+    /// quarters of `max_connections` (rounded up). TCP peers carry no uid: only
+    /// `max_connections` holds them.
+    pub max_connections_per_uid: Option<usize>,
     /// Time a client has to send a request's headers, then its body (408), also the idle
     /// limit of a kept-alive connection; then the connection is closed.
     pub header_timeout: String,
@@ -69,6 +74,7 @@ impl Default for ServeConfig {
             request_timeout: "5m".into(),
             shutdown_grace: "10s".into(),
             max_connections: 64,
+            max_connections_per_uid: None,
             header_timeout: "10s".into(),
             stream_interval: "5ms".into(),
             swap: crate::active::SwapMode::Overlap,
@@ -91,6 +97,7 @@ pub struct ServeSettings {
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
     pub max_connections: usize,
+    pub max_connections_per_uid: usize,
     pub header_timeout: Duration,
     pub stream_interval: Duration,
     pub swap: crate::active::SwapMode,
@@ -105,6 +112,13 @@ impl std::fmt::Debug for ServeSettings {
             .field("queue_depth", &self.queue_depth)
             .finish_non_exhaustive()
     }
+}
+
+/// Three quarters of `max_connections`, rounded up: one user may take most of the
+/// connections, never all of them (unless there are fewer than four).
+#[must_use]
+pub fn default_per_uid(max_connections: usize) -> usize {
+    max_connections - max_connections / 4
 }
 
 impl ServeConfig {
@@ -144,6 +158,11 @@ impl ServeConfig {
         if self.max_connections == 0 || self.max_connections > 65536 {
             p.push(format!("serve.max_connections: {} must be between 1 and 65536", self.max_connections));
         }
+        let max_connections_per_uid = self.max_connections_per_uid.unwrap_or_else(|| default_per_uid(self.max_connections));
+        // Only a value given explicitly can be wrong on its own; the default follows the limit.
+        if self.max_connections_per_uid.is_some() && (max_connections_per_uid == 0 || max_connections_per_uid > self.max_connections) {
+            p.push(format!("serve.max_connections_per_uid: {max_connections_per_uid} must be between 1 and serve.max_connections ({})", self.max_connections));
+        }
         let header_timeout = duration("serve.header_timeout", &self.header_timeout, &mut p);
         let stream_interval = match humantime::parse_duration(self.stream_interval.trim()) {
             Ok(d) if d <= Duration::from_secs(1) => d,
@@ -168,6 +187,7 @@ impl ServeConfig {
             request_timeout,
             shutdown_grace,
             max_connections: self.max_connections,
+            max_connections_per_uid,
             header_timeout,
             stream_interval,
             swap: self.swap,

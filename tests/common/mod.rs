@@ -1,7 +1,8 @@
 //! The one support module of the integration tests. This file owns what every kind of test
 //! needs: the repo, its fixture models and the trained model, the ONNX Runtime library, the
 //! test venv's python, the built binary as a clean command, and loopback ports. The peers
-//! live in submodules: [`daemon`] (an `edgeflow run` process and its config), [`http`]
+//! live in submodules: [`daemon`] (an `edgeflow run` process and its config), [`server`] (an
+//! `edgeflow serve` process), [`http`]
 //! (curl over the API socket, stopping children), [`mlflow`] (a real MLflow server and a
 //! fault proxy in front of it) and [`mqtt`] (real Mosquitto brokers and clients).
 #![allow(dead_code)]
@@ -10,6 +11,7 @@ pub mod daemon;
 pub mod http;
 pub mod mlflow;
 pub mod mqtt;
+pub mod server;
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -115,4 +117,12 @@ pub fn wait_port(port: u16, timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// The resident set (KiB) and the open file descriptors of process `pid` (0 and 0 when it is gone).
+pub fn footprint(pid: u32) -> (u64, usize) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(Iterator::count).unwrap_or(0);
+    (rss, fds)
 }
