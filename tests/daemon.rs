@@ -320,6 +320,50 @@ fn a_version_that_keeps_killing_the_daemon_is_refused_after_two_deaths() {
     assert!(daemon.stop().success(), "{}", daemon.log());
 }
 
+/// The same guard at start-up: a version the daemon dies loading (here SIGKILL right after the
+/// engine loaded it, at the `active.loaded` crash point) at two starts in a row is refused at
+/// the third, which goes back to the last-known-good version instead of a restart loop.
+#[test]
+fn a_version_the_daemon_dies_loading_at_start_up_is_refused_after_two_deaths() {
+    let mlflow = Mlflow::start(&[]);
+    mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-gqa"), "pyfunc", Some("Production"), None);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(&mlflow.url, dir.path(), "");
+    {
+        let mut daemon = Daemon::start(dir.path(), &config, None);
+        daemon.wait_serving("1");
+        mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-gqa-acc1"), "pyfunc", Some("Production"), None);
+        daemon.wait_serving("2");
+        assert!(daemon.stop().success());
+    }
+    for death in 1..=2 {
+        let mut daemon = Daemon::start_env(dir.path(), &config, None, &[("EDGEFLOW_CRASH_AT", "active.loaded:1")]);
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(status) = daemon.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "the daemon did not die loading version 2 (death {death}):\n{}", daemon.log());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "death {death}: {status}\n{}", daemon.log());
+        assert!(daemon.log().contains("version=2") && daemon.log().contains("activating model"), "it was loading version 2:\n{}", daemon.log());
+    }
+    let mut daemon = Daemon::start(dir.path(), &config, None);
+    let s = daemon.wait_serving("1");
+    let log = daemon.log();
+    assert!(log.contains("refusing a version that keeps killing the daemon") && log.contains("died each of the last 2 times it loaded this version"), "{log}");
+    assert_eq!(s["load_failure"]["version"], "2", "{s:#}");
+    let (code, fingerprint, _) = daemon.chat();
+    assert_eq!((code, fingerprint.as_str()), (200, "phi-3@1"));
+    // The refusal sticks: the registry still says version 2, and it is not tried again.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(daemon.status()["serving"]["version"], "1");
+    assert_eq!(daemon.log().matches("refusing a version that keeps killing the daemon").count(), 1, "{}", daemon.log());
+    assert!(daemon.stop().success(), "{}", daemon.log());
+}
+
 /// Issue 14 items 13 and 14: credentials never cross plaintext to another machine unless the
 /// operator says the network is trusted, and credentials written into the registry URL are
 /// refused without being repeated anywhere (exit 64, the message redacted).
@@ -414,4 +458,87 @@ fn a_reload_that_changes_security_settings_is_refused_loudly() {
     let r = unsigned("after-restart");
     assert_eq!(r["status"], "failed", "{r}");
     assert!(r["reason"].as_str().is_some_and(|t| t.starts_with("unsigned")), "{r}");
+}
+
+/// Reliability campaign, security regressions: the daemon holds three secrets (the
+/// registry's bearer token, the broker's password, the local API's token) and uses each one,
+/// through a registry failure, a refused API token and a fleet command; none of them appears
+/// in its log (at debug level), `/status`, `/metrics`, any MQTT message, or its spool.
+#[test]
+fn secrets_never_appear_in_logs_status_metrics_mqtt_or_the_spool() {
+    const REGISTRY_TOKEN: &str = "tok-SECRET-registry-8f3a";
+    const BROKER_PASSWORD: &str = "mq-SECRET-broker-77c1";
+    const API_TOKEN: &str = "api-SECRET-local-5d2e";
+    const WRONG_TOKEN: &str = "api-SECRET-wrong-0000";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mlflow = Mlflow::start(&[]);
+    mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-gqa"), "pyfunc", Some("Production"), None);
+    let proxy = rt.block_on(common::mlflow::Proxy::start(&mlflow.url));
+    // The first listing fails: the registry error is logged and reported.
+    proxy.add("mlflow-artifacts/artifacts?path=", common::mlflow::Action::Status(500), Some(1));
+    let broker = Mosquitto::start("");
+    let sub = Sub::start(broker.port, &["#"]);
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = format!(
+        "[fleet]\nbroker = \"{}\"\ndevice_id = \"dev-secrets\"\nrequire_signatures = false\nreport_interval = \"1s\"\nspool_dir = \"{}\"\n",
+        broker.url(),
+        dir.path().join("spool").display()
+    );
+    let conf = config(&proxy.url, dir.path(), &fleet).replace("[serve]\n", "[serve]\ntoken_env = \"EDGEFLOW_API_TOKEN\"\n");
+    let env = [("MLFLOW_TRACKING_TOKEN", REGISTRY_TOKEN), ("EDGEFLOW_MQTT_USERNAME", "dev-user"), ("EDGEFLOW_MQTT_PASSWORD", BROKER_PASSWORD), ("EDGEFLOW_API_TOKEN", API_TOKEN)];
+    let mut daemon = Daemon::start_env(dir.path(), &conf, None, &env);
+    daemon.token = Some(API_TOKEN.into());
+    daemon.wait_serving("1");
+
+    // Each secret was used: the registry saw the token, the broker the user, the API the token.
+    assert!(proxy.seen().iter().any(|s| s.authorization.as_deref() == Some(&format!("Bearer {REGISTRY_TOKEN}"))), "the registry token was sent");
+    sub.wait(|m| m.topic == "edgeflow/dev-secrets/status" && m.payload.contains("online"), WAIT).expect("birth message");
+    assert!(broker.log().contains("u'dev-user'"), "the broker saw the credentials:\n{}", broker.log());
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}).to_string();
+    let chat = |token: &str| {
+        common::http::curl(
+            &daemon.socket,
+            &["-H", "content-type: application/json", "-H", &format!("authorization: Bearer {token}"), "--data-binary", &body, "/v1/chat/completions"],
+            None,
+        )
+    };
+    assert_eq!(chat(API_TOKEN).status, 200);
+    let refused = chat(WRONG_TOKEN);
+    assert_eq!(refused.status, 401, "{refused:?}");
+    publish(broker.port, "edgeflow/dev-secrets/cmd/report", &json!({"request_id": "secrets-1"}).to_string(), &[]);
+    sub.wait(|m| m.topic == "edgeflow/dev-secrets/cmd/report/reply" && m.json()["status"] == "succeeded", WAIT).expect("the report command's reply");
+    sub.wait(|m| m.topic == "edgeflow/dev-secrets/health", WAIT).expect("a health report");
+
+    // Where a secret could leak.
+    let status = daemon.status().to_string();
+    let metrics = common::http::curl(&daemon.socket, &["-H", &format!("authorization: Bearer {API_TOKEN}"), "/metrics"], None).body;
+    assert!(metrics.contains("edgeflow_http_requests_total"), "{metrics}");
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    let log = daemon.log();
+    assert!(log.contains("500") && log.contains("DEBUG"), "the log has the registry failure, at debug level:\n{log}");
+    let mqtt: String = sub.all().iter().map(|m| format!("{} {}\n", m.topic, m.payload)).collect();
+    let mut spool = String::new();
+    for entry in walk(&dir.path().join("spool")) {
+        spool.push_str(&String::from_utf8_lossy(&std::fs::read(entry).unwrap()));
+    }
+    let places = [("the log", &log), ("/status", &status), ("/metrics", &metrics), ("MQTT", &mqtt), ("the spool", &spool), ("the 401 answer", &refused.body)];
+    for secret in [REGISTRY_TOKEN, BROKER_PASSWORD, API_TOKEN, WRONG_TOKEN] {
+        for (place, text) in &places {
+            assert!(!text.contains(secret), "{secret} appears in {place}:\n{text}");
+        }
+    }
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }
