@@ -14,7 +14,7 @@ VENV_BENCH := .venv/bench
 # local API tests' real clients: the openai SDK and prometheus_client (tests/serve/).
 VENV_TEST := .venv/test
 
-.PHONY: all system build ort venv smollm2 test demo bench bench-engine bench-prefix bench-batch bench-serve bench-pull bench-fleet fuzz crash models clean
+.PHONY: all system build ort venv smollm2 test demo bench bench-engine bench-prefix bench-batch bench-serve bench-pull bench-fleet fuzz crash soak registry-faults broker-faults models clean
 
 all: build
 
@@ -87,6 +87,20 @@ fuzz:
 # `make test` runs 24 of them.
 crash: system ort venv
 	$(CARGO) test --release --locked --test crash -- --ignored crash_consistency_campaign --nocapture
+
+# The reliability campaign's soak (RELIABILITY.md): 16 clients on the trained model for 30
+# minutes while MLflow promotes a version every 3 minutes (EDGEFLOW_SOAK_MINUTES, _CLIENTS,
+# _PROMOTE_EVERY change it). Not part of `make test`.
+soak: system ort venv smollm2
+	$(CARGO) test --release --locked --test soak -- --ignored --nocapture
+
+# The larger registry and broker fault campaigns (RELIABILITY.md); `make test` runs each at
+# its default size. EDGEFLOW_FAULT_ROUNDS, BROKER_FAULTS_SEED and BROKER_FAULTS_KILLS size them.
+registry-faults: system ort venv
+	EDGEFLOW_FAULT_ROUNDS=$${EDGEFLOW_FAULT_ROUNDS:-3} $(CARGO) test --release --locked --test registry_faults -- --ignored registry_faults_campaign --nocapture
+
+broker-faults: system ort venv
+	BROKER_FAULTS_SEED=$${BROKER_FAULTS_SEED:-1} BROKER_FAULTS_KILLS=$${BROKER_FAULTS_KILLS:-100} $(CARGO) test --release --locked --test broker_faults -- --ignored broker_faults_campaign --nocapture
 
 # Regenerate the committed fixtures (needs torch; several GB, never part of `make test`).
 models:
