@@ -225,7 +225,7 @@ impl FetchError {
 
     /// An I/O error on `path`: [`FetchError::DiskFull`] when the file system is full.
     fn from_io(path: &Path, source: std::io::Error) -> FetchError {
-        if matches!(source.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded) {
+        if crate::util::is_out_of_space(&source) {
             FetchError::DiskFull { path: path.to_path_buf(), source }
         } else {
             FetchError::Io { path: path.to_path_buf(), source }
@@ -368,11 +368,16 @@ impl Downloader {
         result
     }
 
+    /// Where the partial file of `key` and its resume state live.
+    fn partial_paths(&self, key: &str) -> [PathBuf; 2] {
+        [self.tmp.join(format!("{key}.part")), self.tmp.join(format!("{key}.part.json"))]
+    }
+
     /// Removes the partial files (and their resume state) of `keys`; the bytes freed.
     fn discard(&self, keys: &[String]) -> u64 {
         let mut freed = 0;
         for key in keys {
-            for path in [self.tmp.join(format!("{key}.part")), self.tmp.join(format!("{key}.part.json"))] {
+            for path in self.partial_paths(key) {
                 let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                 if std::fs::remove_file(&path).is_ok() {
                     freed += len;
@@ -424,8 +429,7 @@ impl Downloader {
     /// As [`Downloader::fetch_all`].
     pub async fn fetch_one(&self, job: &Job, progress: &Progress, observer: &Observer) -> Result<Fetched, FetchError> {
         let held = Arc::new(self.lock_for(&job.key).lock_owned().await);
-        let part = self.tmp.join(format!("{}.part", job.key));
-        let state_path = self.tmp.join(format!("{}.part.json", job.key));
+        let [part, state_path] = self.partial_paths(&job.key);
         let url = job.url.to_string();
         let (p, s, size) = (part.clone(), state_path.clone(), job.size);
         let (mut hasher, mut have, mut validator) =

@@ -111,6 +111,11 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Whether an I/O error means the file system (or the user's quota on it) is full.
+pub fn is_out_of_space(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+}
+
 /// Seconds since the Unix epoch, for records and reports (0 if the clock is before 1970).
 #[must_use]
 pub fn unix_now() -> u64 {

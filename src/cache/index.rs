@@ -77,7 +77,7 @@ pub(crate) fn quarantine(dir: &Path) -> std::io::Result<std::path::PathBuf> {
 
 /// Whether sled failed for want of space (the disk, or the user's quota on it).
 fn is_out_of_space(e: &sled::Error) -> bool {
-    matches!(e, sled::Error::Io(io) if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded))
+    matches!(e, sled::Error::Io(io) if crate::util::is_out_of_space(io))
 }
 
 /// Whether opening failed because another handle holds the database's file lock.

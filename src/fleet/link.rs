@@ -225,6 +225,7 @@ impl Link {
             running: JoinSet::new(),
             pending_reports: Vec::new(),
             flush_at: None,
+            probe_at: None,
             durable_seq,
             finals: Finals::default(),
             flushes: 0,

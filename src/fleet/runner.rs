@@ -46,6 +46,9 @@ const WINDOW: usize = 16;
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Spool writes are flushed to disk this long after the first unflushed one.
 const FLUSH_DELAY: Duration = Duration::from_secs(1);
+/// How long a 3.1.1 connection that followed a hang-up on MQTT 5 stays up before the link
+/// leaves it once to try 5 again ([`Reconnect::probe`]).
+const PROTOCOL_PROBE_AFTER: Duration = Duration::from_secs(10);
 /// Largest MQTT packet either side may send.
 const MAX_PACKET: u32 = 256 * 1024;
 
@@ -129,6 +132,8 @@ pub(super) struct Runner {
     /// `report` commands waiting for the next health report.
     pub(super) pending_reports: Vec<Running>,
     pub(super) flush_at: Option<Instant>,
+    /// When to leave a tentative 3.1.1 connection to try MQTT 5 again.
+    pub(super) probe_at: Option<Instant>,
     /// Highest seq known to be on disk; only messages up to it are published.
     pub(super) durable_seq: u64,
     /// Final command replies not yet acknowledged by the broker.
@@ -167,7 +172,7 @@ impl Runner {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
-                ev = next_wire(&mut self.conn) => self.on_wire(ev.unwrap_or_else(|| WireEvent::Closed(Closed { error: "the connection driver stopped".into(), before_connack: false, protocol_refused: false, refused: false }))),
+                ev = next_wire(&mut self.conn) => self.on_wire(ev.unwrap_or_else(|| WireEvent::Closed(Closed::other("the connection driver stopped", false)))),
                 Some(done) = self.running.join_next(), if !self.running.is_empty() => match done {
                     Ok((r, outcome)) => self.command_done(r, outcome),
                     Err(e) => tracing::error!(error = %e, "a command task failed"),
@@ -184,6 +189,7 @@ impl Runner {
                 }
                 () = sleep_until_opt(attempt_at) => {}
                 () = sleep_until_opt(self.flush_at) => self.flush().await,
+                () = sleep_until_opt(self.probe_at) => self.probe_v5().await,
             }
             self.pump();
             self.publish_state();
@@ -218,7 +224,7 @@ impl Runner {
                     let text = crate::util::chain(&e);
                     tracing::error!(error = %text, "TLS setup failed; retrying later");
                     self.state.last_error = Some(text);
-                    let closed = Closed { error: e.to_string(), before_connack: true, protocol_refused: false, refused: false };
+                    let closed = Closed::other(e.to_string(), true);
                     self.next_attempt = Instant::now() + self.reconnect.closed(&closed);
                     return;
                 }
@@ -287,6 +293,7 @@ impl Runner {
         if self.durable_seq < self.spool.next_seq().saturating_sub(1) {
             self.flush_at = Some(Instant::now());
         }
+        self.probe_at = self.reconnect.tentative().then(|| Instant::now() + PROTOCOL_PROBE_AFTER);
         let Some(c) = &mut self.conn else { return };
         c.up = true;
         c.serial = serial;
@@ -316,6 +323,7 @@ impl Runner {
     fn on_closed(&mut self, c: Closed) {
         let was_up = self.conn.as_ref().is_some_and(|c| c.up);
         self.conn = None;
+        self.probe_at = None;
         self.state.connected = false;
         self.state.protocol = None;
         let delay = self.reconnect.closed(&c);
@@ -443,18 +451,39 @@ impl Runner {
                 }
             }
         }
-        if c.client().disconnect().is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                while let Some(ev) = c.connection.events.recv().await {
-                    if matches!(ev, WireEvent::Closed(_)) {
-                        break;
-                    }
-                }
-            })
-            .await;
-        }
+        disconnect(&mut c).await;
         self.state.connected = false;
         self.state.protocol = None;
         tracing::info!("said goodbye to the broker");
+    }
+
+    /// Leaves a 3.1.1 connection that followed a hang-up on MQTT 5 (a broker restarting, a
+    /// balancer with no live node behind it) and tries 5 again at once. Cleanly, so the
+    /// broker drops the Last Will and the retained status stays `online`; what was in flight
+    /// is published again on the next connection, as after any drop.
+    async fn probe_v5(&mut self) {
+        self.probe_at = None;
+        let Some(mut c) = self.conn.take() else { return };
+        tracing::info!("connected with MQTT 3.1.1 after the broker hung up on 5; reconnecting once to check whether it speaks 5");
+        disconnect(&mut c).await;
+        self.state.connected = false;
+        self.state.protocol = None;
+        self.reconnect.probe();
+        self.next_attempt = Instant::now();
+    }
+}
+
+/// Disconnects cleanly (the broker then drops the Last Will) and waits a bounded time for the
+/// connection to end.
+async fn disconnect(c: &mut Conn) {
+    if c.client().disconnect().is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while let Some(ev) = c.connection.events.recv().await {
+                if matches!(ev, WireEvent::Closed(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }

@@ -81,8 +81,19 @@ pub struct Closed {
     pub before_connack: bool,
     /// The broker looks like it refused the protocol version (worth one retry with 3.1.1).
     pub protocol_refused: bool,
+    /// Of those, the broker only hung up: a 3.1.1-only broker does that, but so do a broker
+    /// restarting and a balancer with no live node behind it, so the fallback it earns is
+    /// tentative.
+    pub hung_up: bool,
     /// The broker refused the credentials or the client.
     pub refused: bool,
+}
+
+impl Closed {
+    /// An end that says nothing about the broker's protocol or credentials.
+    pub fn other(error: impl Into<String>, before_connack: bool) -> Closed {
+        Closed { error: error.into(), before_connack, protocol_refused: false, hung_up: false, refused: false }
+    }
 }
 
 /// Why a request could not be queued.
@@ -299,24 +310,70 @@ fn from_v4(event: rumqttc::Event) -> Option<WireEvent> {
 /// is no CONNACK or a hang-up look like a broker that only speaks 3.1.1.
 fn closed_v5(e: &rumqttc::v5::ConnectionError, connected: bool) -> Closed {
     use rumqttc::v5::ConnectionError;
-    let protocol_refused = !connected
+    use rumqttc::v5::StateError;
+    let lost = |io: &std::io::Error| {
+        matches!(io.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::BrokenPipe)
+    };
+    // rumqttc reports a peer's close while reading as `StateError::ConnectionAborted`, a
+    // socket error while framing (a reset, a broken pipe) as an I/O error inside the codec's
+    // error inside the state error, and others bare or inside the state error.
+    let hung_up = !connected
         && match e {
-            ConnectionError::ConnectionRefused(code) => {
-                use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
-                matches!(code, C::RefusedProtocolVersion | C::UnsupportedProtocolVersion | C::ProtocolError | C::MalformedPacket)
-            }
-            ConnectionError::MqttState(_) | ConnectionError::NotConnAck(_) => true,
-            ConnectionError::Io(io) => {
-                matches!(io.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::ConnectionAborted)
-            }
+            ConnectionError::MqttState(StateError::ConnectionAborted) => true,
+            ConnectionError::MqttState(StateError::Deserialization(rumqttc::v5::mqttbytes::Error::Io(io)) | StateError::Io(io)) | ConnectionError::Io(io) => lost(io),
             _ => false,
         };
+    let protocol_refused = hung_up
+        || !connected
+            && match e {
+                ConnectionError::ConnectionRefused(code) => {
+                    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode as C;
+                    matches!(code, C::RefusedProtocolVersion | C::UnsupportedProtocolVersion | C::ProtocolError | C::MalformedPacket)
+                }
+                ConnectionError::MqttState(_) | ConnectionError::NotConnAck(_) => true,
+                _ => false,
+            };
     let refused = matches!(e, ConnectionError::ConnectionRefused(_)) && !protocol_refused;
-    Closed { error: e.to_string(), before_connack: !connected, protocol_refused, refused }
+    Closed { error: e.to_string(), before_connack: !connected, protocol_refused, hung_up, refused }
 }
 
 /// Why a 3.1.1 connection ended; there is no older version to fall back to.
 fn closed_v4(e: &rumqttc::ConnectionError, connected: bool) -> Closed {
     let refused = matches!(e, rumqttc::ConnectionError::ConnectionRefused(_));
-    Closed { error: e.to_string(), before_connack: !connected, protocol_refused: false, refused }
+    Closed { error: e.to_string(), before_connack: !connected, protocol_refused: false, hung_up: false, refused }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::v5::{mqttbytes, ConnectionError, StateError};
+    use std::io::{Error, ErrorKind};
+
+    #[test]
+    fn a_hang_up_before_the_connack_is_told_apart_from_a_refusal_of_version_5() {
+        let hang_ups = [
+            ConnectionError::MqttState(StateError::ConnectionAborted),
+            ConnectionError::MqttState(StateError::Deserialization(mqttbytes::Error::Io(Error::from(ErrorKind::ConnectionReset)))),
+            ConnectionError::MqttState(StateError::Deserialization(mqttbytes::Error::Io(Error::from(ErrorKind::BrokenPipe)))),
+            ConnectionError::MqttState(StateError::Io(Error::from(ErrorKind::UnexpectedEof))),
+            ConnectionError::Io(Error::from(ErrorKind::ConnectionAborted)),
+        ];
+        for e in &hang_ups {
+            let c = closed_v5(e, false);
+            assert!(c.hung_up && c.protocol_refused && c.before_connack && !c.refused, "{e:?}: {c:?}");
+            assert!(!closed_v5(e, true).hung_up, "{e:?} after the CONNACK is a lost connection, not a hang-up on the handshake");
+        }
+        let refusals = [
+            ConnectionError::ConnectionRefused(mqttbytes::v5::ConnectReturnCode::UnsupportedProtocolVersion),
+            ConnectionError::MqttState(StateError::Deserialization(mqttbytes::Error::MalformedPacket)),
+        ];
+        for e in &refusals {
+            let c = closed_v5(e, false);
+            assert!(c.protocol_refused && !c.hung_up, "{e:?}: {c:?}");
+        }
+        let c = closed_v5(&ConnectionError::ConnectionRefused(mqttbytes::v5::ConnectReturnCode::NotAuthorized), false);
+        assert!(c.refused && !c.protocol_refused && !c.hung_up, "{c:?}");
+        let c = closed_v5(&ConnectionError::Io(Error::from(ErrorKind::ConnectionRefused)), false);
+        assert!(!c.protocol_refused && !c.hung_up, "nothing listening says nothing about the version: {c:?}");
+    }
 }
