@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::daemon::{config, Daemon, MODEL};
+use common::env_or;
 use common::mlflow::Mlflow;
 use common::mqtt::{settings, try_publish_v5_command, Gate, Mosquitto, Sub};
 use edgeflow::command::{Bus, Origin};
@@ -55,10 +56,6 @@ const KEY: [u8; 32] = [17; 32];
 /// killed broker's reset first, and libmosquitto drops the connection with the messages behind
 /// it unread: a loss of the observer's, not of the device's.
 const OBSERVER: &[&str] = &["-q", "0"];
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 // ---------------------------------------------------------------------------------------------
 // The device under test.

@@ -16,13 +16,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::daemon::{config, Daemon, MODEL};
+use common::env_or;
 use common::http::curl;
 use common::mlflow::Mlflow;
 use serde_json::json;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
 
 /// One answer: when it was asked, its status (599: a stream ended by an error event), how
 /// long it took.
@@ -67,8 +64,8 @@ const QUESTIONS: &[&str] = &[
 #[test]
 #[ignore = "a 30-minute campaign: make soak"]
 fn soak_16_clients_while_versions_are_promoted() {
-    let minutes = env_or("EDGEFLOW_SOAK_MINUTES", 30);
-    let clients = env_or("EDGEFLOW_SOAK_CLIENTS", 16) as usize;
+    let minutes: u64 = env_or("EDGEFLOW_SOAK_MINUTES", 30);
+    let clients: usize = env_or("EDGEFLOW_SOAK_CLIENTS", 16);
     let promote_every = Duration::from_secs(env_or("EDGEFLOW_SOAK_PROMOTE_EVERY", 180));
     let length = Duration::from_secs(minutes * 60);
     let rt = tokio::runtime::Runtime::new().unwrap();

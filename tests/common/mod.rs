@@ -119,6 +119,11 @@ pub fn wait_port(port: u16, timeout: Duration) -> bool {
     false
 }
 
+/// A campaign's size from the environment (`name`), or `default` when unset or unparsable.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 /// The resident set (KiB) and the open file descriptors of process `pid` (0 and 0 when it is gone).
 pub fn footprint(pid: u32) -> (u64, usize) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
