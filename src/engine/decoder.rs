@@ -513,14 +513,11 @@ impl Decoder {
         let during = "allocating the KV cache";
         let binding = self.session.create_binding().map_err(EngineError::inference(during))?;
         let mut buffers = Vec::with_capacity(self.names.past.len() * 2);
-        // ORT's plain CPU allocator, not the session arena: the cache is one long-lived block
-        // per buffer, and the arena's power-of-two growth would round it up (as genai does).
-        let cpu = Allocator::default();
+        // One long-lived block per buffer, not the session arena (whose power-of-two growth
+        // would round it up, as genai's does).
         let shape = [self.slots, self.kv_heads, capacity, self.head_size];
         for _ in 0..self.names.past.len() * 2 {
-            // DEVNOTE: ORT's allocator takes large blocks straight from mmap, so the pages are
-            // zero and only become resident as the sequences grow; no explicit clearing.
-            buffers.push(Tensor::<f32>::new(&cpu, shape).map_err(EngineError::inference(during))?);
+            buffers.push(untouched(shape).map_err(EngineError::inference(during))?);
         }
         let slots = (0..self.slots).map(|_| Slot::default()).collect();
         Ok(Block { capacity, binding, bound: None, views: Vec::new(), decode_logits: None, buffers, slots })
@@ -736,6 +733,7 @@ impl Block {
     /// token per row), a fresh one for a prompt.
     fn bind_logits(&mut self, names: &Names, vocab: usize, rows: usize, tokens: usize) -> Result<(), EngineError> {
         let during = "allocating the logits";
+        // Allocated by ORT: `ort` binds only its own tensors as outputs (see [`untouched`]).
         let cpu = Allocator::default();
         if tokens == 1 {
             if self.decode_logits.is_none() {
@@ -841,5 +839,56 @@ fn list_names(list: &[(String, ValueType)]) -> String {
         format!("{}, and {more} more", names.join(", "))
     } else {
         names.join(", ")
+    }
+}
+
+/// A zeroed `f32` tensor whose pages become resident only when written.
+///
+/// DEVNOTE: `ort`'s `Tensor::new` clears the buffer it allocates (a memset over all of it), so
+/// a 4-row KV block of 1,024 positions wrote 3.2 GB on the Phi-3-mini shape the moment it grew,
+/// and every row's idle capacity was resident memory. A zeroed `Vec` this large is served by
+/// calloc from fresh mapped pages (see [`super::heap`]: large blocks are always mapped), which
+/// read as zero without being written; ORT takes the buffer over without copying it. `ort`
+/// binds such a tensor (one backed by Rust memory) only as an input, so the KV buffers are
+/// bound through raw views of it (as they always were), and the logits stay ORT's own.
+fn untouched<const N: usize>(shape: [usize; N]) -> ort::Result<Tensor<f32>> {
+    let n = shape.iter().product();
+    Tensor::from_array((shape, vec![0f32; n].into_boxed_slice()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resident_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").expect("reading /proc/self/status");
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()).expect("VmRSS in /proc/self/status")
+    }
+
+    #[test]
+    fn a_new_kv_buffer_is_not_resident_until_written() {
+        // `make test` fetches ONNX Runtime into `.ort/`, which a test binary finds by itself.
+        super::super::runtime::load(None).expect("ONNX Runtime (run `make ort`)");
+        // 256 MiB is past glibc's largest mmap threshold (32 MiB) with or without the
+        // daemon's heap policy, so this holds in the test process too.
+        const MIB: usize = 1024 * 1024;
+        // 256 MiB of f32.
+        let shape = [4usize, 8, 2048, 1024];
+        let before = resident_kib();
+        let mut t = untouched(shape).expect("allocating");
+        let grown = resident_kib().saturating_sub(before);
+        assert!(grown < 64 * 1024, "a fresh 256 MiB buffer made {grown} KiB resident");
+        let (_, all) = t.try_extract_tensor_mut::<f32>().expect("viewing");
+        assert!(all[..MIB].iter().all(|&x| x == 0.0), "an untouched buffer reads as zero");
+        all[..MIB].fill(1.0);
+        let written = resident_kib().saturating_sub(before);
+        assert!(written >= 3 * 1024, "writing 4 MiB made only {written} KiB resident");
+        drop(t);
+        // The contrast this function exists for: ort's own constructor clears every page.
+        let before = resident_kib();
+        let cleared = Tensor::<f32>::new(&ort::memory::Allocator::default(), shape).expect("allocating");
+        let grown = resident_kib().saturating_sub(before);
+        assert!(grown >= 192 * 1024, "Tensor::new made only {grown} KiB resident; the DEVNOTE on `untouched` no longer holds");
+        drop(cleared);
     }
 }
