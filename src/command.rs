@@ -15,8 +15,9 @@ use tokio::sync::{mpsc, oneshot};
 /// Something the daemon is asked to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    /// Poll the registry now.
-    Sync,
+    /// Poll the registry now; a fleet link first waits a random part of `spread`, so a
+    /// command to a whole group does not bring every device to the registry at once.
+    Sync { spread: Duration },
     /// Serve this registry version and stop following the stage or alias.
     Pin { version: String },
     /// Follow the stage or alias again.
@@ -61,6 +62,10 @@ mod opt_duration {
 /// The names [`Command::parse`] accepts.
 pub const NAMES: &[&str] = &["sync", "pin", "unpin", "rollback", "reload", "report", "set"];
 
+/// Longest `spread` a `sync` may ask for: the poll it delays is the one that brings a new
+/// version, so it must not wait longer than an operator would.
+pub const MAX_SYNC_SPREAD: Duration = Duration::from_secs(15 * 60);
+
 /// Shortest interval a `set` command may ask for: a fleet must not be able to turn a
 /// device's reports into a flood.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(5);
@@ -68,7 +73,7 @@ pub const MIN_INTERVAL: Duration = Duration::from_secs(5);
 impl Command {
     pub fn name(&self) -> &'static str {
         match self {
-            Command::Sync => "sync",
+            Command::Sync { .. } => "sync",
             Command::Pin { .. } => "pin",
             Command::Unpin => "unpin",
             Command::Rollback => "rollback",
@@ -97,7 +102,19 @@ impl Command {
             }
         };
         let command = match name {
-            "sync" => allow(&[]).map(|()| Command::Sync)?,
+            "sync" => {
+                allow(&["spread"])?;
+                let spread = match obj.get("spread") {
+                    None => Duration::ZERO,
+                    Some(Value::String(v)) => match humantime::parse_duration(v.trim()) {
+                        Ok(d) if d <= MAX_SYNC_SPREAD => d,
+                        Ok(_) => return Err(format!("spread: longer than {}", humantime::format_duration(MAX_SYNC_SPREAD))),
+                        Err(e) => return Err(format!("spread: `{v}` is not a duration ({e})")),
+                    },
+                    Some(other) => return Err(format!("spread: expected a duration string such as \"30s\", not {}", kind(other))),
+                };
+                Command::Sync { spread }
+            }
             "unpin" => allow(&[]).map(|()| Command::Unpin)?,
             "rollback" => allow(&[]).map(|()| Command::Rollback)?,
             "reload" => allow(&[]).map(|()| Command::Reload)?,
@@ -268,8 +285,9 @@ mod tests {
     #[test]
     fn parses_every_command_and_rejects_bad_arguments() {
         let ok = [
-            ("sync", json!(null), Command::Sync),
-            ("sync", json!({}), Command::Sync),
+            ("sync", json!(null), Command::Sync { spread: Duration::ZERO }),
+            ("sync", json!({}), Command::Sync { spread: Duration::ZERO }),
+            ("sync", json!({"spread": "30s"}), Command::Sync { spread: Duration::from_secs(30) }),
             ("unpin", json!({}), Command::Unpin),
             ("rollback", json!(null), Command::Rollback),
             ("reload", json!({}), Command::Reload),
@@ -288,7 +306,10 @@ mod tests {
         }
         let bad = [
             ("launch", json!({}), "unknown command `launch`"),
-            ("sync", json!({"now": true}), "takes no arguments"),
+            ("sync", json!({"now": true}), "unknown argument `now`"),
+            ("sync", json!({"spread": "16m"}), "longer than 15m"),
+            ("sync", json!({"spread": 30}), "expected a duration string"),
+            ("rollback", json!({"now": true}), "takes no arguments"),
             ("sync", json!([1]), "must be a JSON object"),
             ("pin", json!({}), "needs a `version`"),
             ("pin", json!({"version": ""}), "non-empty string"),
@@ -323,13 +344,13 @@ mod tests {
             // The second request is dropped unanswered; then the handler stops.
             let _dropped = rx.recv().await.unwrap();
         });
-        assert_eq!(bus.call(Command::Sync, Origin::Local).await, Ok(Ok(json!({"did": "sync"}))));
+        assert_eq!(bus.call(Command::Sync { spread: Duration::ZERO }, Origin::Local).await, Ok(Ok(json!({"did": "sync"}))));
         assert_eq!(bus.call(Command::Reload, Origin::Local).await, Err(CommandError::Dropped));
         handler.await.unwrap();
-        assert_eq!(bus.submit(Command::Sync, Origin::Local).unwrap_err(), CommandError::NoHandler);
+        assert_eq!(bus.submit(Command::Sync { spread: Duration::ZERO }, Origin::Local).unwrap_err(), CommandError::NoHandler);
 
         let (bus, _rx) = Bus::new(1);
-        let _first = bus.submit(Command::Sync, Origin::Local).unwrap();
-        assert_eq!(bus.submit(Command::Sync, Origin::Local).unwrap_err(), CommandError::Busy);
+        let _first = bus.submit(Command::Sync { spread: Duration::ZERO }, Origin::Local).unwrap();
+        assert_eq!(bus.submit(Command::Sync { spread: Duration::ZERO }, Origin::Local).unwrap_err(), CommandError::Busy);
     }
 }

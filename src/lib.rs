@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cli;
 pub mod command;
 pub mod config;
+pub mod console;
 pub mod crash;
 pub mod engine;
 pub mod fetch;

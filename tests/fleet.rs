@@ -111,6 +111,7 @@ const HEALTH: &[(&str, &str)] = &[
     ("link.spool_depth", "u"),
     ("link.spool_dropped", "u"),
     ("link.commands_refused", "u"),
+    ("drift", "o?"),
 ];
 
 const DRIFT: &[(&str, &str)] = &[
@@ -177,7 +178,11 @@ async fn birth_then_last_will_when_the_agent_is_killed_and_goodbye_on_a_clean_st
     let s2 = sub.clone();
     let online = blocking(move || s2.wait(|m| m.topic == "edgeflow/killed/status" && m.payload.contains("\"online\""), WAIT)).await;
     let online = online.expect("the birth message arrives").json();
-    assert_schema(&online, &[("schema", "u"), ("kind", "s"), ("device", "s"), ("state", "s"), ("ts", "u"), ("agent_version", "s"), ("protocol", "s"), ("session", "s")]);
+    assert_schema(
+        &online,
+        &[("schema", "u"), ("kind", "s"), ("device", "s"), ("state", "s"), ("ts", "u"), ("agent_version", "s"), ("protocol", "s"), ("session", "s"), ("groups", "a")],
+    );
+    assert_eq!(online["groups"], json!(["all"]));
     assert_eq!((online["state"].as_str(), online["protocol"].as_str()), (Some("online"), Some("5")));
     // kill -9: no goodbye; the broker publishes the Last Will.
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
@@ -281,10 +286,28 @@ async fn health_and_drift_arrive_and_match_their_schema() {
         &second,
         &[("divergence.prompt_tokens.psi", "n"), ("divergence.prompt_tokens.js", "n"), ("divergence.prompt_tokens.n", "u"), ("divergence.prompt_tokens.alert", "b")],
     );
+    // Health reports after a drift window repeat its verdict, for consoles that read only
+    // the retained health.
+    let verdict = blocking({
+        let sub = sub.clone();
+        move || sub.wait(|m| m.topic.ends_with("/health") && m.payload.contains("\"drift\":{"), WAIT)
+    })
+    .await
+    .expect("a health report with the drift verdict")
+    .json();
+    assert_eq!(
+        (verdict["drift"]["alert"].as_bool(), verdict["drift"]["model"].as_str(), verdict["drift"]["version"].as_str()),
+        (Some(false), Some("tiny"), Some("3")),
+        "{verdict}"
+    );
+    assert!(verdict["drift"]["ts"].is_u64(), "{verdict}");
     // Health sequence numbers are increasing: one spool, one order.
     let seqs: Vec<u64> = sub.json_on("edgeflow/dev-h/health").iter().map(|v| v["seq"].as_u64().unwrap()).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     running.stop().await;
+    // The latest health report stays on the broker: a console that comes later reads it.
+    let late = blocking(move || Sub::start(port, &["edgeflow/dev-h/health"]).wait(|m| m.retained, WAIT)).await.expect("a retained health report");
+    assert_eq!(late.json()["kind"], "health");
 }
 
 /// Sends `payload` on cmd/<name> with MQTT 5 properties; returns the replies (accepted and

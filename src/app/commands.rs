@@ -43,7 +43,7 @@ impl Handler {
         let deadline = Instant::now() + ANSWER_WITHIN;
         let op = |op: Op| self.control.call_within(op, deadline.saturating_duration_since(Instant::now()));
         match command {
-            Command::Sync => self.then_serve(op(Op::Sync).await, deadline).await,
+            Command::Sync { .. } => self.then_serve(op(Op::Sync).await, deadline).await,
             Command::Pin { version } => self.then_serve(op(Op::Pin(version.clone())).await, deadline).await,
             Command::Unpin => self.then_serve(op(Op::Unpin).await, deadline).await,
             Command::Rollback => self.then_serve(op(Op::Rollback { reason: format!("rolled back by {who}") }).await, deadline).await,

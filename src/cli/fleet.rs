@@ -26,7 +26,11 @@ pub enum FleetCommand {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
-    /// Print a signed command payload to publish on <prefix>/<device>/cmd/<command>.
+    /// The operator's console: list the devices, send a signed command to a device or a
+    /// group and collect the answers, watch events and drift alerts (MQTT only).
+    Console(super::console::ConsoleArgs),
+    /// Print a signed command payload to publish on <prefix>/<device>/cmd/<command>, or with
+    /// --group on <prefix>/group/<group>/cmd/<command>.
     Sign(SignArgs),
 }
 
@@ -49,12 +53,21 @@ pub struct RunArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["device_id", "group"])))]
 pub struct SignArgs {
     /// Private key file written by `edgeflow fleet keygen`.
     #[arg(long, value_name = "FILE")]
     key: PathBuf,
+    /// The device the command is for.
     #[arg(long, value_name = "ID")]
-    device_id: String,
+    device_id: Option<String>,
+    /// The group the command is for (`all`: every device under the prefix); the signature
+    /// names the group and the prefix.
+    #[arg(long, value_name = "GROUP")]
+    group: Option<String>,
+    /// The fleet's fleet.topic_prefix (for --group).
+    #[arg(long, value_name = "PREFIX", default_value = "edgeflow")]
+    topic_prefix: String,
     /// Command name (sync, pin, unpin, rollback, reload, report, set).
     #[arg(long, value_name = "NAME")]
     command: String,
@@ -72,6 +85,7 @@ pub struct SignArgs {
 pub fn run(cmd: FleetCommand) -> anyhow::Result<()> {
     match cmd {
         FleetCommand::Run(args) => run_link(args),
+        FleetCommand::Console(args) => super::console::run(args),
         FleetCommand::Keygen { out } => {
             let mut seed = [0u8; 32];
             std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed)).context("reading /dev/urandom")?;
@@ -82,11 +96,7 @@ pub fn run(cmd: FleetCommand) -> anyhow::Result<()> {
             Ok(())
         }
         FleetCommand::Sign(a) => {
-            let text = std::fs::read_to_string(&a.key).with_context(|| format!("reading {}", a.key.display()))?;
-            let seed: [u8; 32] = hex::decode(text.trim())
-                .ok()
-                .and_then(|b| b.try_into().ok())
-                .ok_or_else(|| UsageError(format!("{}: not a key written by `edgeflow fleet keygen`", a.key.display())))?;
+            let key = crate::console::read_key(&a.key).map_err(|e| UsageError(e.to_string()))?;
             let args: serde_json::Value = serde_json::from_str(&a.args).map_err(|e| UsageError(format!("--args: {e}")))?;
             crate::command::Command::parse(&a.command, &args).map_err(UsageError)?;
             let ttl = humantime::parse_duration(&a.ttl).map_err(|e| UsageError(format!("--ttl: {e}")))?;
@@ -95,7 +105,12 @@ pub fn run(cmd: FleetCommand) -> anyhow::Result<()> {
                 "request_id": a.request_id.unwrap_or_else(|| format!("{:016x}", fastrand::u64(..))),
                 "args": args, "issued_at": now, "expires_at": now + ttl.as_secs(),
             });
-            println!("{}", crate::fleet::commands::sign(&ed25519_dalek::SigningKey::from_bytes(&seed), &a.device_id, &a.command, &body));
+            let target = match (&a.device_id, &a.group) {
+                (Some(device), _) => device.clone(),
+                (None, Some(group)) => crate::fleet::topics::group_target(&a.topic_prefix, group),
+                (None, None) => return Err(UsageError("--device-id or --group is required".into()).into()),
+            };
+            println!("{}", crate::fleet::commands::sign(&key, &target, &a.command, &body));
             Ok(())
         }
     }

@@ -2,6 +2,7 @@
 //! codes. `main.rs` only calls [`main`]; each subcommand lives in its own file here and drives
 //! the library like any other caller.
 
+mod console;
 mod daemon;
 mod fleet;
 mod generate;

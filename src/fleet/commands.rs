@@ -14,8 +14,11 @@
 //! {"signed": "{\"request_id\":\"r-42\",...}", "signature": "<128 hex characters>"}
 //! ```
 //!
-//! The signature is ed25519 over `edgeflow-command/1\n<device_id>\n<name>\n<signed>`, so a
-//! command signed for one device or one command name is worthless on another.
+//! The signature is ed25519 over `edgeflow-command/1\n<target>\n<name>\n<signed>`, where the
+//! target is the device id for `<prefix>/<device>/cmd/<name>` and `<prefix>/group/<group>` for
+//! a group's `<prefix>/group/<group>/cmd/<name>` ([`super::topics::group_target`]); device ids
+//! hold no `/`. A command signed for one device, group, fleet or command name is worthless on
+//! another.
 //!
 //! Request ids are remembered (on disk, in the spool's database) for `command_window`, and
 //! a signed command's id at least until it expires: a repeat with the same content is
@@ -120,11 +123,12 @@ fn refuse(request_id: Option<&str>, refusal: Refusal, reason: impl Into<String>)
     Refused { request_id: request_id.map(|s| crate::util::truncate(s, 128).to_string()), refusal, reason: reason.into() }
 }
 
-/// Opens a command payload published on `cmd/<name>` for `device_id`, at Unix time `now`.
+/// Opens a command payload published on `cmd/<name>` for `target` (see the module's doc), at
+/// Unix time `now`.
 ///
 /// # Errors
 /// [`Refused`] for a malformed, unsigned (when required), badly signed or expired command.
-pub fn open(payload: &[u8], device_id: &str, name: &str, policy: &Policy, now: u64) -> Result<Opened, Refused> {
+pub fn open(payload: &[u8], target: &str, name: &str, policy: &Policy, now: u64) -> Result<Opened, Refused> {
     if payload.len() > MAX_PAYLOAD {
         return Err(refuse(None, Refusal::Malformed, format!("payload of {} bytes is larger than {MAX_PAYLOAD}", payload.len())));
     }
@@ -143,8 +147,8 @@ pub fn open(payload: &[u8], device_id: &str, name: &str, policy: &Policy, now: u
             .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
             .map(|b| Signature::from_bytes(&b))
             .ok_or_else(|| refuse(rid.as_deref(), Refusal::BadSignature, "`signature` must be 64 bytes in hex"))?;
-        key.verify_strict(signing_input(device_id, name, &env.signed).as_bytes(), &sig)
-            .map_err(|_| refuse(rid.as_deref(), Refusal::BadSignature, "the signature does not match the fleet key, this device and this command"))?;
+        key.verify_strict(signing_input(target, name, &env.signed).as_bytes(), &sig)
+            .map_err(|_| refuse(rid.as_deref(), Refusal::BadSignature, "the signature does not match the fleet key, this target (device or group) and this command"))?;
         (inner, true)
     } else {
         (value, false)
@@ -185,15 +189,16 @@ pub fn open(payload: &[u8], device_id: &str, name: &str, policy: &Policy, now: u
     Ok(Opened { request_id: id.to_string(), args: body.args, signed, expires_at: body.expires_at, digest })
 }
 
-/// The bytes a command's signature covers: the body as sent, bound to the device and the name.
-pub(crate) fn signing_input(device_id: &str, name: &str, signed: &str) -> String {
-    format!("{CONTEXT}\n{device_id}\n{name}\n{signed}")
+/// The bytes a command's signature covers: the body as sent, bound to the target and the name.
+pub(crate) fn signing_input(target: &str, name: &str, signed: &str) -> String {
+    format!("{CONTEXT}\n{target}\n{name}\n{signed}")
 }
 
-/// Builds a signed command payload (for consoles, tests and `edgeflow fleet sign`).
-pub fn sign(key: &SigningKey, device_id: &str, name: &str, body: &Value) -> String {
+/// Builds a signed command payload for `target` (a device id, or a group's
+/// [`super::topics::group_target`]), for consoles, tests and `edgeflow fleet sign`.
+pub fn sign(key: &SigningKey, target: &str, name: &str, body: &Value) -> String {
     let signed = body.to_string();
-    let signature = key.sign(signing_input(device_id, name, &signed).as_bytes());
+    let signature = key.sign(signing_input(target, name, &signed).as_bytes());
     serde_json::json!({ "signed": signed, "signature": hex::encode(signature.to_bytes()) }).to_string()
 }
 
@@ -411,6 +416,26 @@ mod tests {
         // Garbage signature.
         let bad = json!({"signed": body("r4").to_string(), "signature": "zz"}).to_string();
         assert_eq!(open(bad.as_bytes(), "dev", "pin", &policy(false), NOW).unwrap_err().refusal, Refusal::BadSignature);
+    }
+
+    #[test]
+    fn a_group_signature_is_valid_for_that_group_of_that_fleet_only() {
+        use crate::fleet::topics::group_target;
+        let canary = group_target("fleet/eu", "canary");
+        let signed = sign(&key(), &canary, "sync", &body("g1"));
+        assert!(open(signed.as_bytes(), &canary, "sync", &policy(true), NOW).is_ok());
+        for (target, name) in [
+            (group_target("fleet/eu", "all"), "sync"),
+            (group_target("fleet/us", "canary"), "sync"),
+            ("canary".to_string(), "sync"),
+            ("dev".to_string(), "sync"),
+            (canary.clone(), "rollback"),
+        ] {
+            assert_eq!(open(signed.as_bytes(), &target, name, &policy(true), NOW).unwrap_err().refusal, Refusal::BadSignature, "{target} {name}");
+        }
+        // And a device's signature is no group's.
+        let device = sign(&key(), "dev", "sync", &body("d1"));
+        assert_eq!(open(device.as_bytes(), &canary, "sync", &policy(true), NOW).unwrap_err().refusal, Refusal::BadSignature);
     }
 
     #[test]

@@ -177,7 +177,7 @@ impl Link {
         let (control_tx, control_rx) = mpsc::channel(8);
         let (state_tx, state_rx) = watch::channel(LinkState::default());
         let events_dropped = Arc::new(AtomicU64::new(0));
-        let topics = Topics::new(&s.topic_prefix, &s.device_id);
+        let topics = Topics::new(&s.topic_prefix, &s.device_id, &s.groups);
         let phase = device_phase(&s.device_id);
         let start = Instant::now();
         let health_jitter = Jitter { interval: s.report_interval, jitter: REPORT_JITTER, phase };
@@ -224,6 +224,7 @@ impl Link {
             next_attempt: Instant::now(),
             running: JoinSet::new(),
             pending_reports: Vec::new(),
+            last_drift: None,
             flush_at: None,
             probe_at: None,
             durable_seq,

@@ -179,10 +179,11 @@ impl Runner {
     }
 
     pub(super) fn on_command(&mut self, topic: &str, payload: &[u8], response_topic: Option<String>, correlation: Option<Bytes>) {
-        let Some(name) = self.topics.command_name(topic).map(|n| crate::util::truncate(n, 64).to_string()) else {
+        let Some(addressed) = self.topics.addressed(topic) else {
             tracing::debug!(topic, "ignoring a message outside cmd/<name>");
             return;
         };
+        let name = crate::util::truncate(addressed.name, 64).to_string();
         // Replies go only into this device's reply namespace: a sender must not make the
         // device publish on another device's topics, its own status or a command topic.
         let reply_to = match response_topic {
@@ -194,7 +195,9 @@ impl Runner {
             None => self.topics.reply(&name),
         };
         let now = unix_now();
-        let opened = match commands::open(payload, &self.s.device_id, &name, &self.policy, now) {
+        // A group command's signature names the group, a device command's the device: one
+        // signed for a group is obeyed by its members only on that group's topic.
+        let opened = match commands::open(payload, &addressed.target, &name, &self.policy, now) {
             Ok(o) => o,
             Err(r) => return self.refused(&name, &reply_to, correlation, r.request_id, r.refusal, r.reason),
         };
@@ -259,7 +262,17 @@ impl Runner {
                 }
                 crate::crash::point("fleet.command_id_durable");
             }
+            let mut submitted = Some(submitted);
             let command = match command {
+                Command::Sync { spread } if !spread.is_zero() => {
+                    // A group's members spread their polls over `spread` so the registry is
+                    // not stormed; the commands after this one need not wait out its delay.
+                    submitted = None;
+                    let delay = spread.mul_f64(fastrand::f64());
+                    tracing::info!(request_id = %run.request_id, delay_ms = delay.as_millis(), "sync: waiting a random part of its spread before polling");
+                    tokio::time::sleep(delay).await;
+                    Command::Sync { spread }
+                }
                 Command::Report => {
                     // Answered by the link: succeeded once the report is in the spool, with
                     // the seq it will carry (`command_done` queues it for the next report).

@@ -95,6 +95,7 @@ impl Runner {
             m.insert("pinned".into(), json!(status.pinned));
             m.insert("requests".into(), serde_json::to_value(&requests).unwrap_or(Value::Null));
             m.insert("link".into(), link);
+            m.insert("drift".into(), self.last_drift.clone().unwrap_or(Value::Null));
             self.push(Channel::Health, "health", m)
         };
         for run in std::mem::take(&mut self.pending_reports) {
@@ -148,6 +149,7 @@ impl Runner {
             tracing::warn!(dropped, "requests of too many model versions in one drift window were not recorded");
         }
         let interval = self.drift_jitter.interval.as_secs();
+        let mut any_alert = false;
         for w in windows {
             self.check_artifact(&w.key).await;
             let assessment = self.baselines.assess(&w, &self.s.drift);
@@ -165,6 +167,8 @@ impl Runner {
             if alert {
                 tracing::warn!(model = %w.key.model, version = %w.key.version, "drift alert");
             }
+            any_alert |= alert;
+            self.last_drift = Some(json!({"alert": any_alert, "model": w.key.model, "version": w.key.version, "ts": w.last}));
             let t = self.s.drift;
             {
                 let mut m = serde_json::Map::new();

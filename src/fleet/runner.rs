@@ -29,7 +29,7 @@ use super::link::{Control, LinkState};
 use super::reconnect::Reconnect;
 use super::replies::{Finals, Running};
 use super::settings::FleetSettings;
-use super::spool::Spool;
+use super::spool::{Channel, Spool};
 use super::topics::Topics;
 use super::wire::{self, Client, Closed, ConnectOptions, Connection, Version, WireEvent};
 use super::SCHEMA;
@@ -131,6 +131,9 @@ pub(super) struct Runner {
     pub(super) running: JoinSet<(Running, Result<Outcome, String>)>,
     /// `report` commands waiting for the next health report.
     pub(super) pending_reports: Vec<Running>,
+    /// The latest drift window's verdict, repeated in every health report (so the retained
+    /// health tells a console about an alert without the drift reports).
+    pub(super) last_drift: Option<serde_json::Value>,
     pub(super) flush_at: Option<Instant>,
     /// When to leave a tentative 3.1.1 connection to try MQTT 5 again.
     pub(super) probe_at: Option<Instant>,
@@ -210,7 +213,7 @@ impl Runner {
             password: self.s.password.clone(),
             keep_alive: self.s.keep_alive,
             connect_timeout: self.s.connect_timeout,
-            will: (self.topics.status(), will.to_string().into_bytes()),
+            will: Some((self.topics.status(), will.to_string().into_bytes())),
             max_packet: MAX_PACKET,
         }
     }
@@ -247,7 +250,7 @@ impl Runner {
     fn on_wire(&mut self, ev: WireEvent) {
         match ev {
             WireEvent::Connected => self.on_connected(),
-            WireEvent::Message { topic, payload, response_topic, correlation } => self.on_command(&topic, &payload, response_topic, correlation),
+            WireEvent::Message { topic, payload, response_topic, correlation, .. } => self.on_command(&topic, &payload, response_topic, correlation),
             WireEvent::Sent { pkid } => {
                 if let Some(c) = &mut self.conn {
                     c.sent(pkid);
@@ -275,7 +278,7 @@ impl Runner {
             },
             WireEvent::Subscribed { granted } => {
                 if !granted {
-                    tracing::error!(topic = %self.topics.commands(), "the broker refused the command subscription (ACL?); commands will not arrive");
+                    tracing::error!(topics = ?self.topics.commands(), "the broker refused a command subscription (ACL?); the commands on its topic will not arrive");
                 }
             }
             WireEvent::Closed(c) => self.on_closed(c),
@@ -305,14 +308,17 @@ impl Runner {
         let birth = json!({
             "schema": SCHEMA, "kind": "status", "device": self.s.device_id, "state": "online", "ts": unix_now(),
             "agent_version": env!("CARGO_PKG_VERSION"), "protocol": version.as_str(), "session": self.session,
+            "groups": self.topics.groups(),
         });
         let status_topic = self.topics.status();
         let commands = self.topics.commands();
         if c.client().publish(&status_topic, true, birth.to_string().into_bytes(), None).is_ok() {
             c.awaiting.push_back(Tag::Other);
         }
-        if let Err(e) = c.client().subscribe(&commands) {
-            tracing::error!(?e, "subscribing to commands failed");
+        for filter in &commands {
+            if let Err(e) = c.client().subscribe(filter) {
+                tracing::error!(?e, filter, "subscribing to commands failed");
+            }
         }
         if self.overflow_unreported > 0 {
             let dropped = std::mem::take(&mut self.overflow_unreported);
@@ -353,7 +359,10 @@ impl Runner {
         let durable = self.durable_seq;
         for r in self.spool.after(c.last_sent, room).into_iter().take_while(|r| r.seq <= durable) {
             let topic = self.topics.channel(r.channel.topic_suffix());
-            match c.client().publish(&topic, false, r.payload, None) {
+            // The latest health report stays on the broker, so a console sees every device's
+            // state at once (`edgeflow fleet console devices`) without waiting a report interval.
+            let retain = r.channel == Channel::Health;
+            match c.client().publish(&topic, retain, r.payload, None) {
                 Ok(()) => {
                     c.awaiting.push_back(Tag::Spooled(r.seq));
                     c.last_sent = Some(r.seq);

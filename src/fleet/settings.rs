@@ -21,6 +21,9 @@ pub struct FleetConfig {
     pub device_id: Option<String>,
     /// Topics are `<topic_prefix>/<device_id>/...`.
     pub topic_prefix: String,
+    /// Groups this device belongs to: it also obeys commands published to
+    /// `<topic_prefix>/group/<group>/cmd/<name>`. Every device is in the group `all`.
+    pub groups: Vec<String>,
     /// `auto` (MQTT 5, falling back to 3.1.1 when the broker refuses it), `5` or `3.1.1`.
     pub protocol: String,
     /// PEM file of the CAs to trust for `mqtts://`; unset: the system's trust store.
@@ -69,6 +72,7 @@ impl Default for FleetConfig {
             broker: None,
             device_id: None,
             topic_prefix: "edgeflow".into(),
+            groups: Vec::new(),
             protocol: "auto".into(),
             ca_file: None,
             cert_file: None,
@@ -125,6 +129,8 @@ pub struct FleetSettings {
     pub broker: Broker,
     pub device_id: String,
     pub topic_prefix: String,
+    /// The groups from the config, without the implicit `all`.
+    pub groups: Vec<String>,
     pub protocol: Protocol,
     pub ca_file: Option<PathBuf>,
     pub cert_file: Option<PathBuf>,
@@ -151,6 +157,7 @@ impl std::fmt::Debug for FleetSettings {
             .field("broker", &self.broker.to_string())
             .field("device_id", &self.device_id)
             .field("topic_prefix", &self.topic_prefix)
+            .field("groups", &self.groups)
             .field("protocol", &self.protocol)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
@@ -206,6 +213,7 @@ impl FleetConfig {
             broker,
             device_id: link.device_id,
             topic_prefix: link.topic_prefix,
+            groups: link.groups,
             protocol: link.protocol,
             ca_file: self.ca_file.clone(),
             cert_file: self.cert_file.clone(),
@@ -227,6 +235,40 @@ impl FleetConfig {
         }))
     }
 
+    /// What a console needs of this section: how to reach the broker. The device id, reports
+    /// and command settings are a device's, and not checked.
+    ///
+    /// # Errors
+    /// Every problem found, each as `fleet.key: message`.
+    pub fn console_link(&self) -> Result<ConsoleLink, Vec<String>> {
+        let mut p = Vec::new();
+        let link = self.check_link(&mut p);
+        p.retain(|m| !m.starts_with("fleet.device_id") && !m.starts_with("fleet.groups"));
+        let mut tls = None;
+        if let (Some(b), true) = (&link.broker, p.is_empty()) {
+            if b.tls {
+                match super::tls::client_config(self.ca_file.as_deref(), self.cert_file.as_deref().zip(self.key_file.as_deref())) {
+                    Ok(c) => tls = Some(c),
+                    Err(e) => p.push(format!("fleet: {e}")),
+                }
+            }
+        }
+        match link.broker {
+            Some(broker) if p.is_empty() => Ok(ConsoleLink {
+                broker,
+                topic_prefix: link.topic_prefix,
+                protocol: link.protocol,
+                tls,
+                username: link.username,
+                password: link.password,
+                keep_alive: link.keep_alive,
+                connect_timeout: link.connect_timeout,
+            }),
+            None if p.is_empty() => Err(vec!["fleet.broker: not set".to_string()]),
+            _ => Err(p),
+        }
+    }
+
     /// The connection: broker, identity, topics, protocol, TLS files, credentials, timers.
     fn check_link(&self, p: &mut Vec<String>) -> LinkPart {
         let broker = self.broker.as_deref().and_then(|b| match parse_broker(b) {
@@ -243,6 +285,10 @@ impl FleetConfig {
         if let Err(e) = topic_level(&device_id) {
             p.push(format!("fleet.device_id: `{}` {e}", crate::util::truncate(&device_id, 80)));
         }
+        if device_id == super::topics::GROUP_LEVEL {
+            p.push(format!("fleet.device_id: `{}` is reserved for group topics (`<prefix>/group/<group>/...`)", super::topics::GROUP_LEVEL));
+        }
+        let groups = self.check_groups(p);
         let topic_prefix = self.topic_prefix.trim().to_string();
         if topic_prefix.is_empty()
             || topic_prefix.starts_with('/')
@@ -304,7 +350,26 @@ impl FleetConfig {
         if max < initial {
             p.push("fleet.backoff_max: must not be shorter than fleet.backoff_initial".to_string());
         }
-        LinkPart { broker, device_id, topic_prefix, protocol, username, password, keep_alive, connect_timeout, backoff: Backoff { initial, max, max_attempts: u32::MAX } }
+        LinkPart { broker, device_id, topic_prefix, groups, protocol, username, password, keep_alive, connect_timeout, backoff: Backoff { initial, max, max_attempts: u32::MAX } }
+    }
+
+    /// `fleet.groups`: topic levels, each once, at most [`MAX_GROUPS`].
+    fn check_groups(&self, p: &mut Vec<String>) -> Vec<String> {
+        let mut groups: Vec<String> = Vec::new();
+        for g in &self.groups {
+            let g = g.trim();
+            match topic_level(g) {
+                Err(e) => p.push(format!("fleet.groups: `{}` {e}", crate::util::truncate(g, 80))),
+                Ok(()) if g.len() > MAX_GROUP_LEN => p.push(format!("fleet.groups: `{}` is longer than {MAX_GROUP_LEN} bytes", crate::util::truncate(g, 80))),
+                Ok(()) if g == super::topics::ALL => p.push(format!("fleet.groups: every device is in `{g}` already; leave it out")),
+                Ok(()) if groups.iter().any(|have| have == g) => p.push(format!("fleet.groups: `{g}` is listed twice")),
+                Ok(()) => groups.push(g.to_string()),
+            }
+        }
+        if self.groups.len() > MAX_GROUPS {
+            p.push(format!("fleet.groups: {} groups; at most {MAX_GROUPS} (each is a subscription on the broker)", self.groups.len()));
+        }
+        groups
     }
 
     /// What is reported and how much of it waits offline: intervals, drift thresholds, spool.
@@ -363,11 +428,24 @@ impl FleetConfig {
     }
 }
 
+/// How a console reaches the broker ([`FleetConfig::console_link`]).
+pub struct ConsoleLink {
+    pub broker: Broker,
+    pub topic_prefix: String,
+    pub protocol: Protocol,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub keep_alive: Duration,
+    pub connect_timeout: Duration,
+}
+
 /// [`FleetConfig::check_link`]'s typed values.
 struct LinkPart {
     broker: Option<Broker>,
     device_id: String,
     topic_prefix: String,
+    groups: Vec<String>,
     protocol: Protocol,
     username: Option<String>,
     password: Option<String>,
@@ -391,6 +469,11 @@ struct CommandsPart {
     signature_key: Option<Arc<ed25519_dalek::VerifyingKey>>,
     signature_max_age: Duration,
 }
+
+/// Groups a device may be in (besides `all`).
+const MAX_GROUPS: usize = 16;
+/// Longest group name.
+const MAX_GROUP_LEN: usize = 64;
 
 /// One topic level: non-empty, no wildcards or separators, printable, at most 128 bytes.
 pub fn topic_level(s: &str) -> Result<(), &'static str> {
@@ -510,6 +593,34 @@ mod tests {
         assert!(!both.require_signatures && both.signature_key.is_some());
         // The fleet link off (no broker): nothing to require.
         assert!(FleetConfig::default().problems().is_empty());
+    }
+
+    #[test]
+    fn groups_are_topic_levels_named_once_and_all_is_implicit() {
+        let base = || FleetConfig { broker: Some("mqtt://127.0.0.1:1883".into()), device_id: Some("dev-1".into()), require_signatures: Some(false), ..FleetConfig::default() };
+        let ok = FleetConfig { groups: vec!["canary".into(), " eu-west ".into()], ..base() }.resolve().unwrap().unwrap();
+        assert_eq!(ok.groups, ["canary", "eu-west"]);
+        let bad = FleetConfig { groups: vec!["a/b".into(), "all".into(), "x".into(), "x".into(), "g".repeat(65)], ..base() }.problems();
+        assert_eq!(bad.len(), 4, "{bad:#?}");
+        for (p, want) in bad.iter().zip(["must not contain", "every device is in `all`", "listed twice", "longer than 64"]) {
+            assert!(p.starts_with("fleet.groups: ") && p.contains(want), "{p}");
+        }
+        let many = FleetConfig { groups: (0..17).map(|i| format!("g{i}")).collect(), ..base() }.problems();
+        assert!(many.len() == 1 && many[0].contains("at most 16"), "{many:#?}");
+        let reserved = FleetConfig { device_id: Some("group".into()), ..base() }.problems();
+        assert!(reserved.len() == 1 && reserved[0].contains("reserved"), "{reserved:#?}");
+    }
+
+    #[test]
+    fn a_console_needs_only_the_broker_side_of_the_section() {
+        // No key and no word on signatures: a device's problem, not a console's.
+        let c = FleetConfig { broker: Some("mqtt://127.0.0.1:1883".into()), topic_prefix: "fleet/eu".into(), ..FleetConfig::default() };
+        assert!(!c.problems().is_empty());
+        let link = c.console_link().unwrap();
+        assert_eq!((link.broker.port, link.topic_prefix.as_str(), link.protocol, link.tls.is_none()), (1883, "fleet/eu", Protocol::Auto, true));
+        assert_eq!(FleetConfig::default().console_link().err(), Some(vec!["fleet.broker: not set".to_string()]));
+        let bad = FleetConfig { broker: Some("http://x".into()), protocol: "6".into(), ..FleetConfig::default() }.console_link().err().unwrap();
+        assert_eq!(bad.len(), 2, "{bad:#?}");
     }
 
     #[test]

@@ -48,8 +48,9 @@ pub struct ConnectOptions {
     pub password: Option<String>,
     pub keep_alive: Duration,
     pub connect_timeout: Duration,
-    /// Retained QoS 1 Last Will: (topic, payload).
-    pub will: (String, Vec<u8>),
+    /// Retained QoS 1 Last Will: (topic, payload); `None` for a client with no state to
+    /// announce (the console).
+    pub will: Option<(String, Vec<u8>)>,
     /// Largest packet either side may send.
     pub max_packet: u32,
 }
@@ -60,7 +61,7 @@ pub enum WireEvent {
     /// The broker accepted the connection.
     Connected,
     /// A message on a subscribed topic.
-    Message { topic: String, payload: Bytes, response_topic: Option<String>, correlation: Option<Bytes> },
+    Message { topic: String, payload: Bytes, response_topic: Option<String>, correlation: Option<Bytes>, retained: bool },
     /// A publish left, with the packet id it got (0 for QoS 0); in the order of the
     /// `publish` calls that made them.
     Sent { pkid: u16 },
@@ -206,12 +207,10 @@ pub fn connect(version: Version, o: &ConnectOptions) -> Connection {
         Version::V5 => {
             use rumqttc::v5::mqttbytes::v5::LastWill;
             let mut opts = rumqttc::v5::MqttOptions::new(o.client_id.clone(), o.broker.host.clone(), o.broker.port);
-            opts.set_keep_alive(o.keep_alive)
-                .set_clean_start(true)
-                .set_connection_timeout(timeout)
-                .set_max_packet_size(Some(o.max_packet))
-                .set_transport(transport())
-                .set_last_will(LastWill::new(o.will.0.clone(), o.will.1.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, true, None));
+            opts.set_keep_alive(o.keep_alive).set_clean_start(true).set_connection_timeout(timeout).set_max_packet_size(Some(o.max_packet)).set_transport(transport());
+            if let Some((topic, payload)) = &o.will {
+                opts.set_last_will(LastWill::new(topic.clone(), payload.clone(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, true, None));
+            }
             if let Some(u) = &o.username {
                 opts.set_credentials(u.clone(), o.password.clone().unwrap_or_default());
             }
@@ -220,11 +219,10 @@ pub fn connect(version: Version, o: &ConnectOptions) -> Connection {
         }
         Version::V311 => {
             let mut opts = rumqttc::MqttOptions::new(o.client_id.clone(), o.broker.host.clone(), o.broker.port);
-            opts.set_keep_alive(o.keep_alive)
-                .set_clean_session(true)
-                .set_max_packet_size(o.max_packet as usize, o.max_packet as usize)
-                .set_transport(transport())
-                .set_last_will(rumqttc::LastWill::new(o.will.0.clone(), o.will.1.clone(), rumqttc::QoS::AtLeastOnce, true));
+            opts.set_keep_alive(o.keep_alive).set_clean_session(true).set_max_packet_size(o.max_packet as usize, o.max_packet as usize).set_transport(transport());
+            if let Some((topic, payload)) = &o.will {
+                opts.set_last_will(rumqttc::LastWill::new(topic.clone(), payload.clone(), rumqttc::QoS::AtLeastOnce, true));
+            }
             if let Some(u) = &o.username {
                 opts.set_credentials(u.clone(), o.password.clone().unwrap_or_default());
             }
@@ -285,7 +283,7 @@ fn from_v5(event: rumqttc::v5::Event) -> Option<WireEvent> {
         Event::Incoming(Packet::ConnAck(_)) => WireEvent::Connected,
         Event::Incoming(Packet::Publish(p)) => {
             let (response_topic, correlation) = p.properties.map(|props| (props.response_topic, props.correlation_data)).unwrap_or_default();
-            WireEvent::Message { topic: String::from_utf8_lossy(&p.topic).into_owned(), payload: p.payload, response_topic, correlation }
+            WireEvent::Message { topic: String::from_utf8_lossy(&p.topic).into_owned(), payload: p.payload, response_topic, correlation, retained: p.retain }
         }
         Event::Incoming(Packet::PubAck(a)) => WireEvent::Acked { pkid: a.pkid, accepted: matches!(a.reason, PubAckReason::Success | PubAckReason::NoMatchingSubscribers) },
         Event::Incoming(Packet::SubAck(s)) => WireEvent::Subscribed { granted: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) },
@@ -298,7 +296,7 @@ fn from_v4(event: rumqttc::Event) -> Option<WireEvent> {
     use rumqttc::{Event, Packet, SubscribeReasonCode};
     Some(match event {
         Event::Incoming(Packet::ConnAck(_)) => WireEvent::Connected,
-        Event::Incoming(Packet::Publish(p)) => WireEvent::Message { topic: p.topic, payload: p.payload, response_topic: None, correlation: None },
+        Event::Incoming(Packet::Publish(p)) => WireEvent::Message { topic: p.topic, payload: p.payload, response_topic: None, correlation: None, retained: p.retain },
         Event::Incoming(Packet::PubAck(a)) => WireEvent::Acked { pkid: a.pkid, accepted: true },
         Event::Incoming(Packet::SubAck(s)) => WireEvent::Subscribed { granted: s.return_codes.iter().all(|c| matches!(c, SubscribeReasonCode::Success(_))) },
         Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => WireEvent::Sent { pkid },

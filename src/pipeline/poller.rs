@@ -396,6 +396,7 @@ impl Poller {
             tracing::warn!(error = %e, "could not read the pinned version; following the target");
             None
         });
+        let nothing_cached = matches!(loaded, Ok(None));
         tx.send_modify(|s| {
             s.pinned = pinned;
             s.cache_read = true;
@@ -405,8 +406,11 @@ impl Poller {
                 Err(e) => tracing::error!(error = %crate::util::chain(&e), "the cached version cannot be served"),
             }
         });
-        // Operations leave the poll schedule alone.
-        let mut next_poll = Instant::now() + self.jitter.first();
+        // Operations leave the poll schedule alone. A device with nothing to serve asks at
+        // once; the spread of the first poll is for devices that serve meanwhile (a fleet
+        // restarting together after a power cut must not storm the registry).
+        let first = if nothing_cached { Duration::ZERO } else { self.jitter.first() };
+        let mut next_poll = Instant::now() + first;
         let mut pending: VecDeque<Submitted> = VecDeque::new();
         let mut running: Option<Running> = None;
         loop {
