@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::command::Bus;
 use crate::config::Config;
+use crate::console::send::{Request, Target};
 use crate::fleet::Link;
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -100,17 +101,15 @@ pub fn run(cmd: FleetCommand) -> anyhow::Result<()> {
             let args: serde_json::Value = serde_json::from_str(&a.args).map_err(|e| UsageError(format!("--args: {e}")))?;
             crate::command::Command::parse(&a.command, &args).map_err(UsageError)?;
             let ttl = humantime::parse_duration(&a.ttl).map_err(|e| UsageError(format!("--ttl: {e}")))?;
-            let now = crate::util::unix_now();
-            let body = serde_json::json!({
-                "request_id": a.request_id.unwrap_or_else(|| format!("{:016x}", fastrand::u64(..))),
-                "args": args, "issued_at": now, "expires_at": now + ttl.as_secs(),
-            });
-            let target = match (&a.device_id, &a.group) {
-                (Some(device), _) => device.clone(),
-                (None, Some(group)) => crate::fleet::topics::group_target(&a.topic_prefix, group),
+            let target = match (a.device_id, a.group) {
+                (Some(device), _) => Target::Device(device),
+                (None, Some(group)) => Target::Group(group),
                 (None, None) => return Err(UsageError("--device-id or --group is required".into()).into()),
             };
-            println!("{}", crate::fleet::commands::sign(&key, &target, &a.command, &body));
+            let request = Request { name: a.command, args, target, request_id: a.request_id.unwrap_or_else(|| format!("{:016x}", fastrand::u64(..))), ttl, wait: Duration::ZERO };
+            // The console's own payload, so a hand-signed command is exactly what `send` sends.
+            let (_topic, payload) = crate::console::send::payload(&request, &a.topic_prefix, Some(&key), crate::util::unix_now());
+            println!("{payload}");
             Ok(())
         }
     }
