@@ -14,7 +14,7 @@ VENV_BENCH := .venv/bench
 # local API tests' real clients: the openai SDK and prometheus_client (tests/serve/).
 VENV_TEST := .venv/test
 
-.PHONY: all system build ort venv smollm2 test demo bench bench-engine bench-prefix bench-batch bench-serve bench-pull bench-fleet fuzz crash soak registry-faults broker-faults models clean
+.PHONY: all system build ort venv smollm2 test demo bench bench-engine bench-prefix bench-batch bench-serve bench-pull bench-fleet bench-fleet-sim fuzz crash soak registry-faults broker-faults models clean
 
 all: build
 
@@ -74,6 +74,10 @@ bench-pull: system build venv
 	benches/pull_bench.sh --rounds 5
 bench-fleet: system build
 	python3 benches/fleet_link.py --minutes 16
+# 1,000 simulated devices (real poller, cache and link; stub engine) against one Mosquitto and
+# one MLflow: registry req/s, broker bytes, sync acks, rollouts (issue 17). ~25 min.
+bench-fleet-sim: system build venv
+	python3 benches/fleet_sim.py --devices 1000 --steady 600
 
 # Every fuzz target of fuzz/ for FUZZ_SECONDS each (cargo fuzz, libFuzzer, nightly; installs
 # cargo-fuzz when missing), one at a time; prints executions, corpus size and crashes per target

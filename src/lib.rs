@@ -23,6 +23,7 @@ pub mod notify;
 pub mod pipeline;
 pub mod registry;
 pub mod serve;
+pub mod simulate;
 pub mod status;
 pub mod telemetry;
 pub mod util;

@@ -263,3 +263,127 @@ fn a_registry_webhook_makes_a_rarely_polling_daemon_pick_up_a_promotion_within_s
     kill(&mut bridge);
     daemon.stop();
 }
+
+/// A ring of simulated devices: who they are and what they follow.
+struct Ring<'a> {
+    alias: &'a str,
+    group: &'a str,
+    id_prefix: &'a str,
+    devices: usize,
+}
+
+/// `edgeflow fleet simulate` devices (the real poller, cache and link; a stub engine) in a
+/// ring, all obeying only signed commands.
+fn simulate(dir: &Path, mlflow: &str, broker: &str, public_key: &str, ring: &Ring) -> Child {
+    let Ring { alias, group, id_prefix, devices } = *ring;
+    let folder = dir.join(id_prefix);
+    std::fs::create_dir_all(&folder).unwrap();
+    let config = folder.join("edgeflow.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[registry]\nurl = \"{mlflow}\"\nmodel = \"{}\"\nalias = \"{alias}\"\npoll_interval = \"1h\"\n\n[fleet]\nbroker = \"{broker}\"\ngroups = [\"{group}\"]\nsignature_public_key = \"{public_key}\"\nreport_interval = \"5s\"\nkeep_alive = \"5s\"\n",
+            common::daemon::MODEL
+        ),
+    )
+    .unwrap();
+    common::edgeflow()
+        .args(["fleet", "simulate", "--config"])
+        .arg(&config)
+        .args(["--devices", &devices.to_string(), "--id-prefix", id_prefix, "--stats-every", "1s", "--dir"])
+        .arg(folder.join("devices"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(folder.join("simulate.log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// The versions `devices --json` reports, by device id, once every listed device reports one.
+fn versions_until(broker: &str, what: &str, pred: impl Fn(&std::collections::BTreeMap<String, String>) -> bool) -> std::collections::BTreeMap<String, String> {
+    let rows = devices_until(broker, what, |rows| {
+        let v: std::collections::BTreeMap<String, String> =
+            rows.iter().map(|r| (r["device"].as_str().unwrap_or("").to_string(), r["version"].as_str().unwrap_or("").to_string())).collect();
+        rows.iter().all(|r| r["state"] == "online") && pred(&v)
+    });
+    rows.iter().map(|r| (r["device"].as_str().unwrap().to_string(), r["version"].as_str().unwrap_or("").to_string())).collect()
+}
+
+#[test]
+fn rings_follow_their_alias_and_a_staged_rollout_stops_by_itself_on_a_bad_version() {
+    use common::daemon::MODEL;
+    use common::mlflow::Mlflow;
+    let mlflow = Mlflow::start(&[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-gqa"), "pyfunc", None, Some("production"));
+    rt.block_on(mlflow.set_alias(MODEL, "canary", "1"));
+    mlflow.log_model(MODEL, &common::fixture_model("phi3-tiny-mha"), "pyfunc", None, None);
+    // Version 3 has no tokenizer.json: it downloads, and fails its smoke test on every device.
+    let work = tempfile::tempdir().unwrap();
+    let broken = work.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    for f in std::fs::read_dir(common::fixture_model("phi3-tiny-gqa")).unwrap() {
+        let f = f.unwrap();
+        if f.file_name() != "tokenizer.json" {
+            std::fs::copy(f.path(), broken.join(f.file_name())).unwrap();
+        }
+    }
+    mlflow.log_model(MODEL, &broken, "pyfunc", None, None);
+
+    let broker = Mosquitto::start("");
+    let url = broker.url();
+    let dir = work.path();
+    let key = dir.join("fleet.key");
+    let keygen = common::edgeflow().args(["fleet", "keygen", "--out"]).arg(&key).output().unwrap();
+    assert!(keygen.status.success(), "{}", text(&keygen));
+    let public = String::from_utf8(keygen.stdout).unwrap().trim().to_string();
+    let key = key.to_str().unwrap();
+    // Two rings: the canaries follow @canary, the eu group @production.
+    let mut canaries = simulate(dir, &mlflow.url, &url, &public, &Ring { alias: "canary", group: "canary", id_prefix: "can-", devices: 2 });
+    let mut eu = simulate(dir, &mlflow.url, &url, &public, &Ring { alias: "production", group: "eu", id_prefix: "eu-", devices: 6 });
+    versions_until(&url, "8 devices online on version 1", |v| v.len() == 8 && v.values().all(|v| v == "1"));
+
+    // Ring 1: the canary alias moves, a sync to the canary group brings exactly them along.
+    rt.block_on(mlflow.set_alias(MODEL, "canary", "2"));
+    let o = console(&url, &["send", "sync", "--group", "canary", "--key", key, "--wait", "60s", "--json"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let v = versions_until(&url, "the canaries on 2, eu on 1", |v| v.len() == 8 && v.iter().all(|(d, v)| v == if d.starts_with("can-") { "2" } else { "1" }));
+    assert_eq!(v.values().filter(|v| *v == "2").count(), 2, "{v:?}");
+
+    // A staged rollout of the bad version 3 to eu: the first step's pins fail their smoke
+    // test, the rollout stops there and unpins them; the rest never see version 3.
+    let o = console(&url, &["rollout", "--group", "eu", "--version", "3", "--step", "50%", "--interval", "2s", "--wait", "60s", "--revert", "--key", key, "--json"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+    assert_eq!(out["completed"], false, "{out}");
+    assert_eq!(out["members"], 6, "{out}");
+    let steps = out["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 1, "stopped after the first step: {out}");
+    assert_eq!(steps[0]["devices"], serde_json::json!(["eu-00000", "eu-00001", "eu-00002"]), "the first half by id: {out}");
+    let problems = out["problems"].as_array().unwrap();
+    assert!(problems.iter().any(|p| p["what"].as_str().unwrap().contains("tokenizer.json is missing")), "the smoke test's reason: {out}");
+    assert!(problems.iter().all(|p| p["device"].as_str().unwrap() < "eu-00003"), "only moved devices: {out}");
+    let reverted = &out["reverted"]["answers"];
+    assert_eq!(reverted.as_object().map(|a| a.len()), Some(3), "{out}");
+    assert!(reverted.as_object().unwrap().values().all(|a| a["status"] == "succeeded"), "{out}");
+    versions_until(&url, "eu back on 1", |v| v.len() == 8 && v.iter().all(|(d, v)| v == if d.starts_with("can-") { "2" } else { "1" }));
+
+    // Version 2, which the canaries serve, rolls out in two watched steps.
+    let o = console(&url, &["rollout", "--group", "eu", "--version", "2", "--step", "50%", "--interval", "2s", "--wait", "60s", "--key", key]);
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("step 1/2: pinning 3 device(s) to version 2") && stdout.contains("step 2/2"), "{stdout}");
+    assert!(stdout.contains("ok: version 2 is pinned on all 6 online member(s) of `eu` in 2 step(s)"), "{stdout}");
+    versions_until(&url, "everyone on 2", |v| v.len() == 8 && v.values().all(|v| v == "2"));
+    // Bad input is refused before anything is sent.
+    let o = console(&url, &["rollout", "--group", "eu", "--version", "2", "--step", "0%", "--key", key]);
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    let o = console(&url, &["rollout", "--group", "nobody", "--version", "2", "--key", key]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("group `nobody` has no online device"), "{}", text(&o));
+
+    for child in [&mut canaries, &mut eu] {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "simulate exits 0 on SIGTERM: {status:?}\n{}", std::fs::read_to_string(dir.join("can-/simulate.log")).unwrap_or_default());
+    }
+}

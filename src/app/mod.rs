@@ -315,7 +315,8 @@ async fn handle_commands(handler: Handler, mut requests: mpsc::Receiver<Request>
     }
 }
 
-fn target_label(r: &RegistrySettings) -> String {
+/// What a device follows, as status reports name it: `stage:Production`, `alias:champion`.
+pub fn target_label(r: &RegistrySettings) -> String {
     match &r.target {
         crate::config::Target::Stage(s) => format!("stage:{s}"),
         crate::config::Target::Alias(a) => format!("alias:{a}"),

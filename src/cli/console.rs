@@ -65,6 +65,11 @@ enum Action {
     /// Send one signed command to a device or a group and collect every answer. Exit 0 when
     /// every device it went to succeeded, 1 when one failed, did not answer or was offline.
     Send(SendArgs),
+    /// Pin a version on a group a step at a time (the first step's devices are the
+    /// canaries), watching the devices moved for failed pins, smoke_test_failed, rolled_back
+    /// or pull_failed events, API errors, drift alerts and lost devices; stop at the first.
+    /// Exit 0 when every online member was moved, 1 when it stopped.
+    Rollout(RolloutArgs),
     /// Receive MLflow registry webhooks (HMAC-checked) and publish a signed `sync` to a group
     /// for each new version, alias or tag, until SIGINT/SIGTERM. The webhook's secret is read
     /// from the environment (--secret-env).
@@ -114,6 +119,43 @@ struct SendArgs {
     #[arg(long, value_name = "ID")]
     request_id: Option<String>,
     /// The answers as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct RolloutArgs {
+    /// The group to move (`all`: every device under the prefix).
+    #[arg(long, value_name = "GROUP")]
+    group: String,
+    /// The registry version to pin.
+    #[arg(long, value_name = "VERSION")]
+    version: String,
+    /// Share of the group's online members moved per step, e.g. 10%.
+    #[arg(long, value_name = "PERCENT", default_value = "25%")]
+    step: String,
+    /// How long the devices moved so far are watched after each step.
+    #[arg(long, value_name = "DURATION", default_value = "5m")]
+    interval: String,
+    /// API errors a moved device may report in one health report before the rollout stops.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    max_errors: u64,
+    /// When it stops, unpin the devices it moved (they follow their alias or stage again).
+    #[arg(long)]
+    revert: bool,
+    /// Signing key written by `edgeflow fleet keygen`.
+    #[arg(long, value_name = "FILE", required_unless_present = "unsigned")]
+    key: Option<PathBuf>,
+    /// Send the pins unsigned (only devices with fleet.require_signatures = false obey).
+    #[arg(long, conflicts_with = "key")]
+    unsigned: bool,
+    /// How long each step waits for its pins' answers (a pin downloads the version).
+    #[arg(long, value_name = "DURATION", default_value = "10m")]
+    wait: String,
+    /// How long each signed pin stays valid (at most the devices' signature_max_age).
+    #[arg(long, value_name = "DURATION", default_value = "60s")]
+    ttl: String,
+    /// The outcome as one JSON object.
     #[arg(long)]
     json: bool,
 }
@@ -181,6 +223,7 @@ pub fn run(args: ConsoleArgs) -> anyhow::Result<()> {
         match args.action {
             Action::Devices { json, quiet, limit } => devices(&s, json, duration("--quiet", &quiet)?, duration("--limit", &limit)?).await,
             Action::Send(a) => send(&s, a).await,
+            Action::Rollout(a) => rollout(&s, a).await,
             Action::Bridge(a) => bridge(s, a).await,
             Action::Watch { json, all_drift, duration: d } => {
                 let stop = d.map(|d| duration("--for", &d)).transpose()?;
@@ -216,8 +259,9 @@ async fn send(s: &ConsoleSettings, a: SendArgs) -> anyhow::Result<()> {
         (None, Some(g)) => Target::Group(g),
         _ => return Err(UsageError("give one of --to DEVICE or --group GROUP".into()).into()),
     };
-    let (Target::Device(name) | Target::Group(name)) = &target;
-    crate::fleet::settings::topic_level(name).map_err(|e| UsageError(format!("`{name}` {e}")))?;
+    if let Target::Device(name) | Target::Group(name) = &target {
+        crate::fleet::settings::topic_level(name).map_err(|e| UsageError(format!("`{name}` {e}")))?;
+    }
     let request = Request {
         name: a.command,
         args,
@@ -229,7 +273,7 @@ async fn send(s: &ConsoleSettings, a: SendArgs) -> anyhow::Result<()> {
     let mut session = s.session().await?;
     let view = match request.target {
         Target::Group(_) => console::survey(&mut session, &s.prefix, false, Duration::from_millis(500), Duration::from_secs(30)).await?,
-        Target::Device(_) => console::view::FleetView::new(&s.prefix),
+        Target::Device(_) | Target::Devices(_) => console::view::FleetView::new(&s.prefix),
     };
     let report = console::send::send(&mut session, &s.prefix, key.as_ref(), &request, &view).await?;
     session.close().await;
@@ -244,6 +288,45 @@ async fn send(s: &ConsoleSettings, a: SendArgs) -> anyhow::Result<()> {
         let c = report.counts();
         let failed: usize = c.iter().filter(|(k, _)| **k != "succeeded").map(|(_, n)| n).sum();
         anyhow::bail!("{failed} of {} devices did not succeed", report.answers.len())
+    }
+}
+
+async fn rollout(s: &ConsoleSettings, a: RolloutArgs) -> anyhow::Result<()> {
+    use console::rollout::{rollout, summary, Plan};
+    crate::fleet::settings::topic_level(&a.group).map_err(|e| UsageError(format!("--group: `{}` {e}", a.group)))?;
+    crate::command::Command::parse("pin", &serde_json::json!({ "version": a.version })).map_err(|e| UsageError(format!("--version: {e}")))?;
+    let step = a.step.trim().trim_end_matches('%').trim().parse::<u32>().ok().filter(|p| (1..=100).contains(p));
+    let step_percent = step.ok_or_else(|| UsageError(format!("--step: `{}` is not a percentage from 1% to 100%", a.step)))?;
+    let key = match &a.key {
+        Some(path) => Some(console::read_key(path).map_err(|e| UsageError(e.to_string()))?),
+        None => None,
+    };
+    let plan = Plan {
+        group: a.group,
+        version: a.version,
+        step_percent,
+        interval: duration("--interval", &a.interval)?,
+        wait: duration("--wait", &a.wait)?,
+        ttl: duration("--ttl", &a.ttl)?,
+        max_errors: a.max_errors,
+        revert: a.revert,
+    };
+    let json = a.json;
+    let outcome = rollout(s, key.as_ref(), &plan, |line| {
+        if !json {
+            println!("{line}");
+        }
+    })
+    .await?;
+    if json {
+        println!("{}", serde_json::to_string(&outcome)?);
+    } else {
+        print!("{}", summary(&outcome));
+    }
+    if outcome.completed {
+        Ok(())
+    } else {
+        anyhow::bail!("the rollout of version {} to `{}` stopped", outcome.version, outcome.group)
     }
 }
 

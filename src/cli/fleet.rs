@@ -30,6 +30,10 @@ pub enum FleetCommand {
     /// The operator's console: list the devices, send a signed command to a device or a
     /// group and collect the answers, watch events and drift alerts (MQTT only).
     Console(super::console::ConsoleArgs),
+    /// Run many simulated devices in this process (the real registry poller, cache and fleet
+    /// link; a stub instead of the engine) to size a broker and a registry: prints one JSON
+    /// line of statistics every --stats-every, until SIGTERM/SIGINT or --for.
+    Simulate(SimulateArgs),
     /// Print a signed command payload to publish on <prefix>/<device>/cmd/<command>, or with
     /// --group on <prefix>/group/<group>/cmd/<command>.
     Sign(SignArgs),
@@ -51,6 +55,33 @@ pub struct RunArgs {
     /// fleet.signature_public_key.
     #[arg(long)]
     allow_unsigned: bool,
+}
+
+#[derive(Args)]
+pub struct SimulateArgs {
+    /// Config file: its [registry] section (url, model, stage or alias, poll_interval), its
+    /// [cache] and [fleet] sections are every simulated device's; each gets its own device
+    /// id, cache and spool.
+    #[arg(long, value_name = "FILE", env = "EDGEFLOW_CONFIG")]
+    config: PathBuf,
+    /// How many devices.
+    #[arg(long, value_name = "N")]
+    devices: usize,
+    /// Folder for every device's cache and spool (`DIR/<device id>/`).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// Device ids are this followed by a five-digit number.
+    #[arg(long, value_name = "PREFIX", default_value = "sim-")]
+    id_prefix: String,
+    /// Start the devices evenly over this long.
+    #[arg(long, value_name = "DURATION", default_value = "0s")]
+    ramp: String,
+    /// Print statistics this often.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    stats_every: String,
+    /// Stop after this long (default: run until interrupted).
+    #[arg(long = "for", value_name = "DURATION")]
+    duration: Option<String>,
 }
 
 #[derive(Args)]
@@ -87,6 +118,7 @@ pub fn run(cmd: FleetCommand) -> anyhow::Result<()> {
     match cmd {
         FleetCommand::Run(args) => run_link(args),
         FleetCommand::Console(args) => super::console::run(args),
+        FleetCommand::Simulate(args) => simulate(args),
         FleetCommand::Keygen { out } => {
             let mut seed = [0u8; 32];
             std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed)).context("reading /dev/urandom")?;
@@ -108,11 +140,49 @@ pub fn run(cmd: FleetCommand) -> anyhow::Result<()> {
             };
             let request = Request { name: a.command, args, target, request_id: a.request_id.unwrap_or_else(|| format!("{:016x}", fastrand::u64(..))), ttl, wait: Duration::ZERO };
             // The console's own payload, so a hand-signed command is exactly what `send` sends.
-            let (_topic, payload) = crate::console::send::payload(&request, &a.topic_prefix, Some(&key), crate::util::unix_now());
-            println!("{payload}");
+            for (_topic, payload) in crate::console::send::payloads(&request, &a.topic_prefix, Some(&key), crate::util::unix_now()) {
+                println!("{payload}");
+            }
             Ok(())
         }
     }
+}
+
+fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
+    let duration = |flag: &str, v: &str| humantime::parse_duration(v.trim()).map_err(|e| UsageError(format!("{flag}: `{v}` is not a duration ({e})")));
+    if a.devices == 0 || a.devices > 100_000 {
+        return Err(UsageError("--devices: from 1 to 100000".into()).into());
+    }
+    crate::fleet::settings::topic_level(&a.id_prefix).map_err(|e| UsageError(format!("--id-prefix: `{}` {e}", a.id_prefix)))?;
+    let stats_every = duration("--stats-every", &a.stats_every)?;
+    if stats_every < Duration::from_millis(100) {
+        return Err(UsageError("--stats-every: at least 100ms".into()).into());
+    }
+    let options = crate::simulate::Options { devices: a.devices, id_prefix: a.id_prefix, dir: a.dir, ramp: duration("--ramp", &a.ramp)?, stats_every };
+    let stop_after = a.duration.map(|d| duration("--for", &d)).transpose()?;
+    let config = Config::load(&a.config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let stop = CancellationToken::new();
+        let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let end = async {
+                match stop_after {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+                () = end => {}
+            }
+            token.cancel();
+        });
+        crate::simulate::run(config, options, stop).await
+    })
 }
 
 fn run_link(args: RunArgs) -> anyhow::Result<()> {

@@ -187,7 +187,8 @@ async fn deliver(State(b): State<Arc<Bridge>>, headers: HeaderMap, body: Bytes) 
         ttl: b.settings.ttl,
         wait: Duration::ZERO,
     };
-    let (topic, payload) = super::send::payload(&request, &b.console.prefix, Some(&b.settings.key), crate::util::unix_now());
+    // A group's command is one publication.
+    let (topic, payload) = super::send::payloads(&request, &b.console.prefix, Some(&b.settings.key), crate::util::unix_now()).pop().unwrap_or_default();
     let published = async {
         let mut session = b.console.session().await?;
         session.publish(&topic, payload.into_bytes()).await?;

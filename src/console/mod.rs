@@ -3,6 +3,8 @@
 //!
 //! - `devices`: every device from the retained `status` and `health` messages ([`view`]);
 //! - `send`: one signed command to a device or a group, with every device's answer ([`send`]);
+//! - `rollout`: a version pinned on a group a step at a time, stopping at the first failure
+//!   ([`rollout`]);
 //! - `watch`: live status changes, events and drift alerts;
 //! - `bridge`: MLflow registry webhooks turned into signed `sync` broadcasts ([`bridge`]).
 //!
@@ -10,6 +12,7 @@
 //! with no Last Will and a client id of its own, and it never publishes anything but commands.
 
 pub mod bridge;
+pub mod rollout;
 pub mod send;
 pub mod session;
 pub mod view;

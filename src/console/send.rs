@@ -23,6 +23,8 @@ use crate::fleet::topics;
 pub enum Target {
     Device(String),
     Group(String),
+    /// Several devices, each sent its own signed command under the same request id.
+    Devices(Vec<String>),
 }
 
 /// One command to send.
@@ -81,18 +83,23 @@ impl Report {
     }
 }
 
-/// The signed (or, with no key, plain) payload of `r` for `prefix`, and its topic.
-pub fn payload(r: &Request, prefix: &str, key: Option<&SigningKey>, now: u64) -> (String, String) {
+/// The signed (or, with no key, plain) payloads of `r` for `prefix`, with their topics: one
+/// for a device or a group, one per device for several.
+pub fn payloads(r: &Request, prefix: &str, key: Option<&SigningKey>, now: u64) -> Vec<(String, String)> {
     let body = json!({"request_id": r.request_id, "args": r.args, "issued_at": now, "expires_at": now + r.ttl.as_secs()});
-    let (topic, target) = match &r.target {
-        Target::Device(d) => (topics::device_command(prefix, d, &r.name), d.clone()),
-        Target::Group(g) => (topics::group_command(prefix, g, &r.name), topics::group_target(prefix, g)),
+    let signed = |topic: String, target: &str| {
+        let payload = match key {
+            Some(k) => crate::fleet::commands::sign(k, target, &r.name, &body),
+            None => body.to_string(),
+        };
+        (topic, payload)
     };
-    let payload = match key {
-        Some(k) => crate::fleet::commands::sign(k, &target, &r.name, &body),
-        None => body.to_string(),
-    };
-    (topic, payload)
+    let device = |d: &String| signed(topics::device_command(prefix, d, &r.name), d);
+    match &r.target {
+        Target::Device(d) => vec![device(d)],
+        Target::Group(g) => vec![signed(topics::group_command(prefix, g, &r.name), &topics::group_target(prefix, g))],
+        Target::Devices(ds) => ds.iter().map(device).collect(),
+    }
 }
 
 /// Sends `r` and collects the answers. For a group, `view` must hold the retained statuses.
@@ -118,14 +125,19 @@ pub async fn send(session: &mut Session, prefix: &str, key: Option<&SigningKey>,
             }
             (format!("{prefix}/+/cmd/{}/reply", r.name), online)
         }
+        Target::Devices(ds) => {
+            report.target = format!("{} devices", ds.len());
+            (format!("{prefix}/+/cmd/{}/reply", r.name), ds.clone())
+        }
     };
     for d in &expected {
         report.answers.insert(d.clone(), Answer { status: "no_answer".into(), ..Answer::default() });
     }
     session.subscribe(&[reply_filter]).await?;
-    let (topic, body) = payload(r, prefix, key, crate::util::unix_now());
     let sent = Instant::now();
-    session.publish(&topic, body.into_bytes()).await?;
+    for (topic, body) in payloads(r, prefix, key, crate::util::unix_now()) {
+        session.publish(&topic, body.into_bytes()).await?;
+    }
     let deadline = sent + r.wait;
     let mut waiting = expected.len();
     // A group's members not in the statuses (a device that never said hello) still answer;
@@ -209,15 +221,23 @@ mod tests {
             wait: Duration::from_secs(1),
         };
         let now = 1_700_000_000;
-        let (topic, body) = payload(&r, "fleet/eu", Some(&key), now);
+        let [(topic, body)] = &payloads(&r, "fleet/eu", Some(&key), now)[..] else { panic!("one payload for a group") };
         assert_eq!(topic, "fleet/eu/group/canary/cmd/sync");
         let member = topics::Topics::new("fleet/eu", "dev-1", &["canary".to_string()]);
-        let to = member.addressed(&topic).expect("a member obeys the group's topic");
+        let to = member.addressed(topic).expect("a member obeys the group's topic");
         let policy = crate::fleet::commands::Policy { key: Some(key.verifying_key()), require: true, max_age: Duration::from_secs(300), not_before: None };
         let opened = crate::fleet::commands::open(body.as_bytes(), &to.target, to.name, &policy, now).expect("opens");
         assert_eq!((opened.request_id.as_str(), opened.args), ("r-1", json!({"spread": "10s"})));
-        let (topic, _) = payload(&Request { target: Target::Device("dev-1".into()), ..r }, "fleet/eu", Some(&key), now);
-        assert_eq!(topic, "fleet/eu/dev-1/cmd/sync");
+        let topics: Vec<String> = payloads(&Request { target: Target::Device("dev-1".into()), ..r.clone() }, "fleet/eu", Some(&key), now).into_iter().map(|(t, _)| t).collect();
+        assert_eq!(topics, ["fleet/eu/dev-1/cmd/sync"]);
+        let several = payloads(&Request { target: Target::Devices(vec!["a".into(), "b".into()]), ..r }, "fleet/eu", Some(&key), now);
+        assert_eq!(several.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["fleet/eu/a/cmd/sync", "fleet/eu/b/cmd/sync"]);
+        let b = topics::Topics::new("fleet/eu", "b", &[]);
+        let to = b.addressed(&several[1].0).unwrap();
+        assert!(crate::fleet::commands::open(several[1].1.as_bytes(), &to.target, to.name, &policy, now).is_ok(), "each device's command is signed for that device");
+        let to_a = topics::Topics::new("fleet/eu", "a", &[]);
+        let to = to_a.addressed(&several[0].0).unwrap();
+        assert!(crate::fleet::commands::open(several[1].1.as_bytes(), &to.target, to.name, &policy, now).is_err(), "b's signature does not open on a's topic");
     }
 
     #[test]

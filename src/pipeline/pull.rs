@@ -158,13 +158,35 @@ pub fn describe(t: &Target) -> String {
     }
 }
 
+/// A check of a version's folder: `Err(reason)` refuses it.
+pub type FolderCheck = Arc<dyn Fn(&Path) -> Result<(), String> + Send + Sync>;
+
+/// How a pulled version is tried before it becomes active.
+#[derive(Clone)]
+pub enum SmokeTest {
+    /// Load it with the engine and generate a few tokens ([`smoke_test`]).
+    Engine(LoadOptions),
+    /// Another check of the folder, for a device without an engine (the simulated devices
+    /// of `edgeflow fleet simulate`).
+    Check(FolderCheck),
+}
+
+impl SmokeTest {
+    fn run(&self, dir: &Path, tokens: usize) -> Result<(), String> {
+        match self {
+            SmokeTest::Engine(options) => smoke_test(dir, options, tokens),
+            SmokeTest::Check(check) => check(dir),
+        }
+    }
+}
+
 /// Runs pulls against one registry and one cache.
 #[derive(Clone)]
 pub struct Puller {
     client: Client,
     store: Store,
     downloader: Downloader,
-    load_options: LoadOptions,
+    smoke: SmokeTest,
     guard: Arc<Guard>,
     /// Cancelled to interrupt this puller's pulls (never, unless [`Puller::interruptible`]).
     interrupt: CancellationToken,
@@ -175,7 +197,13 @@ impl Puller {
         let downloader = Downloader::new(Arc::new(client.clone()), client.backoff(), store.tmp_dir(), parallel_downloads, bandwidth_limit)
             .with_stall_window(client.read_timeout())
             .with_metrics(client.metrics().clone());
-        Puller { client, store, downloader, load_options, guard: Arc::default(), interrupt: CancellationToken::new() }
+        Puller { client, store, downloader, smoke: SmokeTest::Engine(load_options), guard: Arc::default(), interrupt: CancellationToken::new() }
+    }
+
+    /// The same puller trying each new version with `smoke` instead of the engine.
+    pub fn with_smoke_test(mut self, smoke: SmokeTest) -> Puller {
+        self.smoke = smoke;
+        self
     }
 
     /// The same puller (same registry, cache, bandwidth cap and verification guard) whose
@@ -320,10 +348,10 @@ impl Puller {
         }
         tracing::info!(%model, %version, earlier_unfinished = died, "smoke test starting");
         let dir = self.store.version_dir(&rec);
-        let options = self.load_options.clone();
+        let smoke = self.smoke.clone();
         let tokens = self.store.settings().smoke_test_tokens;
         let d = dir.clone();
-        let verdict = self.blocking(move || smoke_test(&d, &options, tokens)).await?;
+        let verdict = self.blocking(move || smoke.run(&d, tokens)).await?;
         if let Err(reason) = verdict {
             tracing::warn!(%model, %version, %reason, "smoke test failed; keeping the active version");
             return self.reject(&job, "recording the failed smoke test", reason).await;

@@ -227,6 +227,13 @@ impl RegistryMetrics {
         }
     }
 
+    /// Exchanges of `kind` (`api`, `download`) counted so far, whatever their result.
+    pub fn requests_of(&self, kind: &str) -> u64 {
+        use prometheus::core::Collector;
+        let of_kind = |m: &&prometheus::proto::Metric| m.get_label().iter().any(|l| l.name() == "kind" && l.value() == kind);
+        self.requests.collect().iter().flat_map(|f| f.get_metric().iter().filter(of_kind).map(|m| m.get_counter().get_value() as u64)).sum()
+    }
+
     /// A failed exchange of `kind` is retried after `delay`.
     pub fn retrying(&self, kind: &str, delay: Duration) {
         self.retries.with_label_values(&[kind]).inc();
@@ -304,6 +311,8 @@ mod tests {
             assert!(text.contains(line), "missing {line} in:\n{text}");
         }
         r.request("download", "ok");
+        r.request("api", "ok");
+        assert_eq!((r.requests_of("api"), r.requests_of("download"), r.requests_of("other")), (2, 1, 0));
         r.poll("updated", true, 30);
         let text = m.render();
         for line in ["edgeflow_registry_backoff_seconds 0", "edgeflow_registry_consecutive_failed_polls 0", "edgeflow_registry_last_success_timestamp_seconds 30"] {
