@@ -75,9 +75,10 @@ bench-pull: system build venv
 bench-fleet: system build
 	python3 benches/fleet_link.py --minutes 16
 # 1,000 simulated devices (real poller, cache and link; stub engine) against one Mosquitto and
-# one MLflow: registry req/s, broker bytes, sync acks, rollouts (issue 17). ~25 min.
+# one MLflow: registry req/s, broker bytes, sync acks, rollouts (issue 17). ~70 min: the
+# steady-state window is one whole poll interval (1h).
 bench-fleet-sim: system build venv
-	python3 benches/fleet_sim.py --devices 1000 --steady 600
+	python3 benches/fleet_sim.py --devices 1000 --poll-interval 1h
 
 # Every fuzz target of fuzz/ for FUZZ_SECONDS each (cargo fuzz, libFuzzer, nightly; installs
 # cargo-fuzz when missing), one at a time; prints executions, corpus size and crashes per target
