@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::send::{send, Answer, Report, Request, Target};
 use super::session::Session;
@@ -94,7 +95,8 @@ pub async fn rollout(settings: &ConsoleSettings, key: Option<&SigningKey>, plan:
     watcher.subscribe(&["events", "health", "drift", "status"].map(|c| format!("{prefix}/+/{c}"))).await?;
     let moved: Arc<Mutex<HashSet<String>>> = Arc::default();
     let (problem_tx, mut problems_rx) = mpsc::channel(PROBLEM_QUEUE);
-    let watching = tokio::spawn(watch_moved(watcher, prefix.clone(), plan.clone(), moved.clone(), problem_tx));
+    // Stopped however this returns, an error included.
+    let watching = AbortOnDropHandle::new(tokio::spawn(watch_moved(watcher, prefix.clone(), plan.clone(), moved.clone(), problem_tx)));
 
     let mut session = settings.session().await?;
     let view = survey(&mut session, &prefix, false, Duration::from_millis(500), Duration::from_secs(30)).await?;
@@ -111,7 +113,7 @@ pub async fn rollout(settings: &ConsoleSettings, key: Option<&SigningKey>, plan:
         reverted: None,
     };
     if online.is_empty() {
-        watching.abort();
+        drop(watching);
         session.close().await;
         return Err(ConsoleError::Refused(format!("group `{}` has no online device", plan.group)));
     }
@@ -162,7 +164,7 @@ pub async fn rollout(settings: &ConsoleSettings, key: Option<&SigningKey>, plan:
             break;
         }
     }
-    watching.abort();
+    drop(watching);
     for p in &outcome.problems {
         progress(&format!("problem: {}: {}", p.device, p.what));
     }
