@@ -298,14 +298,14 @@ fn simulate(dir: &Path, mlflow: &str, broker: &str, public_key: &str, ring: &Rin
         .unwrap()
 }
 
-/// The versions `devices --json` reports, by device id, once every listed device reports one.
+/// Each listed device's version (empty when it reports none), by device id.
+fn versions(rows: &[Value]) -> std::collections::BTreeMap<String, String> {
+    rows.iter().map(|r| (r["device"].as_str().unwrap_or("").to_string(), r["version"].as_str().unwrap_or("").to_string())).collect()
+}
+
+/// The versions `devices --json` reports once every listed device is online and `pred` holds.
 fn versions_until(broker: &str, what: &str, pred: impl Fn(&std::collections::BTreeMap<String, String>) -> bool) -> std::collections::BTreeMap<String, String> {
-    let rows = devices_until(broker, what, |rows| {
-        let v: std::collections::BTreeMap<String, String> =
-            rows.iter().map(|r| (r["device"].as_str().unwrap_or("").to_string(), r["version"].as_str().unwrap_or("").to_string())).collect();
-        rows.iter().all(|r| r["state"] == "online") && pred(&v)
-    });
-    rows.iter().map(|r| (r["device"].as_str().unwrap().to_string(), r["version"].as_str().unwrap_or("").to_string())).collect()
+    versions(&devices_until(broker, what, |rows| rows.iter().all(|r| r["state"] == "online") && pred(&versions(rows))))
 }
 
 #[test]

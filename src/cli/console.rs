@@ -185,7 +185,8 @@ struct BridgeArgs {
     secret_env: String,
 }
 
-fn duration(flag: &str, v: &str) -> Result<Duration, UsageError> {
+/// A duration flag's value, or a usage error naming the flag.
+pub(super) fn duration(flag: &str, v: &str) -> Result<Duration, UsageError> {
     humantime::parse_duration(v.trim()).map_err(|e| UsageError(format!("{flag}: `{v}` is not a duration ({e})")))
 }
 
@@ -331,7 +332,6 @@ async fn rollout(s: &ConsoleSettings, a: RolloutArgs) -> anyhow::Result<()> {
 }
 
 async fn bridge(s: ConsoleSettings, a: BridgeArgs) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
     let secret =
         std::env::var(&a.secret_env).ok().filter(|v| !v.is_empty()).ok_or_else(|| UsageError(format!("--secret-env: {} is not set (the webhook's secret)", a.secret_env)))?;
     let key = console::read_key(&a.key).map_err(|e| UsageError(e.to_string()))?;
@@ -342,17 +342,7 @@ async fn bridge(s: ConsoleSettings, a: BridgeArgs) -> anyhow::Result<()> {
     }
     let settings =
         console::bridge::BridgeSettings { listen: a.listen, secret: secret.into_bytes(), key, group: a.group, models: a.models, spread, ttl: duration("--ttl", &a.ttl)? };
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let stop = shutdown.clone();
-    let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
-        }
-        stop.cancel();
-    });
+    let shutdown = crate::lifecycle::Lifecycle::from_signals()?.shutdown;
     console::bridge::serve(settings, s, shutdown).await.with_context(|| format!("serving webhooks on {}", a.listen))
 }
 

@@ -149,7 +149,7 @@ pub fn run(cmd: FleetCommand) -> anyhow::Result<()> {
 }
 
 fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
-    let duration = |flag: &str, v: &str| humantime::parse_duration(v.trim()).map_err(|e| UsageError(format!("{flag}: `{v}` is not a duration ({e})")));
+    use super::console::duration;
     if a.devices == 0 || a.devices > 100_000 {
         return Err(UsageError("--devices: from 1 to 100000".into()).into());
     }
@@ -163,24 +163,14 @@ fn simulate(a: SimulateArgs) -> anyhow::Result<()> {
     let config = Config::load(&a.config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(async move {
-        let stop = CancellationToken::new();
-        let mut terminate = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-        let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-        let token = stop.clone();
-        tokio::spawn(async move {
-            let end = async {
-                match stop_after {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = interrupt.recv() => {}
-                () = end => {}
-            }
-            token.cancel();
-        });
+        let stop = crate::lifecycle::Lifecycle::from_signals()?.shutdown;
+        if let Some(after) = stop_after {
+            let token = stop.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                token.cancel();
+            });
+        }
         crate::simulate::run(config, options, stop).await
     })
 }
